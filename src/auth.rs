@@ -1,0 +1,89 @@
+//! The access token: what it is, how it is fetched, and how it is cached.
+//!
+//! - [`Token`] holds the value pre-rendered for injection (query pair or header value), so the
+//!   hot path copies bytes instead of formatting or percent-encoding per request.
+//! - [`fetch`] asks the platform's token endpoint (`User-Agent: CX`) and reads its answer.
+//! - [`TokenCache`] keeps one token per app in moka with single-flight fetching.
+
+mod cache;
+mod fetch;
+
+use std::time::{Duration, Instant};
+
+use http::HeaderValue;
+
+pub use cache::TokenCache;
+pub use fetch::{fetch, TokenError};
+
+use crate::config::Inject;
+use crate::secret::Secret;
+
+/// A token the platform issued for one app.
+#[derive(Debug)]
+pub struct Token {
+    value: Secret,
+    injection: Injection,
+    /// When it was received (by the proxy's clock).
+    pub fetched_at: Instant,
+    /// Never used at or after this instant.
+    pub expires_at: Instant,
+    /// Lifetime the platform announced.
+    pub lifetime: Duration,
+}
+
+/// The token rendered for the configured injection.
+#[derive(Debug)]
+pub enum Injection {
+    /// `param=value`, percent-encoded, ready to append to a query.
+    Query(Box<str>),
+    /// The header value (marked sensitive so hyper never logs it).
+    Header(HeaderValue),
+}
+
+impl Token {
+    /// Wraps a token received at `now`, rendering it for `inject`.
+    pub fn new(value: String, lifetime: Duration, now: Instant, inject: &Inject) -> Result<Self, TokenError> {
+        let injection = match inject {
+            Inject::Query { param } => {
+                let mut pair = String::with_capacity(param.len() + 1 + value.len());
+                pair.push_str(param);
+                pair.push('=');
+                pair.extend(percent_encoding::utf8_percent_encode(&value, crate::proxy::QUERY_VALUE));
+                Injection::Query(pair.into_boxed_str())
+            }
+            Inject::Header { prefix, suffix, .. } => {
+                let mut v = HeaderValue::from_str(&format!("{prefix}{value}{suffix}"))
+                    .map_err(|_| TokenError::BadAnswer("access_token is not usable in a header".into()))?;
+                v.set_sensitive(true);
+                Injection::Header(v)
+            }
+        };
+        Ok(Token {
+            value: Secret::new(value),
+            injection,
+            fetched_at: now,
+            expires_at: now + lifetime,
+            lifetime,
+        })
+    }
+
+    /// The raw token (for the local token endpoint; never for logs).
+    pub fn secret(&self) -> &Secret {
+        &self.value
+    }
+
+    /// The rendered form to inject.
+    pub fn injection(&self) -> &Injection {
+        &self.injection
+    }
+
+    /// Whether the token may still be sent at `now`.
+    pub fn usable_at(&self, now: Instant) -> bool {
+        now < self.expires_at
+    }
+
+    /// Time left at `now`.
+    pub fn remaining(&self, now: Instant) -> Duration {
+        self.expires_at.saturating_duration_since(now)
+    }
+}

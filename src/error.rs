@@ -1,0 +1,218 @@
+//! Errors: the proxy's own answers (SPEC section 5) and startup failures.
+//!
+//! Every response the proxy makes itself goes through [`ProxyError::into_response`], so the
+//! status, the `{"err_code","err_msg"}` body and the `x-cx-proxy-error` header cannot drift
+//! apart. Codes sit in the 990xxx range so clients can tell them from the platform's own.
+
+use std::borrow::Cow;
+use std::fmt;
+
+use http::header::{HeaderValue, CONTENT_TYPE};
+use http::{Response, StatusCode};
+
+use crate::body::Body;
+
+/// Header naming the kind of a proxy-made error response.
+pub const ERROR_HEADER: &str = "x-cx-proxy-error";
+
+/// What went wrong, as a client of the proxy sees it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum ErrorKind {
+    /// No app matches the request.
+    NoRoute,
+    /// The client is not allowed.
+    Forbidden,
+    /// Malformed or absolute-form target, bad header.
+    BadRequest,
+    /// `CONNECT` and the like.
+    MethodNotAllowed,
+    /// Body over `max_body_bytes`.
+    PayloadTooLarge,
+    /// Token request naming a configured app with the wrong secret.
+    BadCredentials,
+    /// The access token could not be fetched.
+    TokenUnavailable,
+    /// Connect or TLS failure to the upstream.
+    UpstreamUnreachable,
+    /// `upstream.timeout_ms` exceeded.
+    UpstreamTimeout,
+    /// Concurrency limit reached.
+    Overloaded,
+}
+
+impl ErrorKind {
+    /// Every kind, in the order the README lists them.
+    pub const ALL: [ErrorKind; 10] = [
+        ErrorKind::BadRequest,
+        ErrorKind::BadCredentials,
+        ErrorKind::Forbidden,
+        ErrorKind::NoRoute,
+        ErrorKind::MethodNotAllowed,
+        ErrorKind::PayloadTooLarge,
+        ErrorKind::TokenUnavailable,
+        ErrorKind::UpstreamUnreachable,
+        ErrorKind::Overloaded,
+        ErrorKind::UpstreamTimeout,
+    ];
+
+    /// The name sent in `x-cx-proxy-error`.
+    pub fn name(self) -> &'static str {
+        match self {
+            ErrorKind::NoRoute => "no_route",
+            ErrorKind::Forbidden => "forbidden",
+            ErrorKind::BadRequest => "bad_request",
+            ErrorKind::MethodNotAllowed => "method_not_allowed",
+            ErrorKind::PayloadTooLarge => "payload_too_large",
+            ErrorKind::BadCredentials => "bad_credentials",
+            ErrorKind::TokenUnavailable => "token_unavailable",
+            ErrorKind::UpstreamUnreachable => "upstream_unreachable",
+            ErrorKind::UpstreamTimeout => "upstream_timeout",
+            ErrorKind::Overloaded => "overloaded",
+        }
+    }
+
+    /// The HTTP status.
+    pub fn status(self) -> StatusCode {
+        match self {
+            ErrorKind::NoRoute => StatusCode::NOT_FOUND,
+            ErrorKind::Forbidden => StatusCode::FORBIDDEN,
+            ErrorKind::BadRequest => StatusCode::BAD_REQUEST,
+            ErrorKind::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
+            ErrorKind::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+            ErrorKind::BadCredentials => StatusCode::UNAUTHORIZED,
+            ErrorKind::TokenUnavailable | ErrorKind::UpstreamUnreachable => StatusCode::BAD_GATEWAY,
+            ErrorKind::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
+            ErrorKind::Overloaded => StatusCode::SERVICE_UNAVAILABLE,
+        }
+    }
+
+    /// The `err_code` in the body: 990 followed by the status, except `token_unavailable`
+    /// (990510), which would otherwise share 990502 with `upstream_unreachable`.
+    pub fn code(self) -> u32 {
+        match self {
+            ErrorKind::TokenUnavailable => 990_510,
+            other => 990_000 + u32::from(other.status().as_u16()),
+        }
+    }
+}
+
+impl fmt::Display for ErrorKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// An answer the proxy makes itself instead of forwarding.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ProxyError {
+    /// The kind, deciding status, code and header.
+    pub kind: ErrorKind,
+    /// Human-readable cause; never carries a secret.
+    pub message: Cow<'static, str>,
+}
+
+impl ProxyError {
+    /// A new error.
+    pub fn new(kind: ErrorKind, message: impl Into<Cow<'static, str>>) -> Self {
+        ProxyError {
+            kind,
+            message: message.into(),
+        }
+    }
+
+    /// The JSON body of SPEC section 5.
+    pub fn body_json(&self) -> Vec<u8> {
+        #[derive(serde::Serialize)]
+        struct Wire<'a> {
+            err_code: u32,
+            err_msg: &'a str,
+        }
+        let wire = Wire {
+            err_code: self.kind.code(),
+            err_msg: &self.message,
+        };
+        // Serialising a u32 and a str cannot fail.
+        serde_json::to_vec(&wire).unwrap_or_default()
+    }
+
+    /// The response sent to the client.
+    pub fn into_response(self) -> Response<Body> {
+        let mut resp = Response::new(Body::full(self.body_json()));
+        *resp.status_mut() = self.kind.status();
+        let headers = resp.headers_mut();
+        headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+        headers.insert(ERROR_HEADER, HeaderValue::from_static(self.kind.name()));
+        resp
+    }
+}
+
+impl fmt::Display for ProxyError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.kind, self.message)
+    }
+}
+
+impl std::error::Error for ProxyError {}
+
+/// Failure to start: bad config, unusable certificates, a port in use.
+#[derive(Debug, thiserror::Error)]
+pub enum StartupError {
+    /// The configuration was refused; each line is `file: key: what is wrong`.
+    #[error("{}", .0.join("\n"))]
+    Config(Vec<String>),
+    /// A listener could not be bound.
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        /// The address.
+        addr: std::net::SocketAddr,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// TLS material could not be used.
+    #[error("{0}")]
+    Tls(String),
+    /// Anything else at startup.
+    #[error("{0}")]
+    Other(String),
+}
+
+/// Renders an error and its sources as one line: `a: b: c`.
+pub fn chain(err: &(dyn std::error::Error + 'static)) -> String {
+    let mut out = err.to_string();
+    let mut cur = err.source();
+    while let Some(e) = cur {
+        let s = e.to_string();
+        if !out.ends_with(&s) {
+            out.push_str(": ");
+            out.push_str(&s);
+        }
+        cur = e.source();
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn codes_are_distinct_and_in_range() {
+        let mut codes: Vec<u32> = ErrorKind::ALL.iter().map(|k| k.code()).collect();
+        assert!(codes.iter().all(|c| (990_000..991_000).contains(c)));
+        codes.sort_unstable();
+        codes.dedup();
+        assert_eq!(codes.len(), ErrorKind::ALL.len());
+    }
+
+    #[test]
+    fn response_has_status_header_and_json_body() {
+        let resp = ProxyError::new(ErrorKind::NoRoute, "no app for \"/x\"").into_response();
+        assert_eq!(resp.status(), StatusCode::NOT_FOUND);
+        assert_eq!(resp.headers()[ERROR_HEADER], "no_route");
+        assert_eq!(resp.headers()[CONTENT_TYPE], "application/json");
+        let err = ProxyError::new(ErrorKind::NoRoute, "no app for \"/x\"");
+        let v: serde_json::Value = serde_json::from_slice(&err.body_json()).unwrap();
+        assert_eq!(v["err_code"], 990_404);
+        assert_eq!(v["err_msg"], "no app for \"/x\"");
+    }
+}

@@ -1,0 +1,60 @@
+//! # cx-proxy
+//!
+//! An authenticating reverse proxy for the Cheng-Xun (橙讯) open platform. Legacy apps point
+//! their base URL at it; it forwards every call to the platform over TLS with an access token
+//! it fetched, cached and injected itself, so no app holds `corp_secret` or a token again.
+//! The contract is `SPEC.md` (shared with the tests written outside this crate).
+//!
+//! # Layout
+//!
+//! | module | owns |
+//! | --- | --- |
+//! | [`cli`] | the command line: `run`, `check`, `sandbox`, `demo` |
+//! | [`config`] | `proxy.toml`: parsing, validation, secret sources, the `check` rendering |
+//! | [`server`] | accept loops, TLS handshakes, HTTP/1.1 + HTTP/2, graceful shutdown |
+//! | [`proxy`] | the request path: refuse, route, inject, rewrite, forward, access log |
+//! | [`auth`] | the token: fetching it and caching it per app (moka, single flight) |
+//! | [`upstream`] | the one pooled TLS client to the platform |
+//! | [`error`] | the proxy's own JSON errors (SPEC section 5) and startup errors |
+//! | [`body`] | the body type that crosses the proxy |
+//! | [`sandbox`] | the offline platform emulator (SPEC section 7) |
+//! | [`tls`], [`secret`], [`clock`], [`logging`] | support |
+//!
+//! # Life of a request
+//!
+//! 1. `server`: accept, spawn a task for the connection, TLS handshake under a timeout if
+//!    configured, then hyper-util's auto builder serves HTTP/1.1 or HTTP/2 on it.
+//! 2. [`Proxy::handle`]: refuse clients outside `allow` (403), `CONNECT` (405), HTTP/1
+//!    absolute-form targets (400), bodies declared over `max_body_bytes` (413).
+//! 3. Route: `X-CX-App` by name, else the longest matching `prefix`; none is 404.
+//! 4. Token: the app's cached token, or one fetch shared by every waiting request; a failed
+//!    fetch answers 502 with the platform's code and message.
+//! 5. Rewrite: the client's `access_token` (and the configured header) dropped, ours
+//!    injected, hop-by-hop and forwarding headers stripped, `Host` set by the client pool.
+//! 6. Forward over the pooled TLS connection (h2 or http/1.1 by ALPN); stream both bodies.
+//! 7. One access-log line, query secrets shown as `***`.
+
+#![forbid(unsafe_code)]
+#![deny(missing_docs, rust_2018_idioms)]
+
+pub mod auth;
+pub mod body;
+pub mod cli;
+pub mod clock;
+pub mod config;
+pub mod error;
+pub mod logging;
+pub mod proxy;
+pub mod sandbox;
+pub mod secret;
+pub mod server;
+pub mod tls;
+pub mod upstream;
+
+pub use config::Config;
+pub use error::{ErrorKind, ProxyError, StartupError};
+pub use proxy::Proxy;
+pub use server::ProxyHandle;
+
+/// A boxed error for body streams and other places where callers only report the cause.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;

@@ -1,0 +1,238 @@
+//! Pure rewrites of what crosses the proxy: headers in both directions, the request target,
+//! and the redacted form of a target for logs. No I/O, no allocation beyond the new target.
+
+use std::fmt;
+
+use http::header::{self, HeaderMap, HeaderName};
+use percent_encoding::{percent_decode_str, AsciiSet, CONTROLS};
+
+/// Characters percent-encoded in a query key or value we write ourselves.
+pub const QUERY_VALUE: &AsciiSet = &CONTROLS
+    .add(b' ')
+    .add(b'"')
+    .add(b'#')
+    .add(b'%')
+    .add(b'&')
+    .add(b'+')
+    .add(b'<')
+    .add(b'=')
+    .add(b'>')
+    .add(b'?')
+    .add(b'[')
+    .add(b']')
+    .add(b'\\')
+    .add(b'^')
+    .add(b'`')
+    .add(b'{')
+    .add(b'|')
+    .add(b'}');
+
+/// Header a client uses to pick an app by name; never forwarded.
+pub const X_CX_APP: HeaderName = HeaderName::from_static("x-cx-app");
+
+/// Hop-by-hop headers (RFC 9110 §7.6.1), plus `Proxy-Connection` (pre-standard but still
+/// sent) and `Expect` (already answered by our own server side).
+const HOP_BY_HOP: [HeaderName; 10] = [
+    header::CONNECTION,
+    HeaderName::from_static("keep-alive"),
+    HeaderName::from_static("proxy-connection"),
+    header::PROXY_AUTHENTICATE,
+    header::PROXY_AUTHORIZATION,
+    header::TE,
+    header::TRAILER,
+    header::TRANSFER_ENCODING,
+    header::UPGRADE,
+    header::EXPECT,
+];
+
+/// Headers that would tell the platform about the inside of the network.
+const FORWARDING: [HeaderName; 6] = [
+    HeaderName::from_static("forwarded"),
+    HeaderName::from_static("x-forwarded-for"),
+    HeaderName::from_static("x-forwarded-host"),
+    HeaderName::from_static("x-forwarded-proto"),
+    HeaderName::from_static("x-forwarded-port"),
+    HeaderName::from_static("x-real-ip"),
+];
+
+/// Removes the hop-by-hop headers and every header the `Connection` header names.
+pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    if headers.contains_key(header::CONNECTION) {
+        let named: Vec<HeaderName> = headers
+            .get_all(header::CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
+            .collect();
+        for name in named {
+            headers.remove(name);
+        }
+    }
+    for name in &HOP_BY_HOP {
+        headers.remove(name);
+    }
+}
+
+/// Prepares a client's headers for the upstream: hop-by-hop and forwarding headers, `Host`,
+/// our own routing header and the client's copy of the token header all go.
+pub fn sanitize_request_headers(headers: &mut HeaderMap, token_header: Option<&HeaderName>) {
+    strip_hop_by_hop(headers);
+    headers.remove(header::HOST);
+    headers.remove(X_CX_APP);
+    for name in &FORWARDING {
+        headers.remove(name);
+    }
+    if let Some(name) = token_header {
+        headers.remove(name);
+    }
+}
+
+/// Whether a raw query key names `name`, also when percent-encoded (`access%5Ftoken`).
+fn key_is(raw: &str, name: &str) -> bool {
+    if raw.as_bytes().contains(&b'%') || raw.as_bytes().contains(&b'+') {
+        let decoded = percent_decode_str(&raw.replace('+', " ")).decode_utf8_lossy().into_owned();
+        decoded == name
+    } else {
+        raw == name
+    }
+}
+
+/// Builds the upstream's path and query: `base` + `path`, then the client's query without any
+/// `drop` parameter, then `inject` (an already-encoded `name=value` pair) if any.
+pub fn upstream_target(base: &str, path: &str, query: Option<&str>, drop: &str, inject: Option<&str>) -> String {
+    let mut out = String::with_capacity(
+        base.len() + path.len() + query.map_or(0, str::len) + inject.map_or(0, str::len) + 2,
+    );
+    out.push_str(base);
+    out.push_str(path);
+    let mut first = true;
+    if let Some(query) = query {
+        for pair in query.split('&') {
+            if pair.is_empty() {
+                continue;
+            }
+            let key = pair.split_once('=').map_or(pair, |(k, _)| k);
+            if key_is(key, drop) {
+                continue;
+            }
+            out.push(if first { '?' } else { '&' });
+            first = false;
+            out.push_str(pair);
+        }
+    }
+    if let Some(pair) = inject {
+        out.push(if first { '?' } else { '&' });
+        out.push_str(pair);
+    }
+    out
+}
+
+/// How many leading bytes of `path` an app prefix takes, matching on segment boundaries;
+/// `None` if the prefix does not match. What is left (or `/` if nothing) is forwarded.
+pub fn prefix_len(path: &str, prefix: &str) -> Option<usize> {
+    if prefix == "/" {
+        return Some(0);
+    }
+    let rest = path.strip_prefix(prefix)?;
+    (rest.is_empty() || rest.starts_with('/')).then_some(prefix.len())
+}
+
+/// Whether a query key carries something secret and must be masked in logs.
+fn sensitive_key(raw: &str, extra: &str) -> bool {
+    let key = raw.to_ascii_lowercase();
+    key_is(raw, extra)
+        || ["token", "secret", "password", "code", "sign"]
+            .iter()
+            .any(|s| key.contains(s))
+}
+
+/// A request target for logs: the path, and the query with secret values as `***`.
+pub struct Redacted<'a> {
+    path: &'a str,
+    query: Option<&'a str>,
+    param: &'a str,
+}
+
+impl<'a> Redacted<'a> {
+    /// Masks `param` (the token parameter) and anything that looks like a secret.
+    pub fn new(path: &'a str, query: Option<&'a str>, param: &'a str) -> Self {
+        Redacted { path, query, param }
+    }
+}
+
+impl fmt::Display for Redacted<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.path)?;
+        let Some(query) = self.query else { return Ok(()) };
+        for (i, pair) in query.split('&').enumerate() {
+            f.write_str(if i == 0 { "?" } else { "&" })?;
+            match pair.split_once('=') {
+                Some((k, _)) if sensitive_key(k, self.param) => write!(f, "{k}=***")?,
+                _ => f.write_str(pair)?,
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http::HeaderValue;
+
+    #[test]
+    fn client_token_is_dropped_and_ours_appended() {
+        let t = upstream_target("", "/api/x", Some("a=1&access_token=evil&b=2"), "access_token", Some("access_token=good"));
+        assert_eq!(t, "/api/x?a=1&b=2&access_token=good");
+    }
+
+    #[test]
+    fn encoded_token_keys_are_dropped_too() {
+        let t = upstream_target("", "/p", Some("access%5Ftoken=evil&access_token=evil2"), "access_token", Some("access_token=ok"));
+        assert_eq!(t, "/p?access_token=ok");
+    }
+
+    #[test]
+    fn query_order_and_encoding_survive() {
+        let t = upstream_target("/base", "/p", Some("z=%20&&y=a%26b&x"), "access_token", None);
+        assert_eq!(t, "/base/p?z=%20&y=a%26b&x");
+    }
+
+    #[test]
+    fn no_query_gets_one() {
+        assert_eq!(upstream_target("", "/p", None, "access_token", Some("access_token=t")), "/p?access_token=t");
+        assert_eq!(upstream_target("", "/p", Some(""), "access_token", None), "/p");
+    }
+
+    #[test]
+    fn prefixes_strip_on_segment_boundaries() {
+        assert_eq!(prefix_len("/corp42/api/x", "/corp42"), Some(7));
+        assert_eq!(prefix_len("/corp42", "/corp42"), Some(7));
+        assert_eq!(prefix_len("/corp420/api", "/corp42"), None);
+        assert_eq!(prefix_len("/api", "/"), Some(0));
+    }
+
+    #[test]
+    fn hop_by_hop_and_connection_listed_headers_go() {
+        let mut h = HeaderMap::new();
+        h.insert(header::CONNECTION, HeaderValue::from_static("keep-alive, x-secret-hop"));
+        h.insert("x-secret-hop", HeaderValue::from_static("1"));
+        h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
+        h.insert(header::TRANSFER_ENCODING, HeaderValue::from_static("chunked"));
+        h.insert(header::HOST, HeaderValue::from_static("evil.example"));
+        h.insert("x-forwarded-for", HeaderValue::from_static("10.0.0.1"));
+        h.insert(X_CX_APP, HeaderValue::from_static("default"));
+        h.insert(header::AUTHORIZATION, HeaderValue::from_static("Bearer client"));
+        h.insert("x-keep", HeaderValue::from_static("yes"));
+        sanitize_request_headers(&mut h, Some(&header::AUTHORIZATION));
+        assert_eq!(h.len(), 1, "{h:?}");
+        assert_eq!(h["x-keep"], "yes");
+    }
+
+    #[test]
+    fn logs_see_no_secret_values() {
+        let r = Redacted::new("/p", Some("a=1&access_token=tok&corp_secret=s&Permanent_Code=c&b"), "access_token");
+        assert_eq!(r.to_string(), "/p?a=1&access_token=***&corp_secret=***&Permanent_Code=***&b");
+    }
+}
