@@ -142,6 +142,10 @@ pub struct Recorded {
     pub method: Method,
     /// Path.
     pub path: String,
+    /// Authority the request named (`:authority` or `Host`).
+    pub authority: String,
+    /// HTTP version it arrived with.
+    pub version: http::Version,
     /// Query without `access_token`.
     pub query: String,
     /// Headers as received.
@@ -582,6 +586,13 @@ async fn api(shared: &Shared, req: Request<Incoming>) -> Response<Body> {
     let mut recorded = Recorded {
         method: parts.method.clone(),
         path: parts.uri.path().to_owned(),
+        authority: parts
+            .uri
+            .authority()
+            .map(|a| a.as_str().to_owned())
+            .or_else(|| parts.headers.get(http::header::HOST).and_then(|h| h.to_str().ok()).map(str::to_owned))
+            .unwrap_or_default(),
+        version: parts.version,
         query: kept.join("&"),
         headers: parts.headers.clone(),
         body_len: 0,

@@ -1,0 +1,241 @@
+//! The binary as an operator runs it: `check`, `run` (logs, SIGTERM), `demo`.
+
+mod support;
+
+use std::io::{BufRead, BufReader, Read};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use cx_proxy::sandbox::SandboxOptions;
+use support::*;
+
+/// A child process whose output is collected as it arrives.
+struct Proc {
+    child: Child,
+    stdout: Arc<Mutex<String>>,
+    stderr: Arc<Mutex<String>>,
+}
+
+fn collect(r: impl Read + Send + 'static) -> Arc<Mutex<String>> {
+    let buf = Arc::new(Mutex::new(String::new()));
+    let b = buf.clone();
+    std::thread::spawn(move || {
+        for line in BufReader::new(r).lines().map_while(Result::ok) {
+            let mut b = b.lock().unwrap();
+            b.push_str(&line);
+            b.push('\n');
+        }
+    });
+    buf
+}
+
+impl Proc {
+    fn spawn(cmd: &mut Command) -> Proc {
+        let mut child = cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
+        let stdout = collect(child.stdout.take().unwrap());
+        let stderr = collect(child.stderr.take().unwrap());
+        Proc { child, stdout, stderr }
+    }
+
+    /// Waits (at most 20 s) until `find` extracts something from stdout or stderr.
+    async fn wait_for<T>(&self, what: &str, find: impl Fn(&str, &str) -> Option<T>) -> T {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let found = find(&self.stdout.lock().unwrap(), &self.stderr.lock().unwrap());
+            if let Some(v) = found {
+                return v;
+            }
+            assert!(Instant::now() < deadline, "timed out waiting for {what}; stderr:\n{}", self.stderr.lock().unwrap());
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    fn sigterm(&self) {
+        let ok = Command::new("kill").arg("-TERM").arg(self.child.id().to_string()).status().unwrap();
+        assert!(ok.success());
+    }
+
+    /// Waits (at most 20 s) for the exit status, killing the child if it does not stop.
+    async fn wait(&mut self) -> std::process::ExitStatus {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                // Let the reader threads drain the pipes.
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                return status;
+            }
+            if Instant::now() > deadline {
+                let _ = self.child.kill();
+                panic!("process did not exit; stderr:\n{}", self.stderr.lock().unwrap());
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// The address in the JSON log line `cx-proxy listening`.
+fn listening(_out: &str, err: &str) -> Option<String> {
+    err.lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .find(|v| v["message"] == "cx-proxy listening")
+        .and_then(|v| v["listen"].as_str().map(str::to_owned))
+}
+
+#[test]
+fn check_names_every_bad_key_at_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("proxy.toml");
+    std::fs::write(
+        &path,
+        r#"
+[server]
+listen = "127.0.0.1:8080"
+max_body = 5
+
+[upstream]
+url = "https//service.cheng-xun.cn"
+
+[[app]]
+name = "default"
+app_key = "ak-123"
+corp_id = 10001
+corp_secret_env = "CX_TEST_UNSET_SECRET_VAR"
+"#,
+    )
+    .unwrap();
+    let out = Command::new(bin())
+        .args(["check", "-c"])
+        .arg(&path)
+        .env_remove("CX_TEST_UNSET_SECRET_VAR")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    let file = path.display().to_string();
+    assert!(err.contains(&format!("{file}: server.max_body: unknown key")), "{err}");
+    assert!(err.contains(&format!("{file}: upstream.url: ")), "{err}");
+    assert!(
+        err.contains(&format!(
+            "{file}: app[0].corp_secret_env: environment variable CX_TEST_UNSET_SECRET_VAR is not set"
+        )),
+        "{err}"
+    );
+}
+
+#[test]
+fn check_prints_the_effective_config_with_secrets_masked() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("proxy.toml");
+    std::fs::write(
+        &path,
+        "[[app]]\nname = \"default\"\napp_key = \"ak-123\"\ncorp_id = 10001\ncorp_secret_env = \"CX_TEST_CHECK_SECRET\"\nprefix = \"/\"\n",
+    )
+    .unwrap();
+    let out = Command::new(bin())
+        .arg("check")
+        .env("CX_PROXY_CONFIG", &path)
+        .env("CX_TEST_CHECK_SECRET", "very-secret-corp-value")
+        .output()
+        .unwrap();
+    let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert_eq!(out.status.code(), Some(0), "{stderr}");
+    assert!(stdout.contains("corp_secret = \"***\""), "{stdout}");
+    assert!(stdout.contains("url = \"https://service.cheng-xun.cn\""), "{stdout}");
+    assert!(!stdout.contains("very-secret-corp-value") && !stderr.contains("very-secret-corp-value"));
+}
+
+#[test]
+fn the_shipped_proxy_toml_is_valid() {
+    let out = Command::new(bin())
+        .args(["check", "-c", concat!(env!("CARGO_MANIFEST_DIR"), "/proxy.toml")])
+        .env("CX_CORP_SECRET", "x")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
+}
+
+#[tokio::test]
+async fn debug_logs_never_carry_the_secret_or_a_token_and_sigterm_drains() {
+    let dir = tempfile::tempdir().unwrap();
+    let sandbox = sandbox(dir.path(), SandboxOptions::default()).await;
+    let secret_var = "CX_TEST_LOG_SECRET";
+    let app = format!(
+        "[[app]]\nname = \"default\"\napp_key = \"{APP_KEY}\"\ncorp_id = {CORP_ID}\ncorp_secret_env = \"{secret_var}\"\nprefix = \"/\"\n"
+    );
+    let path = dir.path().join("proxy.toml");
+    std::fs::write(&path, config_text(&sandbox, dir.path(), "shutdown_grace_s = 10", &app)).unwrap();
+    let mut p = Proc::spawn(
+        Command::new(bin())
+            .args(["--log-level", "debug", "--log-format", "json", "run", "-c"])
+            .arg(&path)
+            .env(secret_var, SECRET),
+    );
+    let addr = p.wait_for("the listening line", listening).await;
+    let base = format!("http://{addr}");
+
+    // Ordinary calls, a client trying its own token, a header-borne one, and h2c.
+    let c = client(false);
+    assert_eq!(get(&format!("{base}/api/a?x=1")).await.json()["err_code"], 0);
+    let req = http::Request::builder()
+        .uri(format!("{base}/api/b?access_token=client-held-token-123&corp_secret=client-typed-secret"))
+        .header("authorization", "Bearer client-held-token-123")
+        .body(http_body_util::Full::new(bytes::Bytes::new()))
+        .unwrap();
+    assert_eq!(send(&c, req).await.json()["err_code"], 0);
+    assert_eq!(send(&client(true), request(http::Method::POST, &format!("{base}/api/c"), "{}")).await.json()["err_code"], 0);
+
+    // SIGTERM while a slow request is in flight: it finishes, then the process exits 0.
+    sandbox.set_api_delay(Duration::from_millis(1500));
+    let slow = tokio::spawn(async move { get(&format!("{base}/api/slow")).await });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    p.sigterm();
+    let a = slow.await.unwrap();
+    assert_eq!(a.status, 200);
+    assert_eq!(a.json()["err_code"], 0, "{}", a.text());
+    let status = p.wait().await;
+    assert_eq!(status.code(), Some(0));
+
+    let logs = p.stderr.lock().unwrap().clone();
+    assert!(logs.contains("cx_proxy::access"), "access lines are logged:\n{logs}");
+    assert!(logs.contains("\"level\":\"DEBUG\""), "debug level was on:\n{logs}");
+    let tokens = sandbox.issued_tokens();
+    assert!(!tokens.is_empty());
+    for secret in tokens.iter().map(String::as_str).chain([SECRET, "client-held-token-123", "client-typed-secret"]) {
+        assert!(!logs.contains(secret), "{secret:?} appears in the logs:\n{logs}");
+    }
+}
+
+#[tokio::test]
+async fn demo_prints_a_curl_line_that_works() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut p = Proc::spawn(
+        Command::new(bin())
+            .args(["demo", "--listen", "127.0.0.1:0", "--state-dir"])
+            .arg(dir.path()),
+    );
+    let url = p
+        .wait_for("a curl line", |out, _| {
+            out.lines()
+                .find_map(|l| l.trim().strip_prefix("curl -s '"))
+                .and_then(|rest| rest.split('\'').next())
+                .map(str::to_owned)
+        })
+        .await;
+    let a = get(&url).await;
+    let v = a.json();
+    assert_eq!(v["err_code"], 0, "{v}");
+    assert_eq!(v["err_msg"], "success");
+    assert_eq!(v["data"]["path"], "/api/apps/v1/robot/groups");
+    p.sigterm();
+    assert_eq!(p.wait().await.code(), Some(0));
+}

@@ -1,0 +1,217 @@
+//! Shared test support: a sandbox upstream, a proxy in front of it, and a plain HTTP client.
+//!
+//! Everything listens on 127.0.0.1 with port 0; nothing is shared between tests.
+
+#![allow(dead_code)]
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use bytes::Bytes;
+use cx_proxy::clock::SharedClock;
+use cx_proxy::sandbox::{Sandbox, SandboxOptions};
+use cx_proxy::{Config, Proxy, ProxyHandle};
+use http::{HeaderMap, Method, Request, StatusCode};
+use http_body_util::{BodyExt, Full};
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+use tempfile::TempDir;
+
+/// The demo app's credentials, known to the default sandbox.
+pub const APP_KEY: &str = "demo-app";
+pub const CORP_ID: &str = "10001";
+pub const SECRET: &str = "demo-secret";
+
+/// A sandbox, a proxy in front of it, and the directory holding the CA and secrets.
+pub struct Env {
+    pub sandbox: Sandbox,
+    pub proxy: ProxyHandle,
+    pub dir: TempDir,
+}
+
+impl Env {
+    /// The proxy's base URL.
+    pub fn base(&self) -> String {
+        format!("http://{}", self.proxy.addr)
+    }
+
+    /// `http://proxy` + `path`.
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.base())
+    }
+}
+
+/// Starts a sandbox with `opts` (listen and state_dir are filled in).
+pub async fn sandbox(dir: &Path, opts: SandboxOptions) -> Sandbox {
+    Sandbox::start(SandboxOptions {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        state_dir: Some(dir.to_path_buf()),
+        ..opts
+    })
+    .await
+    .expect("sandbox starts")
+}
+
+/// A proxy config pointing at `sandbox` (its CA trusted): `server_extra` goes into
+/// `[server]`, `extra` is appended. The demo app's secret is written to a file in `dir`.
+pub fn config_text(sandbox: &Sandbox, dir: &Path, server_extra: &str, extra: &str) -> String {
+    let secret = dir.join("corp_secret");
+    std::fs::write(&secret, SECRET).unwrap();
+    format!(
+        r#"
+[server]
+listen = "127.0.0.1:0"
+{server_extra}
+
+[upstream]
+url = "{url}"
+ca_file = "{ca}"
+timeout_ms = 5000
+
+{extra}
+"#,
+        url = sandbox.url(),
+        ca = dir.join("ca.pem").display(),
+    )
+}
+
+/// The usual single app, routed by prefix `/`.
+pub fn default_app(dir: &Path) -> String {
+    format!(
+        r#"
+[[app]]
+name = "default"
+app_key = "{APP_KEY}"
+corp_id = {CORP_ID}
+corp_secret_file = "{}"
+prefix = "/"
+"#,
+        dir.join("corp_secret").display()
+    )
+}
+
+/// Parses config text or panics with every problem.
+pub fn config(text: &str) -> Config {
+    match Config::from_toml(text, "test.toml", None) {
+        Ok(l) => l.config,
+        Err(e) => panic!("bad test config:\n{e}\n---\n{text}"),
+    }
+}
+
+/// A default sandbox and a proxy with the default app; `token_extra` goes into the file
+/// before the app (e.g. a `[token]` table).
+pub async fn env(token_extra: &str) -> Env {
+    env_with(SandboxOptions::default(), token_extra, None).await
+}
+
+/// Like [`env`] with sandbox options and an optional clock.
+pub async fn env_with(opts: SandboxOptions, token_extra: &str, clock: Option<SharedClock>) -> Env {
+    let dir = tempfile::tempdir().unwrap();
+    let sandbox = sandbox(dir.path(), opts).await;
+    let text = config_text(&sandbox, dir.path(), "", &format!("{token_extra}\n{}", default_app(dir.path())));
+    let cfg = config(&text);
+    let proxy = match clock {
+        Some(clock) => ProxyHandle::start_with(Proxy::with_clock(cfg, clock).unwrap()).await.unwrap(),
+        None => ProxyHandle::start(cfg).await.unwrap(),
+    };
+    Env { sandbox, proxy, dir }
+}
+
+/// A plain-HTTP client (HTTP/1.1, or h2 prior knowledge with `h2c`).
+pub fn client(h2c: bool) -> Client<HttpConnector, Full<Bytes>> {
+    let mut b = Client::builder(TokioExecutor::new());
+    b.http2_only(h2c);
+    b.build(HttpConnector::new())
+}
+
+/// A response, read whole.
+#[derive(Debug)]
+pub struct Answer {
+    pub status: StatusCode,
+    pub headers: HeaderMap,
+    pub body: Bytes,
+}
+
+impl Answer {
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_slice(&self.body)
+            .unwrap_or_else(|e| panic!("not JSON ({e}): {:?}", String::from_utf8_lossy(&self.body)))
+    }
+
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.body).into_owned()
+    }
+}
+
+/// Sends a request and reads the whole answer.
+pub async fn send(client: &Client<HttpConnector, Full<Bytes>>, req: Request<Full<Bytes>>) -> Answer {
+    let resp = client.request(req).await.expect("proxy answers");
+    let (parts, body) = resp.into_parts();
+    let body = body.collect().await.expect("body reads").to_bytes();
+    Answer {
+        status: parts.status,
+        headers: parts.headers,
+        body,
+    }
+}
+
+/// `method url` with `body`.
+pub fn request(method: Method, url: &str, body: impl Into<Bytes>) -> Request<Full<Bytes>> {
+    Request::builder()
+        .method(method)
+        .uri(url)
+        .body(Full::new(body.into()))
+        .unwrap()
+}
+
+/// GET `url`.
+pub async fn get(url: &str) -> Answer {
+    send(&client(false), request(Method::GET, url, Bytes::new())).await
+}
+
+/// Asserts an answer is the proxy's own error of `kind`, and returns its body.
+pub fn assert_proxy_error(a: &Answer, status: u16, kind: &str) -> serde_json::Value {
+    assert_eq!(a.status.as_u16(), status, "{}", a.text());
+    assert_eq!(a.headers["x-cx-proxy-error"], kind, "{}", a.text());
+    assert_eq!(a.headers["content-type"], "application/json");
+    let v = a.json();
+    assert!(v["err_code"].as_u64().unwrap() / 1000 == 990, "{v}");
+    assert!(v["err_msg"].as_str().is_some_and(|m| !m.is_empty()), "{v}");
+    v
+}
+
+/// SHA-256 of `data`, hex.
+pub fn sha256(data: &[u8]) -> String {
+    cx_proxy::sandbox::hex(ring::digest::digest(&ring::digest::SHA256, data).as_ref())
+}
+
+/// `n` bytes that do not compress or repeat in an obvious way.
+pub fn noise(n: usize) -> Vec<u8> {
+    let mut x: u64 = 0x9E37_79B9_7F4A_7C15;
+    (0..n)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            (x >> 24) as u8
+        })
+        .collect()
+}
+
+/// Path of the built `cx-proxy` binary.
+pub fn bin() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_cx-proxy"))
+}
+
+/// Keeps a value alive in an `Arc` for spawned tasks.
+pub fn shared<T>(v: T) -> Arc<T> {
+    Arc::new(v)
+}
+
+/// An address nothing listens on (bound then released).
+pub fn unused_addr() -> SocketAddr {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    l.local_addr().unwrap()
+}
