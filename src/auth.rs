@@ -42,18 +42,28 @@ pub enum Injection {
 
 impl Token {
     /// Wraps a token received at `now`, rendering it for `inject`.
-    pub fn new(value: String, lifetime: Duration, now: Instant, inject: &Inject) -> Result<Self, TokenError> {
+    pub fn new(
+        value: String,
+        lifetime: Duration,
+        now: Instant,
+        inject: &Inject,
+    ) -> Result<Self, TokenError> {
         let injection = match inject {
             Inject::Query { param } => {
                 let mut pair = String::with_capacity(param.len() + 1 + value.len());
                 pair.push_str(param);
                 pair.push('=');
-                pair.extend(percent_encoding::utf8_percent_encode(&value, crate::proxy::QUERY_VALUE));
+                pair.extend(percent_encoding::utf8_percent_encode(
+                    &value,
+                    crate::proxy::QUERY_VALUE,
+                ));
                 Injection::Query(pair.into_boxed_str())
             }
             Inject::Header { prefix, suffix, .. } => {
-                let mut v = HeaderValue::from_str(&format!("{prefix}{value}{suffix}"))
-                    .map_err(|_| TokenError::BadAnswer("access_token is not usable in a header".into()))?;
+                let mut v =
+                    HeaderValue::from_str(&format!("{prefix}{value}{suffix}")).map_err(|_| {
+                        TokenError::BadAnswer("access_token is not usable in a header".into())
+                    })?;
                 v.set_sensitive(true);
                 Injection::Header(v)
             }

@@ -29,7 +29,13 @@ pub struct Cli {
     #[command(subcommand)]
     pub command: Option<Command>,
     /// Config file.
-    #[arg(short, long, global = true, env = "CX_PROXY_CONFIG", default_value = "proxy.toml")]
+    #[arg(
+        short,
+        long,
+        global = true,
+        env = "CX_PROXY_CONFIG",
+        default_value = "proxy.toml"
+    )]
     pub config: PathBuf,
     /// Log line format.
     #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
@@ -101,7 +107,10 @@ pub fn main(cli: Cli) -> ExitCode {
         eprintln!("cx-proxy: {e}");
         return ExitCode::from(EXIT_CONFIG);
     }
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("cx-proxy: cannot start the runtime: {e}");
@@ -166,7 +175,10 @@ fn check(path: &Path) -> ExitCode {
 
 async fn shutdown_signal() {
     use tokio::signal::unix::{signal, SignalKind};
-    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
         tracing::error!("cannot install signal handlers; stop with SIGKILL");
         return std::future::pending().await;
     };
@@ -204,8 +216,16 @@ async fn run_proxy(config: Config) -> Result<(), StartupError> {
     let proxy = Proxy::new(config)?;
     let listener = TcpListener::bind(listen)
         .await
-        .map_err(|source| StartupError::Bind { addr: listen, source })?;
-    let apps: Vec<&str> = proxy.config().apps.iter().map(|a| a.name.as_str()).collect();
+        .map_err(|source| StartupError::Bind {
+            addr: listen,
+            source,
+        })?;
+    let apps: Vec<&str> = proxy
+        .config()
+        .apps
+        .iter()
+        .map(|a| a.name.as_str())
+        .collect();
     tracing::info!(
         listen = %listener.local_addr().unwrap_or(listen),
         upstream = %proxy.config().upstream.url,
@@ -219,14 +239,21 @@ async fn sandbox(args: SandboxArgs) -> ExitCode {
     let token_header = match http::HeaderName::from_bytes(args.token_header.as_bytes()) {
         Ok(h) => h,
         Err(_) => {
-            eprintln!("cx-proxy sandbox: --token-header {:?} is not a header name", args.token_header);
+            eprintln!(
+                "cx-proxy sandbox: --token-header {:?} is not a header name",
+                args.token_header
+            );
             return ExitCode::from(EXIT_CONFIG);
         }
     };
     let opts = SandboxOptions {
         listen: args.listen,
         state_dir: Some(args.state_dir.clone()),
-        apps: if args.apps.is_empty() { vec![SandboxApp::demo()] } else { args.apps },
+        apps: if args.apps.is_empty() {
+            vec![SandboxApp::demo()]
+        } else {
+            args.apps
+        },
         expires_in: Duration::from_secs(args.expires_in),
         reissue: args.reissue,
         overlap: Duration::from_secs(args.overlap_s),
@@ -234,7 +261,11 @@ async fn sandbox(args: SandboxArgs) -> ExitCode {
         token_header,
         ..SandboxOptions::default()
     };
-    let apps: Vec<String> = opts.apps.iter().map(|a| format!("{} (corp {})", a.app_key, a.corp_id)).collect();
+    let apps: Vec<String> = opts
+        .apps
+        .iter()
+        .map(|a| format!("{} (corp {})", a.app_key, a.corp_id))
+        .collect();
     let sandbox = match Sandbox::start(opts).await {
         Ok(s) => s,
         Err(e) => {
@@ -279,9 +310,9 @@ async fn demo(args: DemoArgs) -> ExitCode {
 }
 
 async fn demo_inner(args: DemoArgs) -> Result<(), StartupError> {
-    let dir = args
-        .state_dir
-        .unwrap_or_else(|| std::env::temp_dir().join(format!("cx-proxy-demo-{}", std::process::id())));
+    let dir = args.state_dir.unwrap_or_else(|| {
+        std::env::temp_dir().join(format!("cx-proxy-demo-{}", std::process::id()))
+    });
     let sandbox = Sandbox::start(SandboxOptions {
         listen: args.sandbox_listen,
         state_dir: Some(dir.clone()),
@@ -300,9 +331,17 @@ async fn demo_inner(args: DemoArgs) -> Result<(), StartupError> {
         .config;
     let proxy = ProxyHandle::start(config).await?;
     let base = format!("http://{}", proxy.addr);
-    println!("cx-proxy demo: sandbox (offline Cheng-Xun) at {}", sandbox.url());
-    println!("cx-proxy demo: proxy at {base}, config {}", dir.join("proxy.toml").display());
-    println!("The proxy fetches the token and injects it; the calls below carry no credentials. Try:");
+    println!(
+        "cx-proxy demo: sandbox (offline Cheng-Xun) at {}",
+        sandbox.url()
+    );
+    println!(
+        "cx-proxy demo: proxy at {base}, config {}",
+        dir.join("proxy.toml").display()
+    );
+    println!(
+        "The proxy fetches the token and injects it; the calls below carry no credentials. Try:"
+    );
     println!("  curl -s '{base}/api/apps/v1/robot/groups?group_id=1'");
     println!(
         "  curl -s -X POST '{base}/api/apps/v1/robot/groups/messages' -H 'Content-Type: application/json' -d '{{\"group_id\":\"1\",\"msg_type\":\"text\",\"text\":{{\"content\":\"hello\"}}}}'"

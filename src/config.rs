@@ -225,9 +225,10 @@ impl Credentials {
                 ("corp_id", corp_id),
                 ("corp_secret", corp_secret.expose()),
             ],
-            Credentials::Params(params) => {
-                params.iter().map(|(k, v)| (k.as_str(), v.expose())).collect()
-            }
+            Credentials::Params(params) => params
+                .iter()
+                .map(|(k, v)| (k.as_str(), v.expose()))
+                .collect(),
         }
     }
 }
@@ -332,7 +333,11 @@ impl Config {
 
     /// Every secret in the configuration (for scrubbing and for tests).
     pub fn secrets(&self) -> Vec<&Secret> {
-        let mut out: Vec<&Secret> = self.apps.iter().flat_map(|a| a.credentials.secrets()).collect();
+        let mut out: Vec<&Secret> = self
+            .apps
+            .iter()
+            .flat_map(|a| a.credentials.secrets())
+            .collect();
         if let Some(store) = &self.token.store {
             out.push(&store.redis_url);
         }
@@ -343,17 +348,31 @@ impl Config {
     pub fn render(&self) -> String {
         let mut o = String::new();
         let q = |s: &str| Value::String(s.to_owned()).to_string();
-        let list = |v: Vec<String>| format!("[{}]", v.iter().map(|s| q(s)).collect::<Vec<_>>().join(", "));
+        let list = |v: Vec<String>| {
+            format!(
+                "[{}]",
+                v.iter().map(|s| q(s)).collect::<Vec<_>>().join(", ")
+            )
+        };
         let s = &self.server;
         let _ = writeln!(o, "# effective configuration of {}", self.source);
         let _ = writeln!(o, "[server]\nlisten = {}", q(&s.listen.to_string()));
         if let Some(tls) = &s.tls {
-            let _ = writeln!(o, "tls_cert = {}\ntls_key = {}", q(&tls.cert.display().to_string()), q(&tls.key.display().to_string()));
+            let _ = writeln!(
+                o,
+                "tls_cert = {}\ntls_key = {}",
+                q(&tls.cert.display().to_string()),
+                q(&tls.key.display().to_string())
+            );
             if let Some(ca) = &tls.client_ca {
                 let _ = writeln!(o, "client_ca = {}", q(&ca.display().to_string()));
             }
         }
-        let _ = writeln!(o, "allow = {}", list(s.allow.iter().map(ToString::to_string).collect()));
+        let _ = writeln!(
+            o,
+            "allow = {}",
+            list(s.allow.iter().map(ToString::to_string).collect())
+        );
         let _ = writeln!(o, "max_body_bytes = {}", s.max_body_bytes);
         let _ = writeln!(o, "shutdown_grace_s = {}", s.shutdown_grace.as_secs());
         if let Some(admin) = &self.admin {
@@ -373,9 +392,17 @@ impl Config {
             Inject::Query { param } => {
                 let _ = writeln!(o, "inject = \"query\"\nparam = {}", q(param));
             }
-            Inject::Header { name, prefix, suffix } => {
+            Inject::Header {
+                name,
+                prefix,
+                suffix,
+            } => {
                 let _ = writeln!(o, "inject = \"header\"\nheader = {}", q(name.as_str()));
-                let _ = writeln!(o, "header_format = {}", q(&format!("{prefix}{{token}}{suffix}")));
+                let _ = writeln!(
+                    o,
+                    "header_format = {}",
+                    q(&format!("{prefix}{{token}}{suffix}"))
+                );
             }
         }
         let codes: Vec<String> = t.invalid_codes.iter().map(ToString::to_string).collect();
@@ -391,7 +418,12 @@ impl Config {
             }
             let _ = writeln!(o, "token_path = {}", q(&app.token_path));
             match &app.credentials {
-                Credentials::Standard { app_key, corp_id, source, .. } => {
+                Credentials::Standard {
+                    app_key,
+                    corp_id,
+                    source,
+                    ..
+                } => {
                     let _ = writeln!(o, "app_key = {}\ncorp_id = {}", q(app_key), q(corp_id));
                     let _ = writeln!(o, "corp_secret = \"***\"   # {source}");
                 }
@@ -412,7 +444,11 @@ impl Config {
         }
         for c in &self.clients {
             let _ = writeln!(o, "\n[[client]]\nname = {}", q(&c.name));
-            let _ = writeln!(o, "networks = {}", list(c.networks.iter().map(ToString::to_string).collect()));
+            let _ = writeln!(
+                o,
+                "networks = {}",
+                list(c.networks.iter().map(ToString::to_string).collect())
+            );
             let _ = writeln!(o, "cert_names = {}", list(c.cert_names.clone()));
             let _ = writeln!(o, "apps = {}", list(c.apps.clone()));
             if let Some(paths) = &c.paths {
@@ -486,7 +522,10 @@ impl Parser {
             None => Section::new(key, Table::new()),
             Some(Value::Table(t)) => Section::new(key, t),
             Some(other) => {
-                self.err(&key, format!("expected a table, found {}", other.type_str()));
+                self.err(
+                    &key,
+                    format!("expected a table, found {}", other.type_str()),
+                );
                 Section::new(key, Table::new())
             }
         }
@@ -496,7 +535,10 @@ impl Parser {
         match s.table.remove(k)? {
             Value::String(v) => Some(v),
             other => {
-                self.err(&s.key(k), format!("expected a string, found {}", other.type_str()));
+                self.err(
+                    &s.key(k),
+                    format!("expected a string, found {}", other.type_str()),
+                );
                 None
             }
         }
@@ -510,7 +552,10 @@ impl Parser {
                 None
             }
             other => {
-                self.err(&s.key(k), format!("expected an integer, found {}", other.type_str()));
+                self.err(
+                    &s.key(k),
+                    format!("expected an integer, found {}", other.type_str()),
+                );
                 None
             }
         }
@@ -524,13 +569,19 @@ impl Parser {
                 for (i, item) in items.into_iter().enumerate() {
                     match item {
                         Value::String(v) => out.push(v),
-                        other => self.err(&format!("{key}[{i}]"), format!("expected a string, found {}", other.type_str())),
+                        other => self.err(
+                            &format!("{key}[{i}]"),
+                            format!("expected a string, found {}", other.type_str()),
+                        ),
                     }
                 }
                 Some(out)
             }
             other => {
-                self.err(&key, format!("expected an array of strings, found {}", other.type_str()));
+                self.err(
+                    &key,
+                    format!("expected an array of strings, found {}", other.type_str()),
+                );
                 None
             }
         }
@@ -576,22 +627,35 @@ impl Parser {
                 .or_else(|_| n.parse::<std::net::IpAddr>().map(IpNet::from));
             match parsed {
                 Ok(net) => out.push(net),
-                Err(_) => self.err(&format!("{key}[{i}]"), format!("{n:?} is not a network (CIDR such as 10.0.0.0/8)")),
+                Err(_) => self.err(
+                    &format!("{key}[{i}]"),
+                    format!("{n:?} is not a network (CIDR such as 10.0.0.0/8)"),
+                ),
             }
         }
         Some(out)
     }
 
     /// Reads a secret given as `{base}_env`, `{base}_file` or `{base}` (inline).
-    fn secret(&mut self, s: &mut Section, base: &str, required: bool) -> Option<(Secret, SecretSource)> {
+    fn secret(
+        &mut self,
+        s: &mut Section,
+        base: &str,
+        required: bool,
+    ) -> Option<(Secret, SecretSource)> {
         let env_key = format!("{base}_env");
         let file_key = format!("{base}_file");
         let env = self.string(s, &env_key);
         let file = self.string(s, &file_key);
         let inline = self.string(s, base);
-        let given = usize::from(env.is_some()) + usize::from(file.is_some()) + usize::from(inline.is_some());
+        let given = usize::from(env.is_some())
+            + usize::from(file.is_some())
+            + usize::from(inline.is_some());
         if given > 1 {
-            self.err(&s.key(base), format!("give only one of {base}_env, {base}_file, {base}"));
+            self.err(
+                &s.key(base),
+                format!("give only one of {base}_env, {base}_file, {base}"),
+            );
             return None;
         }
         if let Some(var) = env {
@@ -605,11 +669,17 @@ impl Parser {
                 self.err(&s.key(base), "is empty");
                 return None;
             }
-            self.warn(&s.key(base), format!("secret written in the config file; prefer {base}_env or {base}_file"));
+            self.warn(
+                &s.key(base),
+                format!("secret written in the config file; prefer {base}_env or {base}_file"),
+            );
             return Some((Secret::new(value), SecretSource::Inline));
         }
         if required {
-            self.err(&s.key(base), format!("missing: set {base}_env, {base}_file or {base}"));
+            self.err(
+                &s.key(base),
+                format!("missing: set {base}_env, {base}_file or {base}"),
+            );
         }
         None
     }
@@ -674,19 +744,32 @@ impl Parser {
         let key = self.file_path(&mut s, "tls_key");
         let client_ca = self.file_path(&mut s, "client_ca");
         let tls = match (cert, key) {
-            (Some(cert), Some(key)) => Some(TlsFiles { cert, key, client_ca }),
+            (Some(cert), Some(key)) => Some(TlsFiles {
+                cert,
+                key,
+                client_ca,
+            }),
             (None, None) => {
                 if client_ca.is_some() {
-                    self.err(&s.key("client_ca"), "needs tls_cert and tls_key (mTLS runs over TLS)");
+                    self.err(
+                        &s.key("client_ca"),
+                        "needs tls_cert and tls_key (mTLS runs over TLS)",
+                    );
                 }
                 None
             }
             (Some(_), None) => {
-                self.err(&s.key("tls_key"), "missing: tls_cert is set, so tls_key must be too");
+                self.err(
+                    &s.key("tls_key"),
+                    "missing: tls_cert is set, so tls_key must be too",
+                );
                 None
             }
             (None, Some(_)) => {
-                self.err(&s.key("tls_cert"), "missing: tls_key is set, so tls_cert must be too");
+                self.err(
+                    &s.key("tls_cert"),
+                    "missing: tls_key is set, so tls_cert must be too",
+                );
                 None
             }
         };
@@ -723,10 +806,16 @@ impl Parser {
     fn upstream(&mut self, root: &mut Section) -> Option<UpstreamConfig> {
         let mut s = self.section(root, "upstream");
         let url_key = s.key("url");
-        let url = self.string(&mut s, "url").unwrap_or_else(|| DEFAULT_UPSTREAM.to_owned());
+        let url = self
+            .string(&mut s, "url")
+            .unwrap_or_else(|| DEFAULT_UPSTREAM.to_owned());
         let ca_file = self.file_path(&mut s, "ca_file");
-        let connect = self.int(&mut s, "connect_timeout_ms", 1, 600_000).unwrap_or(3000);
-        let timeout = self.int(&mut s, "timeout_ms", 1, 3_600_000).unwrap_or(30_000);
+        let connect = self
+            .int(&mut s, "connect_timeout_ms", 1, 600_000)
+            .unwrap_or(3000);
+        let timeout = self
+            .int(&mut s, "timeout_ms", 1, 3_600_000)
+            .unwrap_or(30_000);
         self.finish(s);
         let parsed = match parse_upstream_url(&url) {
             Ok(p) => Some(p),
@@ -750,19 +839,31 @@ impl Parser {
     fn token(&mut self, root: &mut Section) -> Option<TokenConfig> {
         let mut s = self.section(root, "token");
         let path_key = s.key("path");
-        let path = self.string(&mut s, "path").unwrap_or_else(|| DEFAULT_TOKEN_PATH.to_owned());
+        let path = self
+            .string(&mut s, "path")
+            .unwrap_or_else(|| DEFAULT_TOKEN_PATH.to_owned());
         if !path.starts_with('/') {
             self.err(&path_key, format!("{path:?} must start with /"));
         }
-        let refresh_ahead = self.int(&mut s, "refresh_ahead_s", 0, 86_400).unwrap_or(300);
+        let refresh_ahead = self
+            .int(&mut s, "refresh_ahead_s", 0, 86_400)
+            .unwrap_or(300);
         let inject_key = s.key("inject");
-        let inject = self.string(&mut s, "inject").unwrap_or_else(|| "query".into());
+        let inject = self
+            .string(&mut s, "inject")
+            .unwrap_or_else(|| "query".into());
         let param_key = s.key("param");
-        let param = self.string(&mut s, "param").unwrap_or_else(|| "access_token".into());
+        let param = self
+            .string(&mut s, "param")
+            .unwrap_or_else(|| "access_token".into());
         let header_key = s.key("header");
-        let header = self.string(&mut s, "header").unwrap_or_else(|| "Authorization".into());
+        let header = self
+            .string(&mut s, "header")
+            .unwrap_or_else(|| "Authorization".into());
         let format_key = s.key("header_format");
-        let format = self.string(&mut s, "header_format").unwrap_or_else(|| "Bearer {token}".into());
+        let format = self
+            .string(&mut s, "header_format")
+            .unwrap_or_else(|| "Bearer {token}".into());
         let codes_key = s.key("invalid_codes");
         let invalid_codes = match s.table.remove("invalid_codes") {
             None => vec![40001, 40014, 42001],
@@ -772,24 +873,36 @@ impl Parser {
                 .filter_map(|(i, v)| match v {
                     Value::Integer(c) => Some(c),
                     other => {
-                        self.err(&format!("{codes_key}[{i}]"), format!("expected an integer, found {}", other.type_str()));
+                        self.err(
+                            &format!("{codes_key}[{i}]"),
+                            format!("expected an integer, found {}", other.type_str()),
+                        );
                         None
                     }
                 })
                 .collect(),
             Some(other) => {
-                self.err(&codes_key, format!("expected an array of integers, found {}", other.type_str()));
+                self.err(
+                    &codes_key,
+                    format!("expected an array of integers, found {}", other.type_str()),
+                );
                 Vec::new()
             }
         };
-        let max_fetches = self.int(&mut s, "max_fetches_per_minute", 1, 10_000).unwrap_or(6);
+        let max_fetches = self
+            .int(&mut s, "max_fetches_per_minute", 1, 10_000)
+            .unwrap_or(6);
         let store = if s.table.contains_key("store") {
             let mut st = self.section(&mut s, "store");
             let url_key = st.key("redis_url");
             let url = self.string(&mut st, "redis_url");
             self.finish(st);
             match url {
-                Some(u) if u.starts_with("redis://") || u.starts_with("rediss://") => Some(StoreConfig { redis_url: Secret::new(u) }),
+                Some(u) if u.starts_with("redis://") || u.starts_with("rediss://") => {
+                    Some(StoreConfig {
+                        redis_url: Secret::new(u),
+                    })
+                }
                 Some(_) => {
                     self.err(&url_key, "must start with redis:// or rediss://");
                     None
@@ -806,7 +919,10 @@ impl Parser {
         let inject = match inject.as_str() {
             "query" => {
                 if param.is_empty() || param.contains(['&', '=', '#', ' ']) {
-                    self.err(&param_key, format!("{param:?} is not a usable query parameter name"));
+                    self.err(
+                        &param_key,
+                        format!("{param:?} is not a usable query parameter name"),
+                    );
                 }
                 Inject::Query { param }
             }
@@ -814,7 +930,10 @@ impl Parser {
                 let name = match HeaderName::from_bytes(header.as_bytes()) {
                     Ok(n) => Some(n),
                     Err(_) => {
-                        self.err(&header_key, format!("{header:?} is not a valid header name"));
+                        self.err(
+                            &header_key,
+                            format!("{header:?} is not a valid header name"),
+                        );
                         None
                     }
                 };
@@ -832,7 +951,10 @@ impl Parser {
                 }
             }
             other => {
-                self.err(&inject_key, format!("{other:?} is not \"query\" or \"header\""));
+                self.err(
+                    &inject_key,
+                    format!("{other:?} is not \"query\" or \"header\""),
+                );
                 return None;
             }
         };
@@ -855,13 +977,19 @@ impl Parser {
                 .filter_map(|(i, v)| match v {
                     Value::Table(t) => Some(Section::new(format!("{k}[{i}]"), t)),
                     other => {
-                        self.err(&format!("{k}[{i}]"), format!("expected a table ([[{k}]]), found {}", other.type_str()));
+                        self.err(
+                            &format!("{k}[{i}]"),
+                            format!("expected a table ([[{k}]]), found {}", other.type_str()),
+                        );
                         None
                     }
                 })
                 .collect(),
             Some(other) => {
-                self.err(k, format!("expected [[{k}]] tables, found {}", other.type_str()));
+                self.err(
+                    k,
+                    format!("expected [[{k}]] tables, found {}", other.type_str()),
+                );
                 Vec::new()
             }
         }
@@ -880,17 +1008,38 @@ impl Parser {
             let name = self.string(&mut s, "name");
             match &name {
                 None => self.err(&name_key, "missing"),
-                Some(n) if n.is_empty() || !n.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c)) => {
-                    self.err(&name_key, format!("{n:?} must be non-empty letters, digits, '-', '_' or '.'"))
+                Some(n)
+                    if n.is_empty()
+                        || !n
+                            .chars()
+                            .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c)) =>
+                {
+                    self.err(
+                        &name_key,
+                        format!("{n:?} must be non-empty letters, digits, '-', '_' or '.'"),
+                    )
                 }
-                Some(n) if !names.insert(n.clone()) => self.err(&name_key, format!("{n:?} is used by another app")),
+                Some(n) if !names.insert(n.clone()) => {
+                    self.err(&name_key, format!("{n:?} is used by another app"))
+                }
                 Some(_) => {}
             }
             let prefix_key = s.key("prefix");
             let prefix = self.string(&mut s, "prefix").map(|p| {
-                let trimmed = if p.len() > 1 { p.trim_end_matches('/').to_owned() } else { p };
-                if !trimmed.starts_with('/') || trimmed.contains(['?', '#']) || trimmed.contains("/../") || trimmed.ends_with("/..") {
-                    self.err(&prefix_key, format!("{trimmed:?} must be a path starting with /"));
+                let trimmed = if p.len() > 1 {
+                    p.trim_end_matches('/').to_owned()
+                } else {
+                    p
+                };
+                if !trimmed.starts_with('/')
+                    || trimmed.contains(['?', '#'])
+                    || trimmed.contains("/../")
+                    || trimmed.ends_with("/..")
+                {
+                    self.err(
+                        &prefix_key,
+                        format!("{trimmed:?} must be a path starting with /"),
+                    );
                 }
                 if !prefixes.insert(trimmed.clone()) {
                     self.err(&prefix_key, format!("{trimmed:?} is used by another app"));
@@ -905,9 +1054,18 @@ impl Parser {
                 }
             }
             let credentials = if s.table.contains_key("token_params") {
-                for k in ["app_key", "corp_id", "corp_secret", "corp_secret_env", "corp_secret_file"] {
+                for k in [
+                    "app_key",
+                    "corp_id",
+                    "corp_secret",
+                    "corp_secret_env",
+                    "corp_secret_file",
+                ] {
                     if s.table.remove(k).is_some() {
-                        self.err(&s.key(k), "not allowed with token_params (which replace it)");
+                        self.err(
+                            &s.key(k),
+                            "not allowed with token_params (which replace it)",
+                        );
                     }
                 }
                 let params = self.section(&mut s, "token_params");
@@ -923,7 +1081,10 @@ impl Parser {
                     Some(Value::String(v)) => Some(v),
                     Some(Value::Integer(v)) => Some(v.to_string()),
                     Some(other) => {
-                        self.err(&corp_id_key, format!("expected a number or string, found {}", other.type_str()));
+                        self.err(
+                            &corp_id_key,
+                            format!("expected a number or string, found {}", other.type_str()),
+                        );
                         None
                     }
                     None => {
@@ -933,12 +1094,14 @@ impl Parser {
                 };
                 let secret = self.secret(&mut s, "corp_secret", true);
                 match (app_key, corp_id, secret) {
-                    (Some(app_key), Some(corp_id), Some((corp_secret, source))) => Some(Credentials::Standard {
-                        app_key,
-                        corp_id,
-                        corp_secret,
-                        source,
-                    }),
+                    (Some(app_key), Some(corp_id), Some((corp_secret, source))) => {
+                        Some(Credentials::Standard {
+                            app_key,
+                            corp_id,
+                            corp_secret,
+                            source,
+                        })
+                    }
                     _ => None,
                 }
             };
@@ -947,7 +1110,9 @@ impl Parser {
                 apps.push(AppConfig {
                     name,
                     prefix,
-                    token_path: token_path.unwrap_or_else(|| default_token_path.unwrap_or(DEFAULT_TOKEN_PATH).to_owned()),
+                    token_path: token_path.unwrap_or_else(|| {
+                        default_token_path.unwrap_or(DEFAULT_TOKEN_PATH).to_owned()
+                    }),
                     credentials,
                 });
             }
@@ -962,20 +1127,27 @@ impl Parser {
         let mut ok = true;
         for k in keys {
             let key = s.key(&k);
-            let Some(v) = s.table.remove(&k) else { continue };
+            let Some(v) = s.table.remove(&k) else {
+                continue;
+            };
             let text = match v {
                 Value::String(v) => v,
                 Value::Integer(v) => v.to_string(),
                 other => {
-                    self.err(&key, format!("expected a string or number, found {}", other.type_str()));
+                    self.err(
+                        &key,
+                        format!("expected a string or number, found {}", other.type_str()),
+                    );
                     ok = false;
                     continue;
                 }
             };
             let value = if let Some(name) = k.strip_suffix("_env") {
-                self.secret_from_env(&key, text).map(|(s, src)| (name, ParamValue::Secret(s, src)))
+                self.secret_from_env(&key, text)
+                    .map(|(s, src)| (name, ParamValue::Secret(s, src)))
             } else if let Some(name) = k.strip_suffix("_file") {
-                self.secret_from_file(&key, text).map(|(s, src)| (name, ParamValue::Secret(s, src)))
+                self.secret_from_file(&key, text)
+                    .map(|(s, src)| (name, ParamValue::Secret(s, src)))
             } else {
                 Some((k.as_str(), ParamValue::Plain(text)))
             };
@@ -1003,13 +1175,19 @@ impl Parser {
             let networks = self.networks(&mut s, "networks").unwrap_or_default();
             let cert_names = self.strings(&mut s, "cert_names").unwrap_or_default();
             if networks.is_empty() && cert_names.is_empty() {
-                self.err(&s.path, "needs networks or cert_names to identify the client");
+                self.err(
+                    &s.path,
+                    "needs networks or cert_names to identify the client",
+                );
             }
             let apps_key = s.key("apps");
             let granted = self.strings(&mut s, "apps").unwrap_or_default();
             for (i, a) in granted.iter().enumerate() {
                 if !apps.iter().any(|app| &app.name == a) {
-                    self.err(&format!("{apps_key}[{i}]"), format!("no [[app]] is named {a:?}"));
+                    self.err(
+                        &format!("{apps_key}[{i}]"),
+                        format!("no [[app]] is named {a:?}"),
+                    );
                 }
             }
             let paths_key = s.key("paths");
@@ -1017,7 +1195,10 @@ impl Parser {
             if let Some(paths) = &paths {
                 for (i, p) in paths.iter().enumerate() {
                     if !p.starts_with('/') {
-                        self.err(&format!("{paths_key}[{i}]"), format!("{p:?} must start with /"));
+                        self.err(
+                            &format!("{paths_key}[{i}]"),
+                            format!("{p:?} must start with /"),
+                        );
                     }
                 }
             }
@@ -1039,7 +1220,10 @@ impl Parser {
 /// Splits an upstream URL into scheme, authority and base path; `Err` says what is wrong.
 fn parse_upstream_url(url: &str) -> Result<(Scheme, Authority, String), &'static str> {
     let uri: Uri = url.parse().map_err(|_| "is not a valid URL")?;
-    let scheme = uri.scheme().cloned().ok_or("is not an absolute URL (https://host)")?;
+    let scheme = uri
+        .scheme()
+        .cloned()
+        .ok_or("is not an absolute URL (https://host)")?;
     if scheme != Scheme::HTTPS {
         return Err("must use https:// (the upstream is always reached over TLS)");
     }
@@ -1078,7 +1262,12 @@ prefix = "/"
         assert_eq!(c.server.listen, "127.0.0.1:8080".parse().unwrap());
         assert_eq!(c.upstream.authority.as_str(), "service.cheng-xun.cn");
         assert_eq!(c.token.path, DEFAULT_TOKEN_PATH);
-        assert_eq!(c.token.inject, Inject::Query { param: "access_token".into() });
+        assert_eq!(
+            c.token.inject,
+            Inject::Query {
+                param: "access_token".into()
+            }
+        );
         assert_eq!(c.token.invalid_codes, vec![40001, 40014, 42001]);
         assert_eq!(c.server.max_body_bytes, 10 * 1024 * 1024);
         assert!(c.admin.is_none());
@@ -1109,7 +1298,10 @@ corp_secret_env = "CX_TEST_SURELY_UNSET_VAR"
         )
         .unwrap_err();
         let all = err.problems.join("\n");
-        assert!(all.contains("proxy.toml: server.lisen: unknown key"), "{all}");
+        assert!(
+            all.contains("proxy.toml: server.lisen: unknown key"),
+            "{all}"
+        );
         assert!(all.contains("proxy.toml: upstream.url: "), "{all}");
         assert!(all.contains("proxy.toml: token.inject: "), "{all}");
         assert!(
@@ -1120,7 +1312,10 @@ corp_secret_env = "CX_TEST_SURELY_UNSET_VAR"
 
     #[test]
     fn upstream_must_be_https() {
-        let err = load(&format!("[upstream]\nurl = \"http://example.com\"\n{MINIMAL}")).unwrap_err();
+        let err = load(&format!(
+            "[upstream]\nurl = \"http://example.com\"\n{MINIMAL}"
+        ))
+        .unwrap_err();
         assert!(err.problems[0].contains("upstream.url"), "{err}");
         assert!(err.problems[0].contains("https"), "{err}");
     }
@@ -1154,20 +1349,35 @@ suite_key = "sk-1"
 corp_id = 42
 permanent_code_file = "perm"
 "#;
-        let c = Config::from_toml(text, "p.toml", Some(&dir)).unwrap().config;
+        let c = Config::from_toml(text, "p.toml", Some(&dir))
+            .unwrap()
+            .config;
         let pairs = c.apps[0].credentials.query_pairs();
-        assert_eq!(pairs, vec![("corp_id", "42"), ("permanent_code", "perm-code-42"), ("suite_key", "sk-1")]);
+        assert_eq!(
+            pairs,
+            vec![
+                ("corp_id", "42"),
+                ("permanent_code", "perm-code-42"),
+                ("suite_key", "sk-1")
+            ]
+        );
         assert!(!c.render().contains("perm-code-42"));
         std::fs::remove_dir_all(dir).ok();
     }
 
     #[test]
     fn header_injection_splits_the_format() {
-        let c = load(&format!("[token]\ninject = \"header\"\nheader_format = \"Bearer {{token}}\"\n{MINIMAL}"))
-            .unwrap()
-            .config;
+        let c = load(&format!(
+            "[token]\ninject = \"header\"\nheader_format = \"Bearer {{token}}\"\n{MINIMAL}"
+        ))
+        .unwrap()
+        .config;
         match c.token.inject {
-            Inject::Header { name, prefix, suffix } => {
+            Inject::Header {
+                name,
+                prefix,
+                suffix,
+            } => {
                 assert_eq!(name, http::header::AUTHORIZATION);
                 assert_eq!(prefix, "Bearer ");
                 assert_eq!(suffix, "");
@@ -1180,7 +1390,13 @@ permanent_code_file = "perm"
     fn duplicate_app_names_and_prefixes_are_refused() {
         let err = load(&format!("{MINIMAL}{MINIMAL}")).unwrap_err();
         let all = err.problems.join("\n");
-        assert!(all.contains("app[1].name: \"default\" is used by another app"), "{all}");
-        assert!(all.contains("app[1].prefix: \"/\" is used by another app"), "{all}");
+        assert!(
+            all.contains("app[1].name: \"default\" is used by another app"),
+            "{all}"
+        );
+        assert!(
+            all.contains("app[1].prefix: \"/\" is used by another app"),
+            "{all}"
+        );
     }
 }

@@ -15,7 +15,9 @@ use http::uri::PathAndQuery;
 use http::{Method, Request, Response, Version};
 use hyper::body::Incoming;
 
-pub use rewrite::{sanitize_request_headers, strip_hop_by_hop, upstream_target, Redacted, QUERY_VALUE, X_CX_APP};
+pub use rewrite::{
+    sanitize_request_headers, strip_hop_by_hop, upstream_target, Redacted, QUERY_VALUE, X_CX_APP,
+};
 
 use crate::auth::{self, Injection, Token, TokenCache};
 use crate::body::Body;
@@ -71,8 +73,12 @@ impl Proxy {
                 config: a.clone(),
             })
             .collect();
-        let mut by_prefix: Vec<usize> = (0..apps.len()).filter(|&i| apps[i].config.prefix.is_some()).collect();
-        by_prefix.sort_by_key(|&i| std::cmp::Reverse(apps[i].config.prefix.as_ref().map_or(0, String::len)));
+        let mut by_prefix: Vec<usize> = (0..apps.len())
+            .filter(|&i| apps[i].config.prefix.is_some())
+            .collect();
+        by_prefix.sort_by_key(|&i| {
+            std::cmp::Reverse(apps[i].config.prefix.as_ref().map_or(0, String::len))
+        });
         let (token_param, token_header) = match &config.token.inject {
             Inject::Query { param } => (param.clone(), None),
             Inject::Header { name, .. } => ("access_token".to_owned(), Some(name.clone())),
@@ -133,28 +139,49 @@ impl Proxy {
     ) -> Result<Response<Body>, ProxyError> {
         let ip = peer.ip().to_canonical();
         if !self.config.server.allow.iter().any(|net| net.contains(&ip)) {
-            return Err(ProxyError::new(ErrorKind::Forbidden, format!("client address {ip} is not allowed")));
+            return Err(ProxyError::new(
+                ErrorKind::Forbidden,
+                format!("client address {ip} is not allowed"),
+            ));
         }
         if req.method() == Method::CONNECT {
-            return Err(ProxyError::new(ErrorKind::MethodNotAllowed, "CONNECT is not supported: this is a reverse proxy"));
+            return Err(ProxyError::new(
+                ErrorKind::MethodNotAllowed,
+                "CONNECT is not supported: this is a reverse proxy",
+            ));
         }
         // HTTP/1 absolute-form targets are refused outright; h2 always carries an authority,
         // which is ignored like Host: the only destination is upstream.url.
         let uri = req.uri();
-        if req.version() < Version::HTTP_2 && (uri.scheme().is_some() || uri.authority().is_some()) {
-            return Err(ProxyError::new(ErrorKind::BadRequest, "absolute-form request targets are not accepted; send the path only"));
+        if req.version() < Version::HTTP_2 && (uri.scheme().is_some() || uri.authority().is_some())
+        {
+            return Err(ProxyError::new(
+                ErrorKind::BadRequest,
+                "absolute-form request targets are not accepted; send the path only",
+            ));
         }
         if !uri.path().starts_with('/') {
-            return Err(ProxyError::new(ErrorKind::BadRequest, "the request target must be a path starting with /"));
+            return Err(ProxyError::new(
+                ErrorKind::BadRequest,
+                "the request target must be a path starting with /",
+            ));
         }
         if let Some(len) = req.headers().get(CONTENT_LENGTH) {
             let max = self.config.server.max_body_bytes;
             match len.to_str().ok().and_then(|v| v.parse::<u64>().ok()) {
                 Some(n) if n > max => {
-                    return Err(ProxyError::new(ErrorKind::PayloadTooLarge, format!("request body of {n} bytes is over the limit of {max}")));
+                    return Err(ProxyError::new(
+                        ErrorKind::PayloadTooLarge,
+                        format!("request body of {n} bytes is over the limit of {max}"),
+                    ));
                 }
                 Some(_) => {}
-                None => return Err(ProxyError::new(ErrorKind::BadRequest, "invalid Content-Length")),
+                None => {
+                    return Err(ProxyError::new(
+                        ErrorKind::BadRequest,
+                        "invalid Content-Length",
+                    ))
+                }
             }
         }
 
@@ -171,9 +198,16 @@ impl Proxy {
             Injection::Query(pair) if self.token_header.is_none() => Some(&**pair),
             _ => None,
         };
-        let target = upstream_target(self.upstream.base_path(), path, parts.uri.query(), &self.token_param, inject);
-        let pq = PathAndQuery::from_maybe_shared(Bytes::from(target))
-            .map_err(|_| ProxyError::new(ErrorKind::BadRequest, "the request target is not valid"))?;
+        let target = upstream_target(
+            self.upstream.base_path(),
+            path,
+            parts.uri.query(),
+            &self.token_param,
+            inject,
+        );
+        let pq = PathAndQuery::from_maybe_shared(Bytes::from(target)).map_err(|_| {
+            ProxyError::new(ErrorKind::BadRequest, "the request target is not valid")
+        })?;
         sanitize_request_headers(&mut parts.headers, self.token_header.as_ref());
         if let (Some(name), Injection::Header(value)) = (&self.token_header, token.injection()) {
             parts.headers.insert(name.clone(), value.clone());
@@ -204,7 +238,10 @@ impl Proxy {
                 .find(|a| a.config.name == name)
                 .ok_or_else(|| {
                     let shown: String = name.chars().take(64).collect();
-                    ProxyError::new(ErrorKind::NoRoute, format!("no app is named {shown:?} (X-CX-App)"))
+                    ProxyError::new(
+                        ErrorKind::NoRoute,
+                        format!("no app is named {shown:?} (X-CX-App)"),
+                    )
                 })?;
             let skip = app
                 .config
@@ -216,22 +253,41 @@ impl Proxy {
         }
         for &i in &self.by_prefix {
             let app = &self.apps[i];
-            if let Some(skip) = app.config.prefix.as_deref().and_then(|p| rewrite::prefix_len(path, p)) {
+            if let Some(skip) = app
+                .config
+                .prefix
+                .as_deref()
+                .and_then(|p| rewrite::prefix_len(path, p))
+            {
                 return Ok((app, skip));
             }
         }
-        Err(ProxyError::new(ErrorKind::NoRoute, "no app's prefix matches this path, and no X-CX-App header was sent"))
+        Err(ProxyError::new(
+            ErrorKind::NoRoute,
+            "no app's prefix matches this path, and no X-CX-App header was sent",
+        ))
     }
 
     async fn token(&self, app: &App) -> Result<Arc<Token>, ProxyError> {
         let fetch = || async {
-            let result = auth::fetch(&self.upstream, &app.config, &self.config.token.inject, &**self.tokens.clock()).await;
+            let result = auth::fetch(
+                &self.upstream,
+                &app.config,
+                &self.config.token.inject,
+                &**self.tokens.clock(),
+            )
+            .await;
             match &result {
-                Ok(t) => tracing::info!(app = %app.key, expires_in_s = t.lifetime.as_secs(), "fetched a new access token"),
+                Ok(t) => {
+                    tracing::info!(app = %app.key, expires_in_s = t.lifetime.as_secs(), "fetched a new access token")
+                }
                 Err(e) => tracing::warn!(app = %app.key, error = %e, "token fetch failed"),
             }
             result
         };
-        self.tokens.get(&app.key, fetch).await.map_err(|e| ProxyError::from(&*e))
+        self.tokens
+            .get(&app.key, fetch)
+            .await
+            .map_err(|e| ProxyError::from(&*e))
     }
 }

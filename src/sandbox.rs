@@ -77,11 +77,13 @@ impl FromStr for SandboxApp {
     fn from_str(s: &str) -> Result<Self, String> {
         let mut it = s.splitn(3, ':');
         match (it.next(), it.next(), it.next()) {
-            (Some(k), Some(c), Some(sec)) if !k.is_empty() && !c.is_empty() && !sec.is_empty() => Ok(SandboxApp {
-                app_key: k.into(),
-                corp_id: c.into(),
-                secret: sec.into(),
-            }),
+            (Some(k), Some(c), Some(sec)) if !k.is_empty() && !c.is_empty() && !sec.is_empty() => {
+                Ok(SandboxApp {
+                    app_key: k.into(),
+                    corp_id: c.into(),
+                    secret: sec.into(),
+                })
+            }
             _ => Err(format!("{s:?} is not KEY:CORP_ID:SECRET")),
         }
     }
@@ -218,14 +220,21 @@ impl Sandbox {
         if let Some(dir) = &opts.state_dir {
             std::fs::create_dir_all(dir)
                 .and_then(|()| std::fs::write(dir.join("ca.pem"), ca.pem()))
-                .map_err(|e| StartupError::Other(format!("{}: cannot write ca.pem: {e}", dir.display())))?;
+                .map_err(|e| {
+                    StartupError::Other(format!("{}: cannot write ca.pem: {e}", dir.display()))
+                })?;
         }
-        let listener = TcpListener::bind(opts.listen)
-            .await
-            .map_err(|source| StartupError::Bind { addr: opts.listen, source })?;
-        let addr = listener
-            .local_addr()
-            .map_err(|source| StartupError::Bind { addr: opts.listen, source })?;
+        let listener =
+            TcpListener::bind(opts.listen)
+                .await
+                .map_err(|source| StartupError::Bind {
+                    addr: opts.listen,
+                    source,
+                })?;
+        let addr = listener.local_addr().map_err(|source| StartupError::Bind {
+            addr: opts.listen,
+            source,
+        })?;
         let shared = Arc::new(Shared {
             state: Mutex::new(State {
                 quota: opts.daily_quota,
@@ -277,7 +286,12 @@ impl Sandbox {
 
     /// Token endpoint requests seen for `app_key` (successful or not).
     pub fn token_fetches(&self, app_key: &str) -> u64 {
-        self.shared.lock().fetches.get(app_key).copied().unwrap_or(0)
+        self.shared
+            .lock()
+            .fetches
+            .get(app_key)
+            .copied()
+            .unwrap_or(0)
     }
 
     /// Every HTTP request seen, token fetches and API calls (not control endpoints).
@@ -361,7 +375,11 @@ fn query_pairs(query: Option<&str>) -> Vec<(String, String)> {
         .filter(|p| !p.is_empty())
         .map(|p| {
             let (k, v) = p.split_once('=').unwrap_or((p, ""));
-            let dec = |s: &str| percent_decode_str(&s.replace('+', " ")).decode_utf8_lossy().into_owned();
+            let dec = |s: &str| {
+                percent_decode_str(&s.replace('+', " "))
+                    .decode_utf8_lossy()
+                    .into_owned()
+            };
             (dec(k), dec(v))
         })
         .collect()
@@ -402,10 +420,18 @@ async fn handle(shared: &Shared, req: Request<Incoming>) -> Response<Body> {
     if path.starts_with("/api/") {
         return api(shared, req).await;
     }
-    json_response(StatusCode::NOT_FOUND, &json!({"err_code": 404, "err_msg": "not found"}))
+    json_response(
+        StatusCode::NOT_FOUND,
+        &json!({"err_code": 404, "err_msg": "not found"}),
+    )
 }
 
-fn control_endpoint(shared: &Shared, method: &Method, what: &str, query: Option<&str>) -> Response<Body> {
+fn control_endpoint(
+    shared: &Shared,
+    method: &Method,
+    what: &str,
+    query: Option<&str>,
+) -> Response<Body> {
     let params: HashMap<String, String> = query_pairs(query).into_iter().collect();
     let num = |k: &str| params.get(k).and_then(|v| v.parse::<u64>().ok());
     let mut st = shared.lock();
@@ -435,8 +461,14 @@ fn control_endpoint(shared: &Shared, method: &Method, what: &str, query: Option<
         }
         (&Method::POST, "fail-token-fetches") => {
             st.fail_next = num("n").unwrap_or(1) as u32;
-            st.fail_code = params.get("code").and_then(|c| c.parse().ok()).unwrap_or(-1);
-            st.fail_msg = params.get("msg").cloned().unwrap_or_else(|| "system busy".into());
+            st.fail_code = params
+                .get("code")
+                .and_then(|c| c.parse().ok())
+                .unwrap_or(-1);
+            st.fail_msg = params
+                .get("msg")
+                .cloned()
+                .unwrap_or_else(|| "system busy".into());
             json_response(StatusCode::OK, &json!({ "fail_next": st.fail_next }))
         }
         (&Method::POST, "delay") => {
@@ -456,7 +488,10 @@ fn control_endpoint(shared: &Shared, method: &Method, what: &str, query: Option<
             st.issued.clear();
             json_response(StatusCode::OK, &json!({ "quota": st.quota }))
         }
-        _ => json_response(StatusCode::NOT_FOUND, &json!({"err_code": 404, "err_msg": "unknown control endpoint"})),
+        _ => json_response(
+            StatusCode::NOT_FOUND,
+            &json!({"err_code": 404, "err_msg": "unknown control endpoint"}),
+        ),
     }
 }
 
@@ -485,7 +520,7 @@ async fn token_endpoint(shared: &Shared, query: Option<&str>) -> Response<Body> 
     if app.corp_id != get("corp_id") {
         return platform_error(40013, "invalid corp_id");
     }
-    if !bool::from(ring_eq(app.secret.as_bytes(), get("corp_secret").as_bytes())) {
+    if app.secret != get("corp_secret") {
         return platform_error(40001, "invalid corp_secret");
     }
     let issued = st.issued.get(app_key).copied().unwrap_or(0);
@@ -512,7 +547,8 @@ async fn token_endpoint(shared: &Shared, query: Option<&str>) -> Response<Body> 
         }
     }
     if st.tokens.len() > 10_000 {
-        st.tokens.retain(|_, t| t.expires_at > now && t.invalid_from.is_none_or(|at| at > now));
+        st.tokens
+            .retain(|_, t| t.expires_at > now && t.invalid_from.is_none_or(|at| at > now));
     }
     let token = random_token();
     st.tokens.insert(
@@ -527,11 +563,6 @@ async fn token_endpoint(shared: &Shared, query: Option<&str>) -> Response<Body> 
     token_answer(&token, opts.expires_in.as_secs())
 }
 
-fn ring_eq(a: &[u8], b: &[u8]) -> bool {
-    #[allow(deprecated)]
-    ring::constant_time::verify_slices_are_equal(a, b).is_ok()
-}
-
 fn token_answer(token: &str, expires_in: u64) -> Response<Body> {
     json_response(
         StatusCode::OK,
@@ -541,7 +572,13 @@ fn token_answer(token: &str, expires_in: u64) -> Response<Body> {
 
 async fn api(shared: &Shared, req: Request<Incoming>) -> Response<Body> {
     let (parts, body) = req.into_parts();
-    let pairs: Vec<&str> = parts.uri.query().unwrap_or("").split('&').filter(|p| !p.is_empty()).collect();
+    let pairs: Vec<&str> = parts
+        .uri
+        .query()
+        .unwrap_or("")
+        .split('&')
+        .filter(|p| !p.is_empty())
+        .collect();
     let mut token = None;
     let mut kept = Vec::with_capacity(pairs.len());
     let mut echo = false;
@@ -590,7 +627,13 @@ async fn api(shared: &Shared, req: Request<Incoming>) -> Response<Body> {
             .uri
             .authority()
             .map(|a| a.as_str().to_owned())
-            .or_else(|| parts.headers.get(http::header::HOST).and_then(|h| h.to_str().ok()).map(str::to_owned))
+            .or_else(|| {
+                parts
+                    .headers
+                    .get(http::header::HOST)
+                    .and_then(|h| h.to_str().ok())
+                    .map(str::to_owned)
+            })
             .unwrap_or_default(),
         version: parts.version,
         query: kept.join("&"),
@@ -604,8 +647,10 @@ async fn api(shared: &Shared, req: Request<Incoming>) -> Response<Body> {
     if echo && status == "valid" {
         record(shared, recorded);
         let mut resp = Response::new(Body::Incoming(body));
-        resp.headers_mut()
-            .insert(CONTENT_TYPE, HeaderValue::from_static("application/octet-stream"));
+        resp.headers_mut().insert(
+            CONTENT_TYPE,
+            HeaderValue::from_static("application/octet-stream"),
+        );
         return resp;
     }
     // Hash the body as it streams in; it is never held whole.

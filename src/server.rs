@@ -85,9 +85,25 @@ pub async fn serve<M, S, B>(
         let tls = tls.clone();
         tokio::spawn(async move {
             let result = match tls {
-                None => watcher.watch(builder.serve_connection(TokioIo::new(stream), service).into_owned()).await,
+                None => {
+                    watcher
+                        .watch(
+                            builder
+                                .serve_connection(TokioIo::new(stream), service)
+                                .into_owned(),
+                        )
+                        .await
+                }
                 Some(acceptor) => match handshake(acceptor, stream).await {
-                    Some(io) => watcher.watch(builder.serve_connection(TokioIo::new(io), service).into_owned()).await,
+                    Some(io) => {
+                        watcher
+                            .watch(
+                                builder
+                                    .serve_connection(TokioIo::new(io), service)
+                                    .into_owned(),
+                            )
+                            .await
+                    }
                     None => return,
                 },
             };
@@ -99,7 +115,11 @@ pub async fn serve<M, S, B>(
     drop(listener);
     let open = graceful.count();
     if open > 0 {
-        tracing::info!(connections = open, grace_s = grace.as_secs(), "draining in-flight requests");
+        tracing::info!(
+            connections = open,
+            grace_s = grace.as_secs(),
+            "draining in-flight requests"
+        );
     }
     tokio::select! {
         () = graceful.shutdown() => {}
@@ -107,7 +127,10 @@ pub async fn serve<M, S, B>(
     }
 }
 
-async fn handshake(acceptor: TlsAcceptor, stream: TcpStream) -> Option<tokio_rustls::server::TlsStream<TcpStream>> {
+async fn handshake(
+    acceptor: TlsAcceptor,
+    stream: TcpStream,
+) -> Option<tokio_rustls::server::TlsStream<TcpStream>> {
     match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
         Ok(Ok(s)) => Some(s),
         Ok(Err(e)) => {
@@ -122,9 +145,15 @@ async fn handshake(acceptor: TlsAcceptor, stream: TcpStream) -> Option<tokio_rus
 }
 
 /// Serves the proxy on `listener` until `shutdown` resolves.
-pub async fn serve_proxy(proxy: Arc<Proxy>, listener: TcpListener, shutdown: impl Future<Output = ()>) -> Result<(), StartupError> {
+pub async fn serve_proxy(
+    proxy: Arc<Proxy>,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), StartupError> {
     let tls = match &proxy.config().server.tls {
-        Some(files) => Some(TlsAcceptor::from(crate::tls::server_config_from_files(files)?)),
+        Some(files) => Some(TlsAcceptor::from(crate::tls::server_config_from_files(
+            files,
+        )?)),
         None => None,
     };
     let grace = proxy.config().server.shutdown_grace;
@@ -162,10 +191,14 @@ impl ProxyHandle {
         let listen = proxy.config().server.listen;
         let listener = TcpListener::bind(listen)
             .await
-            .map_err(|source| StartupError::Bind { addr: listen, source })?;
-        let addr = listener
-            .local_addr()
-            .map_err(|source| StartupError::Bind { addr: listen, source })?;
+            .map_err(|source| StartupError::Bind {
+                addr: listen,
+                source,
+            })?;
+        let addr = listener.local_addr().map_err(|source| StartupError::Bind {
+            addr: listen,
+            source,
+        })?;
         let (stop, stopped) = oneshot::channel();
         let task = tokio::spawn(serve_proxy(proxy.clone(), listener, async {
             let _ = stopped.await;

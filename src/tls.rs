@@ -26,9 +26,14 @@ pub const ALPN: [&[u8]; 2] = [b"h2", b"http/1.1"];
 pub fn load_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, StartupError> {
     let certs: Vec<_> = CertificateDer::pem_file_iter(path)
         .and_then(|it| it.collect::<Result<Vec<_>, _>>())
-        .map_err(|e| StartupError::Tls(format!("{}: cannot read certificates: {e}", path.display())))?;
+        .map_err(|e| {
+            StartupError::Tls(format!("{}: cannot read certificates: {e}", path.display()))
+        })?;
     if certs.is_empty() {
-        return Err(StartupError::Tls(format!("{}: no PEM certificate found", path.display())));
+        return Err(StartupError::Tls(format!(
+            "{}: no PEM certificate found",
+            path.display()
+        )));
     }
     Ok(certs)
 }
@@ -51,9 +56,9 @@ pub fn upstream_roots(extra: Option<&Path>) -> Result<RootCertStore, StartupErro
     let (added, _ignored) = roots.add_parsable_certificates(native.certs);
     if let Some(path) = extra {
         for cert in load_certs(path)? {
-            roots
-                .add(cert)
-                .map_err(|e| StartupError::Tls(format!("{}: unusable CA certificate: {e}", path.display())))?;
+            roots.add(cert).map_err(|e| {
+                StartupError::Tls(format!("{}: unusable CA certificate: {e}", path.display()))
+            })?;
         }
     } else if added == 0 {
         tracing::warn!("no system root certificates found; set upstream.ca_file");
@@ -99,15 +104,19 @@ pub fn server_config(
 /// Server config from `[server]` TLS files.
 pub fn server_config_from_files(files: &TlsFiles) -> Result<Arc<ServerConfig>, StartupError> {
     let certs = load_certs(&files.cert)?;
-    let key = PrivateKeyDer::from_pem_file(&files.key)
-        .map_err(|e| StartupError::Tls(format!("{}: cannot read private key: {e}", files.key.display())))?;
+    let key = PrivateKeyDer::from_pem_file(&files.key).map_err(|e| {
+        StartupError::Tls(format!(
+            "{}: cannot read private key: {e}",
+            files.key.display()
+        ))
+    })?;
     let client_roots = match &files.client_ca {
         Some(path) => {
             let mut roots = RootCertStore::empty();
             for cert in load_certs(path)? {
-                roots
-                    .add(cert)
-                    .map_err(|e| StartupError::Tls(format!("{}: unusable CA certificate: {e}", path.display())))?;
+                roots.add(cert).map_err(|e| {
+                    StartupError::Tls(format!("{}: unusable CA certificate: {e}", path.display()))
+                })?;
             }
             Some(roots)
         }

@@ -35,7 +35,9 @@ impl From<UpstreamError> for ProxyError {
     fn from(e: UpstreamError) -> Self {
         match e {
             UpstreamError::Timeout(_) => ProxyError::new(ErrorKind::UpstreamTimeout, e.to_string()),
-            UpstreamError::Unreachable(_) => ProxyError::new(ErrorKind::UpstreamUnreachable, e.to_string()),
+            UpstreamError::Unreachable(_) => {
+                ProxyError::new(ErrorKind::UpstreamUnreachable, e.to_string())
+            }
         }
     }
 }

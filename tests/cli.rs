@@ -32,10 +32,19 @@ fn collect(r: impl Read + Send + 'static) -> Arc<Mutex<String>> {
 
 impl Proc {
     fn spawn(cmd: &mut Command) -> Proc {
-        let mut child = cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
+        let mut child = cmd
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
         let stdout = collect(child.stdout.take().unwrap());
         let stderr = collect(child.stderr.take().unwrap());
-        Proc { child, stdout, stderr }
+        Proc {
+            child,
+            stdout,
+            stderr,
+        }
     }
 
     /// Waits (at most 20 s) until `find` extracts something from stdout or stderr.
@@ -46,13 +55,21 @@ impl Proc {
             if let Some(v) = found {
                 return v;
             }
-            assert!(Instant::now() < deadline, "timed out waiting for {what}; stderr:\n{}", self.stderr.lock().unwrap());
+            assert!(
+                Instant::now() < deadline,
+                "timed out waiting for {what}; stderr:\n{}",
+                self.stderr.lock().unwrap()
+            );
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
 
     fn sigterm(&self) {
-        let ok = Command::new("kill").arg("-TERM").arg(self.child.id().to_string()).status().unwrap();
+        let ok = Command::new("kill")
+            .arg("-TERM")
+            .arg(self.child.id().to_string())
+            .status()
+            .unwrap();
         assert!(ok.success());
     }
 
@@ -67,7 +84,10 @@ impl Proc {
             }
             if Instant::now() > deadline {
                 let _ = self.child.kill();
-                panic!("process did not exit; stderr:\n{}", self.stderr.lock().unwrap());
+                panic!(
+                    "process did not exit; stderr:\n{}",
+                    self.stderr.lock().unwrap()
+                );
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
@@ -122,7 +142,10 @@ corp_secret_env = "CX_TEST_UNSET_SECRET_VAR"
     assert_eq!(out.status.code(), Some(1));
     let err = String::from_utf8_lossy(&out.stderr);
     let file = path.display().to_string();
-    assert!(err.contains(&format!("{file}: server.max_body: unknown key")), "{err}");
+    assert!(
+        err.contains(&format!("{file}: server.max_body: unknown key")),
+        "{err}"
+    );
     assert!(err.contains(&format!("{file}: upstream.url: ")), "{err}");
     assert!(
         err.contains(&format!(
@@ -147,21 +170,38 @@ fn check_prints_the_effective_config_with_secrets_masked() {
         .env("CX_TEST_CHECK_SECRET", "very-secret-corp-value")
         .output()
         .unwrap();
-    let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+    );
     assert_eq!(out.status.code(), Some(0), "{stderr}");
     assert!(stdout.contains("corp_secret = \"***\""), "{stdout}");
-    assert!(stdout.contains("url = \"https://service.cheng-xun.cn\""), "{stdout}");
-    assert!(!stdout.contains("very-secret-corp-value") && !stderr.contains("very-secret-corp-value"));
+    assert!(
+        stdout.contains("url = \"https://service.cheng-xun.cn\""),
+        "{stdout}"
+    );
+    assert!(
+        !stdout.contains("very-secret-corp-value") && !stderr.contains("very-secret-corp-value")
+    );
 }
 
 #[test]
 fn the_shipped_proxy_toml_is_valid() {
     let out = Command::new(bin())
-        .args(["check", "-c", concat!(env!("CARGO_MANIFEST_DIR"), "/proxy.toml")])
+        .args([
+            "check",
+            "-c",
+            concat!(env!("CARGO_MANIFEST_DIR"), "/proxy.toml"),
+        ])
         .env("CX_CORP_SECRET", "x")
         .output()
         .unwrap();
-    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 #[tokio::test]
@@ -173,7 +213,11 @@ async fn debug_logs_never_carry_the_secret_or_a_token_and_sigterm_drains() {
         "[[app]]\nname = \"default\"\napp_key = \"{APP_KEY}\"\ncorp_id = {CORP_ID}\ncorp_secret_env = \"{secret_var}\"\nprefix = \"/\"\n"
     );
     let path = dir.path().join("proxy.toml");
-    std::fs::write(&path, config_text(&sandbox, dir.path(), "shutdown_grace_s = 10", &app)).unwrap();
+    std::fs::write(
+        &path,
+        config_text(&sandbox, dir.path(), "shutdown_grace_s = 10", &app),
+    )
+    .unwrap();
     let mut p = Proc::spawn(
         Command::new(bin())
             .args(["--log-level", "debug", "--log-format", "json", "run", "-c"])
@@ -185,14 +229,27 @@ async fn debug_logs_never_carry_the_secret_or_a_token_and_sigterm_drains() {
 
     // Ordinary calls, a client trying its own token, a header-borne one, and h2c.
     let c = client(false);
-    assert_eq!(get(&format!("{base}/api/a?x=1")).await.json()["err_code"], 0);
+    assert_eq!(
+        get(&format!("{base}/api/a?x=1")).await.json()["err_code"],
+        0
+    );
     let req = http::Request::builder()
-        .uri(format!("{base}/api/b?access_token=client-held-token-123&corp_secret=client-typed-secret"))
+        .uri(format!(
+            "{base}/api/b?access_token=client-held-token-123&corp_secret=client-typed-secret"
+        ))
         .header("authorization", "Bearer client-held-token-123")
         .body(http_body_util::Full::new(bytes::Bytes::new()))
         .unwrap();
     assert_eq!(send(&c, req).await.json()["err_code"], 0);
-    assert_eq!(send(&client(true), request(http::Method::POST, &format!("{base}/api/c"), "{}")).await.json()["err_code"], 0);
+    assert_eq!(
+        send(
+            &client(true),
+            request(http::Method::POST, &format!("{base}/api/c"), "{}")
+        )
+        .await
+        .json()["err_code"],
+        0
+    );
 
     // SIGTERM while a slow request is in flight: it finishes, then the process exits 0.
     sandbox.set_api_delay(Duration::from_millis(1500));
@@ -206,12 +263,25 @@ async fn debug_logs_never_carry_the_secret_or_a_token_and_sigterm_drains() {
     assert_eq!(status.code(), Some(0));
 
     let logs = p.stderr.lock().unwrap().clone();
-    assert!(logs.contains("cx_proxy::access"), "access lines are logged:\n{logs}");
-    assert!(logs.contains("\"level\":\"DEBUG\""), "debug level was on:\n{logs}");
+    assert!(
+        logs.contains("cx_proxy::access"),
+        "access lines are logged:\n{logs}"
+    );
+    assert!(
+        logs.contains("\"level\":\"DEBUG\""),
+        "debug level was on:\n{logs}"
+    );
     let tokens = sandbox.issued_tokens();
     assert!(!tokens.is_empty());
-    for secret in tokens.iter().map(String::as_str).chain([SECRET, "client-held-token-123", "client-typed-secret"]) {
-        assert!(!logs.contains(secret), "{secret:?} appears in the logs:\n{logs}");
+    for secret in tokens.iter().map(String::as_str).chain([
+        SECRET,
+        "client-held-token-123",
+        "client-typed-secret",
+    ]) {
+        assert!(
+            !logs.contains(secret),
+            "{secret:?} appears in the logs:\n{logs}"
+        );
     }
 }
 

@@ -19,8 +19,18 @@ async fn every_method_path_query_and_body_arrives_intact_with_the_token() {
     let env = env("").await;
     let c = client(false);
     let cases = [
-        (Method::GET, "/api/apps/v1/robot/groups", "group_id=1&name=%E6%A9%99%E8%AE%AF&q=a%26b", ""),
-        (Method::POST, "/api/apps/v1/robot/groups/messages", "", r#"{"group_id":"1","text":{"content":"你好"}}"#),
+        (
+            Method::GET,
+            "/api/apps/v1/robot/groups",
+            "group_id=1&name=%E6%A9%99%E8%AE%AF&q=a%26b",
+            "",
+        ),
+        (
+            Method::POST,
+            "/api/apps/v1/robot/groups/messages",
+            "",
+            r#"{"group_id":"1","text":{"content":"你好"}}"#,
+        ),
         (Method::PUT, "/api/todo/v1/tasks/42", "x=1", "put body"),
         (Method::PATCH, "/api/workbench/v1/cards/7", "", "patch"),
         (Method::DELETE, "/api/todo/v1/tasks/42", "hard=true", ""),
@@ -28,7 +38,11 @@ async fn every_method_path_query_and_body_arrives_intact_with_the_token() {
     ];
     let n = cases.len();
     for (method, path, query, body) in cases {
-        let target = if query.is_empty() { path.to_owned() } else { format!("{path}?{query}") };
+        let target = if query.is_empty() {
+            path.to_owned()
+        } else {
+            format!("{path}?{query}")
+        };
         let a = send(&c, request(method.clone(), &env.url(&target), body)).await;
         assert_eq!(a.status, 200, "{method} {target}: {}", a.text());
         let v = a.json();
@@ -42,7 +56,13 @@ async fn every_method_path_query_and_body_arrives_intact_with_the_token() {
     let seen = env.sandbox.recorded();
     assert_eq!(seen.len(), n);
     for r in seen {
-        assert_eq!(r.token.as_deref(), Some(token.as_str()), "{} {}", r.method, r.path);
+        assert_eq!(
+            r.token.as_deref(),
+            Some(token.as_str()),
+            "{} {}",
+            r.method,
+            r.path
+        );
         assert_eq!(r.token_status, "valid");
     }
 }
@@ -69,7 +89,10 @@ async fn header_injection_replaces_the_clients_header() {
     assert_eq!(a.json()["err_code"], 0, "{}", a.text());
     let r = &env.sandbox.recorded()[0];
     let token = only_token(&env);
-    assert_eq!(r.headers["authorization"], format!("Bearer {token}").as_str());
+    assert_eq!(
+        r.headers["authorization"],
+        format!("Bearer {token}").as_str()
+    );
     assert_eq!(r.headers.get_all("authorization").iter().count(), 1);
     assert_eq!(r.query, "b=2", "no token in the query in header mode");
 }
@@ -92,9 +115,24 @@ async fn hop_by_hop_forwarding_and_host_headers_never_reach_the_platform() {
     let a = send(&client(false), req).await;
     assert_eq!(a.json()["err_code"], 0, "{}", a.text());
     let r = &env.sandbox.recorded()[0];
-    assert_eq!(r.authority, env.sandbox.addr().to_string(), "Host never changes the destination");
-    for h in ["x-hop-secret", "proxy-authorization", "x-forwarded-for", "forwarded", "x-cx-app", "connection"] {
-        assert!(!r.headers.contains_key(h), "{h} reached the platform: {:?}", r.headers);
+    assert_eq!(
+        r.authority,
+        env.sandbox.addr().to_string(),
+        "Host never changes the destination"
+    );
+    for h in [
+        "x-hop-secret",
+        "proxy-authorization",
+        "x-forwarded-for",
+        "forwarded",
+        "x-cx-app",
+        "connection",
+    ] {
+        assert!(
+            !r.headers.contains_key(h),
+            "{h} reached the platform: {:?}",
+            r.headers
+        );
     }
     assert_eq!(r.headers["x-custom"], "kept");
 }
@@ -103,7 +141,9 @@ async fn hop_by_hop_forwarding_and_host_headers_never_reach_the_platform() {
 async fn absolute_form_targets_are_refused_and_connect_is_405() {
     let env = env("").await;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut s = tokio::net::TcpStream::connect(env.proxy.addr).await.unwrap();
+    let mut s = tokio::net::TcpStream::connect(env.proxy.addr)
+        .await
+        .unwrap();
     s.write_all(b"GET http://evil.example/api/x HTTP/1.1\r\nHost: evil.example\r\nConnection: close\r\n\r\n")
         .await
         .unwrap();
@@ -123,12 +163,24 @@ async fn five_megabyte_bodies_stream_both_ways() {
     let body = noise(5 * 1024 * 1024);
     let c = client(false);
     // Request body: the platform hashes what it received.
-    let a = send(&c, request(Method::POST, &env.url("/api/media/v1/upload"), body.clone())).await;
+    let a = send(
+        &c,
+        request(Method::POST, &env.url("/api/media/v1/upload"), body.clone()),
+    )
+    .await;
     let v = a.json();
     assert_eq!(v["data"]["body_len"], body.len());
     assert_eq!(v["data"]["body_sha256"], sha256(&body));
     // Response body: the platform echoes it back.
-    let a = send(&c, request(Method::POST, &env.url("/api/media/v1/echo?sandbox_echo=1"), body.clone())).await;
+    let a = send(
+        &c,
+        request(
+            Method::POST,
+            &env.url("/api/media/v1/echo?sandbox_echo=1"),
+            body.clone(),
+        ),
+    )
+    .await;
     assert_eq!(a.status, 200);
     assert_eq!(a.body.len(), body.len());
     assert_eq!(sha256(&a.body), sha256(&body));
@@ -137,7 +189,11 @@ async fn five_megabyte_bodies_stream_both_ways() {
 #[tokio::test]
 async fn h2c_clients_are_served() {
     let env = env("").await;
-    let a = send(&client(true), request(Method::POST, &env.url("/api/x?y=1"), "h2 body")).await;
+    let a = send(
+        &client(true),
+        request(Method::POST, &env.url("/api/x?y=1"), "h2 body"),
+    )
+    .await;
     assert_eq!(a.status, 200);
     let v = a.json();
     assert_eq!(v["err_code"], 0, "{v}");
@@ -161,7 +217,19 @@ async fn unmatched_paths_get_no_route_and_big_declared_bodies_413() {
     let a = get(&format!("{base}/only/api/x")).await;
     assert_eq!(a.json()["data"]["path"], "/api/x", "prefix stripped");
 
-    let a = send(&client(false), request(Method::POST, &format!("{base}/only/api/x"), vec![b'x'; 1001])).await;
+    let a = send(
+        &client(false),
+        request(
+            Method::POST,
+            &format!("{base}/only/api/x"),
+            vec![b'x'; 1001],
+        ),
+    )
+    .await;
     assert_proxy_error(&a, 413, "payload_too_large");
-    assert_eq!(sandbox.recorded().len(), 1, "the oversized body was not forwarded");
+    assert_eq!(
+        sandbox.recorded().len(),
+        1,
+        "the oversized body was not forwarded"
+    );
 }

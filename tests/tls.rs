@@ -21,7 +21,11 @@ async fn an_upstream_with_an_untrusted_certificate_gets_nothing() {
     let v = assert_proxy_error(&a, 502, "upstream_unreachable");
     let msg = v["err_msg"].as_str().unwrap().to_lowercase();
     assert!(msg.contains("certificate"), "{msg}");
-    assert_eq!(other.requests_seen(), 0, "the untrusted upstream received no request");
+    assert_eq!(
+        other.requests_seen(),
+        0,
+        "the untrusted upstream received no request"
+    );
     assert_eq!(other.token_fetches(APP_KEY), 0);
 }
 
@@ -30,7 +34,8 @@ async fn an_upstream_that_is_down_gives_502_upstream_unreachable() {
     let dir = tempfile::tempdir().unwrap();
     let s = sandbox(dir.path(), SandboxOptions::default()).await;
     let down = unused_addr();
-    let text = config_text(&s, dir.path(), "", &default_app(dir.path())).replace(&s.addr().to_string(), &down.to_string());
+    let text = config_text(&s, dir.path(), "", &default_app(dir.path()))
+        .replace(&s.addr().to_string(), &down.to_string());
     let proxy = cx_proxy::ProxyHandle::start(config(&text)).await.unwrap();
     let a = get(&format!("http://{}/api/x", proxy.addr)).await;
     assert_proxy_error(&a, 502, "upstream_unreachable");

@@ -32,7 +32,10 @@ async fn sixty_four_concurrent_first_requests_cause_one_token_fetch() {
 }
 
 async fn get_with(
-    c: &hyper_util::client::legacy::Client<hyper_util::client::legacy::connect::HttpConnector, http_body_util::Full<bytes::Bytes>>,
+    c: &hyper_util::client::legacy::Client<
+        hyper_util::client::legacy::connect::HttpConnector,
+        http_body_util::Full<bytes::Bytes>,
+    >,
     url: &str,
 ) -> Answer {
     send(c, request(http::Method::GET, url, "")).await
@@ -41,13 +44,20 @@ async fn get_with(
 #[tokio::test]
 async fn a_failing_token_endpoint_gives_502_with_the_platforms_code_and_message() {
     let env = env("").await;
-    env.sandbox.fail_token_fetches(1, 50001, "system busy, try later");
+    env.sandbox
+        .fail_token_fetches(1, 50001, "system busy, try later");
     let a = get(&env.url("/api/x")).await;
     let v = assert_proxy_error(&a, 502, "token_unavailable");
     assert_eq!(v["err_code"], 990510);
     let msg = v["err_msg"].as_str().unwrap();
-    assert!(msg.contains("50001") && msg.contains("system busy, try later"), "{msg}");
-    assert!(env.sandbox.recorded().is_empty(), "no call went out without a token");
+    assert!(
+        msg.contains("50001") && msg.contains("system busy, try later"),
+        "{msg}"
+    );
+    assert!(
+        env.sandbox.recorded().is_empty(),
+        "no call went out without a token"
+    );
     // Failures are not cached: the next request fetches again and succeeds.
     let a = get(&env.url("/api/x")).await;
     assert_eq!(a.json()["err_code"], 0, "{}", a.text());
@@ -85,7 +95,14 @@ async fn an_expired_token_is_replaced_before_use() {
     assert_eq!(env.sandbox.token_fetches(APP_KEY), 1, "cached");
     clock.advance(Duration::from_secs(7201));
     assert_eq!(get(&env.url("/api/x")).await.json()["err_code"], 0);
-    assert_eq!(env.sandbox.token_fetches(APP_KEY), 2, "refetched after expiry");
+    assert_eq!(
+        env.sandbox.token_fetches(APP_KEY),
+        2,
+        "refetched after expiry"
+    );
     let seen = env.sandbox.recorded();
-    assert_ne!(seen[1].token, seen[2].token, "the expired token was not sent again");
+    assert_ne!(
+        seen[1].token, seen[2].token,
+        "the expired token was not sent again"
+    );
 }

@@ -16,7 +16,12 @@ use crate::clock::SharedClock;
 struct TokenExpiry;
 
 impl Expiry<Arc<str>, Arc<Token>> for TokenExpiry {
-    fn expire_after_create(&self, _key: &Arc<str>, value: &Arc<Token>, _now: Instant) -> Option<Duration> {
+    fn expire_after_create(
+        &self,
+        _key: &Arc<str>,
+        value: &Arc<Token>,
+        _now: Instant,
+    ) -> Option<Duration> {
         Some(value.lifetime)
     }
 }
@@ -30,7 +35,9 @@ pub struct TokenCache {
 
 impl std::fmt::Debug for TokenCache {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("TokenCache").field("entries", &self.cache.entry_count()).finish()
+        f.debug_struct("TokenCache")
+            .field("entries", &self.cache.entry_count())
+            .finish()
     }
 }
 
@@ -82,7 +89,9 @@ impl TokenCache {
             // Another caller's token aged out between its insert and our read (only possible
             // with a clock moved by hand); never hand out an expired token.
             self.remove_if_current(app, &token).await;
-            Err(Arc::new(TokenError::BadAnswer("token expired before use".into())))
+            Err(Arc::new(TokenError::BadAnswer(
+                "token expired before use".into(),
+            )))
         }
     }
 
@@ -129,7 +138,8 @@ mod tests {
         let app: Arc<str> = Arc::from("a");
         let mut tasks = Vec::new();
         for _ in 0..32 {
-            let (cache, fetches, clock, app) = (cache.clone(), fetches.clone(), clock.clone(), app.clone());
+            let (cache, fetches, clock, app) =
+                (cache.clone(), fetches.clone(), clock.clone(), app.clone());
             tasks.push(tokio::spawn(async move {
                 cache
                     .get(&app, || async {
@@ -152,11 +162,17 @@ mod tests {
         let clock = ManualClock::new();
         let cache = TokenCache::new(clock.clone());
         let app: Arc<str> = Arc::from("a");
-        let t1 = cache.get(&app, || async { Ok(token(&clock, 60, "t1")) }).await.unwrap();
+        let t1 = cache
+            .get(&app, || async { Ok(token(&clock, 60, "t1")) })
+            .await
+            .unwrap();
         assert_eq!(t1.secret().expose(), "t1");
         clock.advance(Duration::from_secs(61));
         assert!(cache.peek(&app).await.is_none());
-        let t2 = cache.get(&app, || async { Ok(token(&clock, 60, "t2")) }).await.unwrap();
+        let t2 = cache
+            .get(&app, || async { Ok(token(&clock, 60, "t2")) })
+            .await
+            .unwrap();
         assert_eq!(t2.secret().expose(), "t2");
     }
 
@@ -166,11 +182,24 @@ mod tests {
         let cache = TokenCache::new(clock.clone());
         let app: Arc<str> = Arc::from("a");
         let err = cache
-            .get(&app, || async { Err(TokenError::Platform { code: 40001, msg: "bad".into() }) })
+            .get(&app, || async {
+                Err(TokenError::Platform {
+                    code: 40001,
+                    msg: "bad".into(),
+                })
+            })
             .await
             .unwrap_err();
-        assert_eq!(*err, TokenError::Platform { code: 40001, msg: "bad".into() });
-        let ok = cache.get(&app, || async { Ok(token(&clock, 60, "t")) }).await;
+        assert_eq!(
+            *err,
+            TokenError::Platform {
+                code: 40001,
+                msg: "bad".into()
+            }
+        );
+        let ok = cache
+            .get(&app, || async { Ok(token(&clock, 60, "t")) })
+            .await;
         assert!(ok.is_ok());
     }
 
@@ -179,9 +208,15 @@ mod tests {
         let clock = ManualClock::new();
         let cache = TokenCache::new(clock.clone());
         let app: Arc<str> = Arc::from("a");
-        let old = cache.get(&app, || async { Ok(token(&clock, 60, "old")) }).await.unwrap();
+        let old = cache
+            .get(&app, || async { Ok(token(&clock, 60, "old")) })
+            .await
+            .unwrap();
         cache.remove_if_current(&app, &old).await;
-        let new = cache.get(&app, || async { Ok(token(&clock, 60, "new")) }).await.unwrap();
+        let new = cache
+            .get(&app, || async { Ok(token(&clock, 60, "new")) })
+            .await
+            .unwrap();
         cache.remove_if_current(&app, &old).await;
         assert!(Arc::ptr_eq(&cache.peek(&app).await.unwrap(), &new));
     }

@@ -95,13 +95,16 @@ pub async fn fetch(
             percent_encoding::utf8_percent_encode(v, QUERY_VALUE)
         );
     }
-    let pq = PathAndQuery::from_maybe_shared(Bytes::from(pq))
-        .map_err(|_| TokenError::BadAnswer("token_path does not form a valid request target".into()))?;
+    let pq = PathAndQuery::from_maybe_shared(Bytes::from(pq)).map_err(|_| {
+        TokenError::BadAnswer("token_path does not form a valid request target".into())
+    })?;
     let mut req = Request::new(Body::Empty);
     *req.method_mut() = Method::GET;
     *req.uri_mut() = upstream.uri(pq);
-    req.headers_mut().insert(USER_AGENT, HeaderValue::from_static("CX"));
-    req.headers_mut().insert(ACCEPT, HeaderValue::from_static("application/json"));
+    req.headers_mut()
+        .insert(USER_AGENT, HeaderValue::from_static("CX"));
+    req.headers_mut()
+        .insert(ACCEPT, HeaderValue::from_static("application/json"));
 
     let scrub = |text: &str| {
         app.credentials
@@ -115,17 +118,28 @@ pub async fn fetch(
         UpstreamError::Unreachable(m) => TokenError::Unreachable(scrub(&m)),
     })?;
     let status = resp.status();
-    let body = tokio::time::timeout_at(deadline, Limited::new(resp.into_body(), MAX_ANSWER_BYTES).collect())
-        .await
-        .map_err(|_| TokenError::Timeout(upstream.timeout().as_millis()))?
-        .map_err(|e| TokenError::BadAnswer(format!("cannot read the body: {e}")))?
-        .to_bytes();
+    let body = tokio::time::timeout_at(
+        deadline,
+        Limited::new(resp.into_body(), MAX_ANSWER_BYTES).collect(),
+    )
+    .await
+    .map_err(|_| TokenError::Timeout(upstream.timeout().as_millis()))?
+    .map_err(|e| TokenError::BadAnswer(format!("cannot read the body: {e}")))?
+    .to_bytes();
     let answer: Answer = match serde_json::from_slice(&body) {
         Ok(a) => a,
         Err(_) if !status.is_success() => return Err(TokenError::Status(status.as_u16())),
-        Err(e) => return Err(TokenError::BadAnswer(format!("not the documented JSON: {e}"))),
+        Err(e) => {
+            return Err(TokenError::BadAnswer(format!(
+                "not the documented JSON: {e}"
+            )))
+        }
     };
-    let code = answer.err_code.as_ref().map_or(Some(0), as_i64).unwrap_or(-1);
+    let code = answer
+        .err_code
+        .as_ref()
+        .map_or(Some(0), as_i64)
+        .unwrap_or(-1);
     if code != 0 {
         return Err(TokenError::Platform {
             code,
@@ -139,9 +153,20 @@ pub async fn fetch(
         .access_token
         .filter(|t| !t.is_empty())
         .ok_or_else(|| TokenError::BadAnswer("no access_token in the answer".into()))?;
-    let expires_in = answer.expires_in.as_ref().map_or(Some(7200), as_i64).unwrap_or(-1);
+    let expires_in = answer
+        .expires_in
+        .as_ref()
+        .map_or(Some(7200), as_i64)
+        .unwrap_or(-1);
     if expires_in <= 0 {
-        return Err(TokenError::BadAnswer(format!("expires_in {expires_in} is not a lifetime")));
+        return Err(TokenError::BadAnswer(format!(
+            "expires_in {expires_in} is not a lifetime"
+        )));
     }
-    Token::new(token, Duration::from_secs(expires_in as u64), clock.now(), inject)
+    Token::new(
+        token,
+        Duration::from_secs(expires_in as u64),
+        clock.now(),
+        inject,
+    )
 }

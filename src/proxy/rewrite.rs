@@ -91,7 +91,9 @@ pub fn sanitize_request_headers(headers: &mut HeaderMap, token_header: Option<&H
 /// Whether a raw query key names `name`, also when percent-encoded (`access%5Ftoken`).
 fn key_is(raw: &str, name: &str) -> bool {
     if raw.as_bytes().contains(&b'%') || raw.as_bytes().contains(&b'+') {
-        let decoded = percent_decode_str(&raw.replace('+', " ")).decode_utf8_lossy().into_owned();
+        let decoded = percent_decode_str(&raw.replace('+', " "))
+            .decode_utf8_lossy()
+            .into_owned();
         decoded == name
     } else {
         raw == name
@@ -100,7 +102,13 @@ fn key_is(raw: &str, name: &str) -> bool {
 
 /// Builds the upstream's path and query: `base` + `path`, then the client's query without any
 /// `drop` parameter, then `inject` (an already-encoded `name=value` pair) if any.
-pub fn upstream_target(base: &str, path: &str, query: Option<&str>, drop: &str, inject: Option<&str>) -> String {
+pub fn upstream_target(
+    base: &str,
+    path: &str,
+    query: Option<&str>,
+    drop: &str,
+    inject: Option<&str>,
+) -> String {
     let mut out = String::with_capacity(
         base.len() + path.len() + query.map_or(0, str::len) + inject.map_or(0, str::len) + 2,
     );
@@ -164,7 +172,9 @@ impl<'a> Redacted<'a> {
 impl fmt::Display for Redacted<'_> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(self.path)?;
-        let Some(query) = self.query else { return Ok(()) };
+        let Some(query) = self.query else {
+            return Ok(());
+        };
         for (i, pair) in query.split('&').enumerate() {
             f.write_str(if i == 0 { "?" } else { "&" })?;
             match pair.split_once('=') {
@@ -183,26 +193,50 @@ mod tests {
 
     #[test]
     fn client_token_is_dropped_and_ours_appended() {
-        let t = upstream_target("", "/api/x", Some("a=1&access_token=evil&b=2"), "access_token", Some("access_token=good"));
+        let t = upstream_target(
+            "",
+            "/api/x",
+            Some("a=1&access_token=evil&b=2"),
+            "access_token",
+            Some("access_token=good"),
+        );
         assert_eq!(t, "/api/x?a=1&b=2&access_token=good");
     }
 
     #[test]
     fn encoded_token_keys_are_dropped_too() {
-        let t = upstream_target("", "/p", Some("access%5Ftoken=evil&access_token=evil2"), "access_token", Some("access_token=ok"));
+        let t = upstream_target(
+            "",
+            "/p",
+            Some("access%5Ftoken=evil&access_token=evil2"),
+            "access_token",
+            Some("access_token=ok"),
+        );
         assert_eq!(t, "/p?access_token=ok");
     }
 
     #[test]
     fn query_order_and_encoding_survive() {
-        let t = upstream_target("/base", "/p", Some("z=%20&&y=a%26b&x"), "access_token", None);
+        let t = upstream_target(
+            "/base",
+            "/p",
+            Some("z=%20&&y=a%26b&x"),
+            "access_token",
+            None,
+        );
         assert_eq!(t, "/base/p?z=%20&y=a%26b&x");
     }
 
     #[test]
     fn no_query_gets_one() {
-        assert_eq!(upstream_target("", "/p", None, "access_token", Some("access_token=t")), "/p?access_token=t");
-        assert_eq!(upstream_target("", "/p", Some(""), "access_token", None), "/p");
+        assert_eq!(
+            upstream_target("", "/p", None, "access_token", Some("access_token=t")),
+            "/p?access_token=t"
+        );
+        assert_eq!(
+            upstream_target("", "/p", Some(""), "access_token", None),
+            "/p"
+        );
     }
 
     #[test]
@@ -216,14 +250,23 @@ mod tests {
     #[test]
     fn hop_by_hop_and_connection_listed_headers_go() {
         let mut h = HeaderMap::new();
-        h.insert(header::CONNECTION, HeaderValue::from_static("keep-alive, x-secret-hop"));
+        h.insert(
+            header::CONNECTION,
+            HeaderValue::from_static("keep-alive, x-secret-hop"),
+        );
         h.insert("x-secret-hop", HeaderValue::from_static("1"));
         h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
-        h.insert(header::TRANSFER_ENCODING, HeaderValue::from_static("chunked"));
+        h.insert(
+            header::TRANSFER_ENCODING,
+            HeaderValue::from_static("chunked"),
+        );
         h.insert(header::HOST, HeaderValue::from_static("evil.example"));
         h.insert("x-forwarded-for", HeaderValue::from_static("10.0.0.1"));
         h.insert(X_CX_APP, HeaderValue::from_static("default"));
-        h.insert(header::AUTHORIZATION, HeaderValue::from_static("Bearer client"));
+        h.insert(
+            header::AUTHORIZATION,
+            HeaderValue::from_static("Bearer client"),
+        );
         h.insert("x-keep", HeaderValue::from_static("yes"));
         sanitize_request_headers(&mut h, Some(&header::AUTHORIZATION));
         assert_eq!(h.len(), 1, "{h:?}");
@@ -232,7 +275,14 @@ mod tests {
 
     #[test]
     fn logs_see_no_secret_values() {
-        let r = Redacted::new("/p", Some("a=1&access_token=tok&corp_secret=s&Permanent_Code=c&b"), "access_token");
-        assert_eq!(r.to_string(), "/p?a=1&access_token=***&corp_secret=***&Permanent_Code=***&b");
+        let r = Redacted::new(
+            "/p",
+            Some("a=1&access_token=tok&corp_secret=s&Permanent_Code=c&b"),
+            "access_token",
+        );
+        assert_eq!(
+            r.to_string(),
+            "/p?a=1&access_token=***&corp_secret=***&Permanent_Code=***&b"
+        );
     }
 }

@@ -110,13 +110,24 @@ pub async fn env(token_extra: &str) -> Env {
 pub async fn env_with(opts: SandboxOptions, token_extra: &str, clock: Option<SharedClock>) -> Env {
     let dir = tempfile::tempdir().unwrap();
     let sandbox = sandbox(dir.path(), opts).await;
-    let text = config_text(&sandbox, dir.path(), "", &format!("{token_extra}\n{}", default_app(dir.path())));
+    let text = config_text(
+        &sandbox,
+        dir.path(),
+        "",
+        &format!("{token_extra}\n{}", default_app(dir.path())),
+    );
     let cfg = config(&text);
     let proxy = match clock {
-        Some(clock) => ProxyHandle::start_with(Proxy::with_clock(cfg, clock).unwrap()).await.unwrap(),
+        Some(clock) => ProxyHandle::start_with(Proxy::with_clock(cfg, clock).unwrap())
+            .await
+            .unwrap(),
         None => ProxyHandle::start(cfg).await.unwrap(),
     };
-    Env { sandbox, proxy, dir }
+    Env {
+        sandbox,
+        proxy,
+        dir,
+    }
 }
 
 /// A plain-HTTP client (HTTP/1.1, or h2 prior knowledge with `h2c`).
@@ -146,7 +157,10 @@ impl Answer {
 }
 
 /// Sends a request and reads the whole answer.
-pub async fn send(client: &Client<HttpConnector, Full<Bytes>>, req: Request<Full<Bytes>>) -> Answer {
+pub async fn send(
+    client: &Client<HttpConnector, Full<Bytes>>,
+    req: Request<Full<Bytes>>,
+) -> Answer {
     let resp = client.request(req).await.expect("proxy answers");
     let (parts, body) = resp.into_parts();
     let body = body.collect().await.expect("body reads").to_bytes();
