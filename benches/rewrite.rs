@@ -65,7 +65,9 @@ fn token_cache(c: &mut Criterion) {
                     Duration::from_secs(7200),
                     SystemClock.now(),
                     &inject,
+                    Duration::ZERO,
                 )
+                .map(Arc::new)
             })
             .await
             .unwrap();

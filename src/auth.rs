@@ -4,9 +4,12 @@
 //!   hot path copies bytes instead of formatting or percent-encoding per request.
 //! - [`fetch`] asks the platform's token endpoint (`User-Agent: CX`) and reads its answer.
 //! - [`TokenCache`] keeps one token per app in moka with single-flight fetching.
+//! - [`TokenManager`] owns the lifecycle: background refresh ahead of expiry, the per-minute
+//!   fetch cap, rejected tokens, forced refreshes and readiness.
 
 mod cache;
 mod fetch;
+mod manager;
 
 use std::time::{Duration, Instant};
 
@@ -14,6 +17,7 @@ use http::HeaderValue;
 
 pub use cache::TokenCache;
 pub use fetch::{fetch, TokenError};
+pub use manager::{AppStatus, TokenManager};
 
 use crate::config::Inject;
 use crate::secret::Secret;
@@ -27,6 +31,8 @@ pub struct Token {
     pub fetched_at: Instant,
     /// Never used at or after this instant.
     pub expires_at: Instant,
+    /// From this instant a background refresh is due.
+    pub refresh_at: Instant,
     /// Lifetime the platform announced.
     pub lifetime: Duration,
 }
@@ -47,6 +53,7 @@ impl Token {
         lifetime: Duration,
         now: Instant,
         inject: &Inject,
+        refresh_ahead: Duration,
     ) -> Result<Self, TokenError> {
         let injection = match inject {
             Inject::Query { param } => {
@@ -73,6 +80,7 @@ impl Token {
             injection,
             fetched_at: now,
             expires_at: now + lifetime,
+            refresh_at: now + lifetime.saturating_sub(refresh_ahead).max(lifetime / 2),
             lifetime,
         })
     }
@@ -90,6 +98,11 @@ impl Token {
     /// Whether the token may still be sent at `now`.
     pub fn usable_at(&self, now: Instant) -> bool {
         now < self.expires_at
+    }
+
+    /// Whether a refresh is due at `now`.
+    pub fn due_at(&self, now: Instant) -> bool {
+        now >= self.refresh_at
     }
 
     /// Time left at `now`.

@@ -15,8 +15,8 @@ use crate::config::{Config, Loaded};
 use crate::error::StartupError;
 use crate::logging::{self, LogFormat};
 use crate::proxy::Proxy;
-use crate::sandbox::{Reissue, Sandbox, SandboxApp, SandboxOptions};
-use crate::server::{serve_proxy, ProxyHandle};
+use crate::sandbox::{ParamApp, Reissue, Sandbox, SandboxApp, SandboxOptions};
+use crate::server::{run, Listeners, ProxyHandle};
 
 /// Exit code for a configuration the proxy cannot run with (`EX_USAGE`).
 pub const EXIT_CONFIG: u8 = 64;
@@ -70,6 +70,10 @@ pub struct SandboxArgs {
     /// An app as KEY:CORP_ID:SECRET (repeatable; default demo-app:10001:demo-secret).
     #[arg(long = "app")]
     pub apps: Vec<SandboxApp>,
+    /// An organisation-service app as NAME@/token/path?key=value&... (repeatable): a fetch at
+    /// that path with exactly those parameters gets a token.
+    #[arg(long = "param-app")]
+    pub param_apps: Vec<ParamApp>,
     /// Lifetime of issued tokens, seconds.
     #[arg(long, default_value_t = 7200)]
     pub expires_in: u64,
@@ -118,7 +122,7 @@ pub fn main(cli: Cli) -> ExitCode {
         }
     };
     match cli.command.unwrap_or(Command::Run) {
-        Command::Run => runtime.block_on(run(&cli.config)),
+        Command::Run => runtime.block_on(run_command(&cli.config)),
         Command::Check => check(&cli.config),
         Command::Sandbox(args) => runtime.block_on(sandbox(args)),
         Command::Demo(args) => runtime.block_on(demo(args)),
@@ -188,7 +192,7 @@ async fn shutdown_signal() {
     }
 }
 
-async fn run(path: &Path) -> ExitCode {
+async fn run_command(path: &Path) -> ExitCode {
     let Some(loaded) = load_or_report(path) else {
         return ExitCode::from(EXIT_CONFIG);
     };
@@ -212,27 +216,23 @@ async fn run(path: &Path) -> ExitCode {
 }
 
 async fn run_proxy(config: Config) -> Result<(), StartupError> {
-    let listen = config.server.listen;
     let proxy = Proxy::new(config)?;
-    let listener = TcpListener::bind(listen)
-        .await
-        .map_err(|source| StartupError::Bind {
-            addr: listen,
-            source,
-        })?;
+    let listeners = Listeners::bind(proxy.config()).await?;
     let apps: Vec<&str> = proxy
         .config()
         .apps
         .iter()
         .map(|a| a.name.as_str())
         .collect();
+    let local = |l: &TcpListener| l.local_addr().map(|a| a.to_string()).unwrap_or_default();
     tracing::info!(
-        listen = %listener.local_addr().unwrap_or(listen),
+        listen = %local(&listeners.proxy),
+        admin = listeners.admin.as_ref().map(local),
         upstream = %proxy.config().upstream.url,
         apps = ?apps,
         "cx-proxy listening"
     );
-    serve_proxy(proxy, listener, shutdown_signal()).await
+    run(proxy, listeners, shutdown_signal()).await
 }
 
 async fn sandbox(args: SandboxArgs) -> ExitCode {
@@ -249,11 +249,12 @@ async fn sandbox(args: SandboxArgs) -> ExitCode {
     let opts = SandboxOptions {
         listen: args.listen,
         state_dir: Some(args.state_dir.clone()),
-        apps: if args.apps.is_empty() {
+        apps: if args.apps.is_empty() && args.param_apps.is_empty() {
             vec![SandboxApp::demo()]
         } else {
             args.apps
         },
+        param_apps: args.param_apps,
         expires_in: Duration::from_secs(args.expires_in),
         reissue: args.reissue,
         overlap: Duration::from_secs(args.overlap_s),

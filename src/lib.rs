@@ -15,6 +15,7 @@
 //! | [`proxy`] | the request path: refuse, route, inject, rewrite, forward, access log |
 //! | [`auth`] | the token: fetching it and caching it per app (moka, single flight) |
 //! | [`upstream`] | the one pooled TLS client to the platform |
+//! | [`admin`], [`metrics`] | `/healthz`, `/readyz`, `/metrics`, forced refreshes |
 //! | [`error`] | the proxy's own JSON errors (SPEC section 5) and startup errors |
 //! | [`body`] | the body type that crosses the proxy |
 //! | [`sandbox`] | the offline platform emulator (SPEC section 7) |
@@ -37,6 +38,7 @@
 #![forbid(unsafe_code)]
 #![deny(missing_docs, rust_2018_idioms)]
 
+pub mod admin;
 pub mod auth;
 pub mod body;
 pub mod cli;
@@ -44,6 +46,7 @@ pub mod clock;
 pub mod config;
 pub mod error;
 pub mod logging;
+pub mod metrics;
 pub mod proxy;
 pub mod sandbox;
 pub mod secret;

@@ -1,7 +1,13 @@
 //! The request path: from a client's request to the upstream's streamed answer.
 //!
 //! [`Proxy::handle`] never fails: every refusal becomes the JSON error of SPEC section 5
-//! through [`ProxyError::into_response`], and every request gets one access-log line.
+//! through [`ProxyError::into_response`], and every request gets one access-log line and
+//! one count in the metrics.
+//!
+//! Two things look at bodies, both bounded: a request body of at most 1 MiB with a declared
+//! length is read first so it can be sent again, and a JSON response of at most 64 KiB is read
+//! to see whether the platform rejected the token (then the token is dropped and the request
+//! replayed once). Everything else streams.
 
 mod rewrite;
 
@@ -10,50 +16,66 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use http::header::{HeaderName, CONTENT_LENGTH};
+use http::header::{HeaderMap, HeaderName, CONTENT_LENGTH, CONTENT_TYPE};
+use http::request::Parts;
 use http::uri::PathAndQuery;
-use http::{Method, Request, Response, Version};
+use http::{HeaderValue, Method, Request, Response, Version};
+use http_body_util::BodyExt;
 use hyper::body::Incoming;
+use subtle::ConstantTimeEq;
 
 pub use rewrite::{
     sanitize_request_headers, strip_hop_by_hop, upstream_target, Redacted, QUERY_VALUE, X_CX_APP,
 };
 
-use crate::auth::{self, Injection, Token, TokenCache};
+use crate::auth::{Injection, Token, TokenManager};
 use crate::body::Body;
 use crate::clock::{SharedClock, SystemClock};
-use crate::config::{AppConfig, Config, Inject};
+use crate::config::{Config, Credentials, Inject};
 use crate::error::{ErrorKind, ProxyError, StartupError};
-use crate::upstream::Upstream;
+use crate::metrics::{FetchReason, Metrics};
+use crate::upstream::{Upstream, UpstreamError};
 
-/// One configured app, ready for routing.
+/// Request bodies up to this size (with a declared length) are kept for one replay.
+pub const REPLAY_BODY_MAX: u64 = 1024 * 1024;
+/// JSON responses up to this size are checked for a rejected token.
+pub const CHECK_RESPONSE_MAX: u64 = 64 * 1024;
+
+/// Routing data of one configured app (its index is the app's index everywhere).
 #[derive(Debug)]
-struct App {
-    config: AppConfig,
-    /// Cache key; shared so lookups clone a pointer, not a string.
-    key: Arc<str>,
+struct Route {
+    name: Arc<str>,
+    prefix: Option<String>,
 }
 
 /// Everything a request needs, shared by all connections.
 #[derive(Debug)]
 pub struct Proxy {
     config: Config,
-    apps: Vec<App>,
-    /// Indexes into `apps` of the apps with a prefix, longest prefix first.
+    routes: Vec<Route>,
+    /// Indexes of the apps with a prefix, longest prefix first.
     by_prefix: Vec<usize>,
-    upstream: Upstream,
-    tokens: TokenCache,
+    upstream: Arc<Upstream>,
+    tokens: Arc<TokenManager>,
+    metrics: Arc<Metrics>,
+    clock: SharedClock,
     /// The query parameter stripped from client requests (and, in query mode, injected).
     token_param: String,
     /// The header stripped from client requests and, in header mode, injected.
     token_header: Option<HeaderName>,
 }
 
-/// What the access-log line reports beyond the request itself.
+/// What the access-log line and the metrics report beyond the request itself.
 #[derive(Default)]
-struct Access<'a> {
-    app: Option<&'a str>,
+struct Access {
+    app: Option<usize>,
     upstream: Option<Duration>,
+}
+
+/// A request body as forwarded: kept whole for a possible replay, or streamed once.
+enum OutBody {
+    Kept(Bytes),
+    Stream(Incoming),
 }
 
 impl Proxy {
@@ -64,30 +86,40 @@ impl Proxy {
 
     /// Builds the shared state judging token expiry by `clock` (tests move it).
     pub fn with_clock(config: Config, clock: SharedClock) -> Result<Arc<Self>, StartupError> {
-        let upstream = Upstream::new(&config.upstream)?;
-        let apps: Vec<App> = config
+        let upstream = Arc::new(Upstream::new(&config.upstream)?);
+        let names: Vec<&str> = config.apps.iter().map(|a| a.name.as_str()).collect();
+        let metrics = Arc::new(Metrics::new(&names));
+        let routes: Vec<Route> = config
             .apps
             .iter()
-            .map(|a| App {
-                key: Arc::from(a.name.as_str()),
-                config: a.clone(),
+            .map(|a| Route {
+                name: Arc::from(a.name.as_str()),
+                prefix: a.prefix.clone(),
             })
             .collect();
-        let mut by_prefix: Vec<usize> = (0..apps.len())
-            .filter(|&i| apps[i].config.prefix.is_some())
+        let mut by_prefix: Vec<usize> = (0..routes.len())
+            .filter(|&i| routes[i].prefix.is_some())
             .collect();
-        by_prefix.sort_by_key(|&i| {
-            std::cmp::Reverse(apps[i].config.prefix.as_ref().map_or(0, String::len))
-        });
+        by_prefix
+            .sort_by_key(|&i| std::cmp::Reverse(routes[i].prefix.as_ref().map_or(0, String::len)));
         let (token_param, token_header) = match &config.token.inject {
             Inject::Query { param } => (param.clone(), None),
             Inject::Header { name, .. } => ("access_token".to_owned(), Some(name.clone())),
         };
+        let tokens = Arc::new(TokenManager::new(
+            &config.apps,
+            &config.token,
+            upstream.clone(),
+            clock.clone(),
+            metrics.clone(),
+        ));
         Ok(Arc::new(Proxy {
-            apps,
+            routes,
             by_prefix,
             upstream,
-            tokens: TokenCache::new(clock),
+            tokens,
+            metrics,
+            clock,
             token_param,
             token_header,
             config,
@@ -97,6 +129,29 @@ impl Proxy {
     /// The configuration in force.
     pub fn config(&self) -> &Config {
         &self.config
+    }
+
+    /// The token manager (admin endpoints, tests).
+    pub fn tokens(&self) -> &Arc<TokenManager> {
+        &self.tokens
+    }
+
+    /// The metrics.
+    pub fn metrics(&self) -> &Metrics {
+        &self.metrics
+    }
+
+    /// Whether `peer` is inside `server.allow`.
+    pub fn allowed(&self, peer: SocketAddr) -> Result<(), ProxyError> {
+        let ip = peer.ip().to_canonical();
+        if self.config.server.allow.iter().any(|net| net.contains(&ip)) {
+            Ok(())
+        } else {
+            Err(ProxyError::new(
+                ErrorKind::Forbidden,
+                format!("client address {ip} is not allowed"),
+            ))
+        }
     }
 
     /// Answers one request; never fails.
@@ -112,6 +167,10 @@ impl Proxy {
                 e.into_response()
             }
         };
+        let total = started.elapsed();
+        let status = resp.status().as_u16();
+        self.metrics
+            .request(access.app, status, &method, total, access.upstream);
         let bytes = resp
             .headers()
             .get(CONTENT_LENGTH)
@@ -120,30 +179,24 @@ impl Proxy {
         tracing::info!(
             target: "cx_proxy::access",
             peer = %peer,
-            app = access.app.unwrap_or("-"),
+            app = access.app.map_or("-", |i| &*self.routes[i].name),
             method = %method,
             path = %Redacted::new(uri.path(), uri.query(), &self.token_param),
-            status = resp.status().as_u16(),
-            bytes = bytes,
-            total_ms = started.elapsed().as_secs_f64() * 1000.0,
+            status,
+            bytes,
+            total_ms = total.as_secs_f64() * 1000.0,
             upstream_ms = access.upstream.map(|d| d.as_secs_f64() * 1000.0),
         );
         resp
     }
 
-    async fn forward<'a>(
-        &'a self,
+    async fn forward(
+        &self,
         peer: SocketAddr,
         req: Request<Incoming>,
-        access: &mut Access<'a>,
+        access: &mut Access,
     ) -> Result<Response<Body>, ProxyError> {
-        let ip = peer.ip().to_canonical();
-        if !self.config.server.allow.iter().any(|net| net.contains(&ip)) {
-            return Err(ProxyError::new(
-                ErrorKind::Forbidden,
-                format!("client address {ip} is not allowed"),
-            ));
-        }
+        self.allowed(peer)?;
         if req.method() == Method::CONNECT {
             return Err(ProxyError::new(
                 ErrorKind::MethodNotAllowed,
@@ -166,76 +219,263 @@ impl Proxy {
                 "the request target must be a path starting with /",
             ));
         }
-        if let Some(len) = req.headers().get(CONTENT_LENGTH) {
-            let max = self.config.server.max_body_bytes;
-            match len.to_str().ok().and_then(|v| v.parse::<u64>().ok()) {
-                Some(n) if n > max => {
-                    return Err(ProxyError::new(
-                        ErrorKind::PayloadTooLarge,
-                        format!("request body of {n} bytes is over the limit of {max}"),
-                    ));
-                }
-                Some(_) => {}
-                None => {
-                    return Err(ProxyError::new(
-                        ErrorKind::BadRequest,
-                        "invalid Content-Length",
-                    ))
-                }
-            }
+        let declared = declared_length(req.headers())?;
+        let max = self.config.server.max_body_bytes;
+        if let Some(n) = declared.filter(|&n| n > max) {
+            return Err(ProxyError::new(
+                ErrorKind::PayloadTooLarge,
+                format!("request body of {n} bytes is over the limit of {max}"),
+            ));
         }
 
-        let (app, skip) = self.route(&req)?;
-        access.app = Some(&app.config.name);
-        let token = self.token(app).await?;
-
+        let (idx, skip) = self.route(&req)?;
+        access.app = Some(idx);
         let (mut parts, body) = req.into_parts();
+        sanitize_request_headers(&mut parts.headers, self.token_header.as_ref());
         let path = match &parts.uri.path()[skip..] {
             "" => "/",
             rest => rest,
         };
-        let inject = match token.injection() {
-            Injection::Query(pair) if self.token_header.is_none() => Some(&**pair),
+
+        if parts.method == Method::GET && path == self.config.token.path {
+            if let Some(resp) = self.local_token(parts.uri.query()).await? {
+                return Ok(resp);
+            }
+            // Not one of ours: the platform answers, with the client's own credentials.
+            let base = self.upstream.base_path();
+            let target = match parts.uri.query() {
+                Some(q) => format!("{base}{path}?{q}"),
+                None => format!("{base}{path}"),
+            };
+            let req = self.upstream_request(
+                &parts,
+                parts.headers.clone(),
+                target,
+                None,
+                Body::Incoming(body),
+            )?;
+            return self.send(req, access).await;
+        }
+
+        // A small body with a declared length is read first, so it can be sent twice.
+        let body = match declared {
+            Some(n) if n <= REPLAY_BODY_MAX => {
+                OutBody::Kept(read_whole(body, self.upstream.timeout()).await?)
+            }
+            None if http_body::Body::is_end_stream(&body) => OutBody::Kept(Bytes::new()),
+            _ => OutBody::Stream(body),
+        };
+        let replayable = matches!(body, OutBody::Kept(_));
+        let mut body = Some(body);
+        let mut token = self
+            .tokens
+            .token(idx)
+            .await
+            .map_err(|e| ProxyError::from(&*e))?;
+        let mut replay = false;
+        loop {
+            let out = match body.take() {
+                Some(OutBody::Kept(b)) => {
+                    body = Some(OutBody::Kept(b.clone()));
+                    Body::full(b)
+                }
+                Some(OutBody::Stream(s)) => Body::Incoming(s),
+                None => Body::Empty,
+            };
+            // The last attempt may take the headers; an earlier one sends a copy.
+            let headers = if replayable && !replay {
+                parts.headers.clone()
+            } else {
+                std::mem::take(&mut parts.headers)
+            };
+            let target = self.target(path, parts.uri.query(), Some(&token));
+            let req = self.upstream_request(&parts, headers, target, Some(&token), out)?;
+            let resp = self.send(req, access).await?;
+            let (resp, rejected) = self.check_rejection(resp).await?;
+            if !rejected {
+                return Ok(resp);
+            }
+            let name = &self.routes[idx].name;
+            tracing::info!(app = %name, replay = replayable && !replay, "the platform rejected the token");
+            self.tokens.reject(idx, &token).await;
+            if !replayable || replay {
+                return Ok(resp);
+            }
+            replay = true;
+            self.metrics.replay(name);
+            token = self
+                .tokens
+                .token_for(idx, FetchReason::Rejected)
+                .await
+                .map_err(|e| ProxyError::from(&*e))?;
+        }
+    }
+
+    /// The upstream's path and query for `path`, the client's token dropped and ours added.
+    fn target(&self, path: &str, query: Option<&str>, token: Option<&Token>) -> String {
+        let inject = match token.map(Token::injection) {
+            Some(Injection::Query(pair)) => Some(&**pair),
             _ => None,
         };
-        let target = upstream_target(
+        upstream_target(
             self.upstream.base_path(),
             path,
-            parts.uri.query(),
+            query,
             &self.token_param,
             inject,
-        );
+        )
+    }
+
+    fn upstream_request(
+        &self,
+        parts: &Parts,
+        mut headers: HeaderMap,
+        target: String,
+        token: Option<&Token>,
+        body: Body,
+    ) -> Result<Request<Body>, ProxyError> {
         let pq = PathAndQuery::from_maybe_shared(Bytes::from(target)).map_err(|_| {
             ProxyError::new(ErrorKind::BadRequest, "the request target is not valid")
         })?;
-        sanitize_request_headers(&mut parts.headers, self.token_header.as_ref());
-        if let (Some(name), Injection::Header(value)) = (&self.token_header, token.injection()) {
-            parts.headers.insert(name.clone(), value.clone());
+        if let (Some(name), Some(Injection::Header(value))) =
+            (&self.token_header, token.map(Token::injection))
+        {
+            headers.insert(name.clone(), value.clone());
         }
-        parts.uri = self.upstream.uri(pq);
+        let mut req = Request::new(body);
+        *req.method_mut() = parts.method.clone();
+        *req.uri_mut() = self.upstream.uri(pq);
         // The pool picks h2 or http/1.1 per connection; hyper wants the request marked 1.1.
-        parts.version = Version::HTTP_11;
-        let upstream_req = Request::from_parts(parts, Body::from(body));
+        *req.version_mut() = Version::HTTP_11;
+        *req.headers_mut() = headers;
+        Ok(req)
+    }
 
+    async fn send(
+        &self,
+        req: Request<Body>,
+        access: &mut Access,
+    ) -> Result<Response<Body>, ProxyError> {
         let sent = Instant::now();
-        let resp = self.upstream.send(upstream_req).await;
+        let resp = self.upstream.send(req).await;
         access.upstream = Some(sent.elapsed());
-        let (mut parts, body) = resp?.into_parts();
+        let resp = resp.inspect_err(|e| {
+            self.metrics.upstream_error(match e {
+                UpstreamError::Timeout(_) => "timeout",
+                UpstreamError::Unreachable(_) => "unreachable",
+            })
+        })?;
+        let (mut parts, body) = resp.into_parts();
         strip_hop_by_hop(&mut parts.headers);
         Ok(Response::from_parts(parts, Body::from(body)))
     }
 
+    /// Reads a small JSON response to see whether its `err_code` says the token was rejected.
+    /// Returns the response (re-assembled if read) and whether it was a rejection.
+    async fn check_rejection(
+        &self,
+        resp: Response<Body>,
+    ) -> Result<(Response<Body>, bool), ProxyError> {
+        let small_json = resp.headers().get(CONTENT_TYPE).is_none_or(|ct| {
+            ct.as_bytes()
+                .windows(4)
+                .any(|w| w.eq_ignore_ascii_case(b"json"))
+        }) && declared_length(resp.headers())
+            .ok()
+            .flatten()
+            .is_some_and(|n| n > 0 && n <= CHECK_RESPONSE_MAX);
+        if !small_json || self.config.token.invalid_codes.is_empty() {
+            return Ok((resp, false));
+        }
+        let (parts, body) = resp.into_parts();
+        let bytes = match tokio::time::timeout(self.upstream.timeout(), body.collect()).await {
+            Ok(Ok(b)) => b.to_bytes(),
+            Ok(Err(e)) => {
+                return Err(ProxyError::new(
+                    ErrorKind::UpstreamUnreachable,
+                    format!("upstream response broke off: {e}"),
+                ))
+            }
+            Err(_) => {
+                return Err(ProxyError::new(
+                    ErrorKind::UpstreamTimeout,
+                    "upstream response body timed out",
+                ))
+            }
+        };
+        let rejected =
+            err_code(&bytes).is_some_and(|c| self.config.token.invalid_codes.contains(&c));
+        Ok((Response::from_parts(parts, Body::full(bytes)), rejected))
+    }
+
+    /// Answers the token endpoint from the cache when the request names a configured app.
+    /// `Ok(None)`: not one of ours, forward it.
+    async fn local_token(&self, query: Option<&str>) -> Result<Option<Response<Body>>, ProxyError> {
+        let (mut app_key, mut corp_id, mut secret) = (None, None, None);
+        for pair in query.unwrap_or("").split('&') {
+            let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+            let v = percent_encoding::percent_decode_str(v).decode_utf8_lossy();
+            match k {
+                "app_key" => app_key = Some(v),
+                "corp_id" => corp_id = Some(v),
+                "corp_secret" => secret = Some(v),
+                _ => {}
+            }
+        }
+        let found = self.config.apps.iter().position(|a| {
+            matches!(&a.credentials, Credentials::Standard { app_key: k, corp_id: c, .. }
+                if Some(k.as_str()) == app_key.as_deref() && Some(c.as_str()) == corp_id.as_deref())
+        });
+        let Some(idx) = found else { return Ok(None) };
+        let Credentials::Standard { corp_secret, .. } = &self.config.apps[idx].credentials else {
+            return Ok(None);
+        };
+        let given = secret.as_deref().unwrap_or("");
+        if !bool::from(corp_secret.expose().as_bytes().ct_eq(given.as_bytes())) {
+            return Err(ProxyError::new(
+                ErrorKind::BadCredentials,
+                format!(
+                    "corp_secret does not match the one configured for app {}",
+                    self.routes[idx].name
+                ),
+            ));
+        }
+        let token = self
+            .tokens
+            .token(idx)
+            .await
+            .map_err(|e| ProxyError::from(&*e))?;
+        #[derive(serde::Serialize)]
+        struct Answer<'a> {
+            err_code: i64,
+            err_msg: &'a str,
+            access_token: &'a str,
+            expires_in: u64,
+        }
+        let body = serde_json::to_vec(&Answer {
+            err_code: 0,
+            err_msg: "success",
+            access_token: token.secret().expose(),
+            expires_in: token.remaining(self.clock.now()).as_secs(),
+        })
+        .map_err(|e| ProxyError::new(ErrorKind::TokenUnavailable, e.to_string()))?;
+        let mut resp = Response::new(Body::full(body));
+        resp.headers_mut()
+            .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+        Ok(Some(resp))
+    }
+
     /// Picks the app: by `X-CX-App` if present, else by the longest matching prefix.
-    /// Returns the app and how many bytes of the path its prefix takes (stripped before
-    /// forwarding).
-    fn route(&self, req: &Request<Incoming>) -> Result<(&App, usize), ProxyError> {
+    /// Returns the app's index and how many bytes of the path its prefix takes (stripped
+    /// before forwarding).
+    fn route(&self, req: &Request<Incoming>) -> Result<(usize, usize), ProxyError> {
         let path = req.uri().path();
         if let Some(v) = req.headers().get(X_CX_APP) {
             let name = v.to_str().unwrap_or("");
-            let app = self
-                .apps
+            let idx = self
+                .routes
                 .iter()
-                .find(|a| a.config.name == name)
+                .position(|r| &*r.name == name)
                 .ok_or_else(|| {
                     let shown: String = name.chars().take(64).collect();
                     ProxyError::new(
@@ -243,23 +483,20 @@ impl Proxy {
                         format!("no app is named {shown:?} (X-CX-App)"),
                     )
                 })?;
-            let skip = app
-                .config
+            let skip = self.routes[idx]
                 .prefix
                 .as_deref()
                 .and_then(|p| rewrite::prefix_len(path, p))
                 .unwrap_or(0);
-            return Ok((app, skip));
+            return Ok((idx, skip));
         }
         for &i in &self.by_prefix {
-            let app = &self.apps[i];
-            if let Some(skip) = app
-                .config
+            if let Some(skip) = self.routes[i]
                 .prefix
                 .as_deref()
                 .and_then(|p| rewrite::prefix_len(path, p))
             {
-                return Ok((app, skip));
+                return Ok((i, skip));
             }
         }
         Err(ProxyError::new(
@@ -267,27 +504,64 @@ impl Proxy {
             "no app's prefix matches this path, and no X-CX-App header was sent",
         ))
     }
+}
 
-    async fn token(&self, app: &App) -> Result<Arc<Token>, ProxyError> {
-        let fetch = || async {
-            let result = auth::fetch(
-                &self.upstream,
-                &app.config,
-                &self.config.token.inject,
-                &**self.tokens.clock(),
-            )
-            .await;
-            match &result {
-                Ok(t) => {
-                    tracing::info!(app = %app.key, expires_in_s = t.lifetime.as_secs(), "fetched a new access token")
-                }
-                Err(e) => tracing::warn!(app = %app.key, error = %e, "token fetch failed"),
-            }
-            result
-        };
-        self.tokens
-            .get(&app.key, fetch)
-            .await
-            .map_err(|e| ProxyError::from(&*e))
+/// `Content-Length` as a number; `Err` if present but not a number.
+fn declared_length(headers: &HeaderMap) -> Result<Option<u64>, ProxyError> {
+    match headers.get(CONTENT_LENGTH) {
+        None => Ok(None),
+        Some(v) => v
+            .to_str()
+            .ok()
+            .and_then(|v| v.trim().parse::<u64>().ok())
+            .map(Some)
+            .ok_or_else(|| ProxyError::new(ErrorKind::BadRequest, "invalid Content-Length")),
+    }
+}
+
+async fn read_whole(body: Incoming, timeout: Duration) -> Result<Bytes, ProxyError> {
+    match tokio::time::timeout(timeout, body.collect()).await {
+        Ok(Ok(b)) => Ok(b.to_bytes()),
+        Ok(Err(e)) => Err(ProxyError::new(
+            ErrorKind::BadRequest,
+            format!("request body broke off: {e}"),
+        )),
+        Err(_) => Err(ProxyError::new(
+            ErrorKind::BadRequest,
+            "request body not received in time",
+        )),
+    }
+}
+
+/// The `err_code` of a JSON object, if it has one (a number or a numeric string).
+fn err_code(body: &[u8]) -> Option<i64> {
+    #[derive(serde::Deserialize)]
+    struct Probe {
+        err_code: Option<serde_json::Value>,
+    }
+    match serde_json::from_slice::<Probe>(body).ok()?.err_code? {
+        serde_json::Value::Number(n) => n.as_i64(),
+        serde_json::Value::String(s) => s.trim().parse().ok(),
+        _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn err_code_is_read_from_numbers_and_strings_only() {
+        assert_eq!(
+            err_code(br#"{"err_code":40014,"err_msg":"invalid"}"#),
+            Some(40014)
+        );
+        assert_eq!(
+            err_code(br#"{"data":{"x":[1,2]},"err_code":"42001"}"#),
+            Some(42001)
+        );
+        assert_eq!(err_code(br#"{"err_msg":"no code"}"#), None);
+        assert_eq!(err_code(b"[1,2]"), None);
+        assert_eq!(err_code(b"not json"), None);
     }
 }

@@ -15,6 +15,7 @@
 //! | `POST /__sandbox/fail-token-fetches?n=N[&code=C&msg=M]` | the next N token fetches fail |
 //! | `POST /__sandbox/delay?token_ms=T&api_ms=A` | delays token answers / API answers |
 //! | `POST /__sandbox/quota?n=N` | daily token quota per app (0 = none); resets the count |
+//! | `POST /__sandbox/reject-tokens?on=1` | every API call answers 40014 until `on=0` |
 //!
 //! An API call with `sandbox_echo=1` in its query answers with its own request body, streamed
 //! (to test large bodies in both directions).
@@ -89,6 +90,36 @@ impl FromStr for SandboxApp {
     }
 }
 
+/// An app whose token request carries its own parameters (an organisation-service app):
+/// `NAME@PATH?k=v&k2=v2`. A fetch at `PATH` with exactly these parameters gets a token.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ParamApp {
+    /// Name the fetches are counted under.
+    pub name: String,
+    /// Token endpoint path.
+    pub token_path: String,
+    /// The exact query parameters expected (decoded).
+    pub params: BTreeMap<String, String>,
+}
+
+impl FromStr for ParamApp {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        let bad = || format!("{s:?} is not NAME@/path?key=value&...");
+        let (name, rest) = s.split_once('@').ok_or_else(bad)?;
+        let (path, query) = rest.split_once('?').ok_or_else(bad)?;
+        if name.is_empty() || !path.starts_with('/') {
+            return Err(bad());
+        }
+        Ok(ParamApp {
+            name: name.into(),
+            token_path: path.into(),
+            params: query_pairs(Some(query)).into_iter().collect(),
+        })
+    }
+}
+
 /// How a new fetch treats the previous token.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum Reissue {
@@ -107,6 +138,8 @@ pub struct SandboxOptions {
     pub state_dir: Option<PathBuf>,
     /// Known apps.
     pub apps: Vec<SandboxApp>,
+    /// Known apps with their own token parameters.
+    pub param_apps: Vec<ParamApp>,
     /// Lifetime of issued tokens.
     pub expires_in: Duration,
     /// Reissue mode.
@@ -127,6 +160,7 @@ impl Default for SandboxOptions {
             listen: SocketAddr::from(([127, 0, 0, 1], 0)),
             state_dir: None,
             apps: vec![SandboxApp::demo()],
+            param_apps: Vec::new(),
             expires_in: Duration::from_secs(7200),
             reissue: Reissue::New,
             overlap: Duration::ZERO,
@@ -185,7 +219,9 @@ struct State {
     token_delay: Duration,
     api_delay: Duration,
     requests: u64,
+    reject_all: bool,
     recorded: VecDeque<Recorded>,
+    token_requests: VecDeque<(String, BTreeMap<String, String>)>,
 }
 
 #[derive(Debug)]
@@ -304,6 +340,16 @@ impl Sandbox {
         self.shared.lock().recorded.iter().cloned().collect()
     }
 
+    /// The last token requests: path and decoded query parameters.
+    pub fn token_requests(&self) -> Vec<(String, BTreeMap<String, String>)> {
+        self.shared.lock().token_requests.iter().cloned().collect()
+    }
+
+    /// While on, every API call is answered `40014` whatever its token.
+    pub fn reject_all_tokens(&self, on: bool) {
+        self.shared.lock().reject_all = on;
+    }
+
     /// Every token issued so far (valid or not).
     pub fn issued_tokens(&self) -> Vec<String> {
         self.shared.lock().tokens.keys().cloned().collect()
@@ -414,8 +460,9 @@ async fn handle(shared: &Shared, req: Request<Incoming>) -> Response<Body> {
         return control_endpoint(shared, req.method(), control, req.uri().query());
     }
     shared.lock().requests += 1;
-    if path == shared.opts.token_path {
-        return token_endpoint(shared, req.uri().query()).await;
+    if path == shared.opts.token_path || shared.opts.param_apps.iter().any(|a| a.token_path == path)
+    {
+        return token_endpoint(shared, &path, req.uri().query()).await;
     }
     if path.starts_with("/api/") {
         return api(shared, req).await;
@@ -483,6 +530,10 @@ fn control_endpoint(
                 &json!({"token_ms": st.token_delay.as_millis() as u64, "api_ms": st.api_delay.as_millis() as u64}),
             )
         }
+        (&Method::POST, "reject-tokens") => {
+            st.reject_all = num("on").unwrap_or(1) != 0;
+            json_response(StatusCode::OK, &json!({ "reject_all": st.reject_all }))
+        }
         (&Method::POST, "quota") => {
             st.quota = num("n").unwrap_or(0) as u32;
             st.issued.clear();
@@ -495,13 +546,26 @@ fn control_endpoint(
     }
 }
 
-async fn token_endpoint(shared: &Shared, query: Option<&str>) -> Response<Body> {
-    let params: HashMap<String, String> = query_pairs(query).into_iter().collect();
+async fn token_endpoint(shared: &Shared, path: &str, query: Option<&str>) -> Response<Body> {
+    let params: BTreeMap<String, String> = query_pairs(query).into_iter().collect();
     let get = |k: &str| params.get(k).map(String::as_str).unwrap_or("");
-    let app_key = get("app_key");
+    let param_app = shared
+        .opts
+        .param_apps
+        .iter()
+        .find(|a| a.token_path == path && a.params == params);
+    let app_key = match param_app {
+        Some(a) => a.name.as_str(),
+        None => get("app_key"),
+    };
     let delay = {
         let mut st = shared.lock();
         *st.fetches.entry(app_key.to_owned()).or_default() += 1;
+        if st.token_requests.len() == RECORD_LIMIT {
+            st.token_requests.pop_front();
+        }
+        st.token_requests
+            .push_back((path.to_owned(), params.clone()));
         st.token_delay
     };
     if !delay.is_zero() {
@@ -514,14 +578,19 @@ async fn token_endpoint(shared: &Shared, query: Option<&str>) -> Response<Body> 
         let (code, msg) = (st.fail_code, st.fail_msg.clone());
         return platform_error(code, &msg);
     }
-    let Some(app) = opts.apps.iter().find(|a| a.app_key == app_key) else {
-        return platform_error(40089, "invalid app_key");
-    };
-    if app.corp_id != get("corp_id") {
-        return platform_error(40013, "invalid corp_id");
-    }
-    if app.secret != get("corp_secret") {
-        return platform_error(40001, "invalid corp_secret");
+    if param_app.is_none() {
+        if path != opts.token_path {
+            return platform_error(40001, "invalid credentials for this token endpoint");
+        }
+        let Some(app) = opts.apps.iter().find(|a| a.app_key == app_key) else {
+            return platform_error(40089, "invalid app_key");
+        };
+        if app.corp_id != get("corp_id") {
+            return platform_error(40013, "invalid corp_id");
+        }
+        if app.secret != get("corp_secret") {
+            return platform_error(40001, "invalid corp_secret");
+        }
     }
     let issued = st.issued.get(app_key).copied().unwrap_or(0);
     if st.quota > 0 && issued >= st.quota {
@@ -614,6 +683,11 @@ async fn api(shared: &Shared, req: Request<Incoming>) -> Response<Body> {
             (_, Some(t)) if t.invalid_from.is_some_and(|at| at <= now) => "unknown",
             (_, Some(t)) if t.expires_at <= now => "expired",
             _ => "valid",
+        };
+        let status = if st.reject_all && status == "valid" {
+            "unknown"
+        } else {
+            status
         };
         (status, issued.map(|t| t.app_key.clone()), st.api_delay)
     };

@@ -19,7 +19,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::oneshot;
+use tokio::sync::{oneshot, watch};
 use tokio::task::JoinHandle;
 use tokio_rustls::TlsAcceptor;
 
@@ -144,11 +144,38 @@ async fn handshake(
     }
 }
 
-/// Serves the proxy on `listener` until `shutdown` resolves.
-pub async fn serve_proxy(
+/// The bound sockets of a proxy.
+#[derive(Debug)]
+pub struct Listeners {
+    /// Where legacy apps connect.
+    pub proxy: TcpListener,
+    /// The admin endpoints, if configured.
+    pub admin: Option<TcpListener>,
+}
+
+impl Listeners {
+    /// Binds `server.listen` and `admin.listen` (port 0 picks a free port).
+    pub async fn bind(config: &Config) -> Result<Self, StartupError> {
+        let bind = |addr: SocketAddr| async move {
+            TcpListener::bind(addr)
+                .await
+                .map_err(|source| StartupError::Bind { addr, source })
+        };
+        let proxy = bind(config.server.listen).await?;
+        let admin = match &config.admin {
+            Some(a) => Some(bind(a.listen).await?),
+            None => None,
+        };
+        Ok(Listeners { proxy, admin })
+    }
+}
+
+/// Runs the proxy (and its admin listener and token refreshers) until `shutdown` resolves,
+/// then drains in-flight requests for up to `server.shutdown_grace_s`.
+pub async fn run(
     proxy: Arc<Proxy>,
-    listener: TcpListener,
-    shutdown: impl Future<Output = ()>,
+    listeners: Listeners,
+    shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), StartupError> {
     let tls = match &proxy.config().server.tls {
         Some(files) => Some(TlsAcceptor::from(crate::tls::server_config_from_files(
@@ -156,15 +183,43 @@ pub async fn serve_proxy(
         )?)),
         None => None,
     };
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let stopped = move || {
+        let mut rx = stop_rx.clone();
+        async move {
+            let _ = rx.wait_for(|stop| *stop).await;
+        }
+    };
+    tokio::spawn(async move {
+        shutdown.await;
+        let _ = stop_tx.send(true);
+    });
+    proxy.tokens().start();
     let grace = proxy.config().server.shutdown_grace;
+    let admin = listeners.admin.map(|listener| {
+        let p = proxy.clone();
+        let make = move |peer: SocketAddr| {
+            let p = p.clone();
+            hyper::service::service_fn(move |req| {
+                let p = p.clone();
+                async move { Ok::<_, Infallible>(crate::admin::handle(&p, peer, req).await) }
+            })
+        };
+        tokio::spawn(serve::<_, _, Body>(listener, None, make, stopped(), grace))
+    });
+    let p = proxy.clone();
     let make = move |peer: SocketAddr| {
-        let proxy = proxy.clone();
+        let p = p.clone();
         hyper::service::service_fn(move |req| {
-            let proxy = proxy.clone();
-            async move { Ok::<_, Infallible>(proxy.handle(peer, req).await) }
+            let p = p.clone();
+            async move { Ok::<_, Infallible>(p.handle(peer, req).await) }
         })
     };
-    serve::<_, _, Body>(listener, tls, make, shutdown, grace).await;
+    serve::<_, _, Body>(listeners.proxy, tls, make, stopped(), grace).await;
+    if let Some(admin) = admin {
+        let _ = admin.await;
+    }
+    proxy.tokens().stop();
     Ok(())
 }
 
@@ -173,6 +228,8 @@ pub async fn serve_proxy(
 pub struct ProxyHandle {
     /// Where it listens.
     pub addr: SocketAddr,
+    /// Where the admin endpoints listen, if configured.
+    pub admin_addr: Option<SocketAddr>,
     /// The shared state (its config, its caches).
     pub proxy: Arc<Proxy>,
     stop: Option<oneshot::Sender<()>>,
@@ -180,7 +237,7 @@ pub struct ProxyHandle {
 }
 
 impl ProxyHandle {
-    /// Binds `config.server.listen` (port 0 picks a free one) and starts serving.
+    /// Binds the configured addresses (port 0 picks a free one) and starts serving.
     pub async fn start(config: Config) -> Result<Self, StartupError> {
         let proxy = Proxy::new(config)?;
         Self::start_with(proxy).await
@@ -188,23 +245,20 @@ impl ProxyHandle {
 
     /// Starts serving an already-built proxy.
     pub async fn start_with(proxy: Arc<Proxy>) -> Result<Self, StartupError> {
-        let listen = proxy.config().server.listen;
-        let listener = TcpListener::bind(listen)
-            .await
-            .map_err(|source| StartupError::Bind {
-                addr: listen,
-                source,
-            })?;
-        let addr = listener.local_addr().map_err(|source| StartupError::Bind {
-            addr: listen,
-            source,
-        })?;
+        let listeners = Listeners::bind(proxy.config()).await?;
+        let local = |l: &TcpListener| {
+            l.local_addr()
+                .map_err(|e| StartupError::Other(e.to_string()))
+        };
+        let addr = local(&listeners.proxy)?;
+        let admin_addr = listeners.admin.as_ref().map(local).transpose()?;
         let (stop, stopped) = oneshot::channel();
-        let task = tokio::spawn(serve_proxy(proxy.clone(), listener, async {
+        let task = tokio::spawn(run(proxy.clone(), listeners, async {
             let _ = stopped.await;
         }));
         Ok(ProxyHandle {
             addr,
+            admin_addr,
             proxy,
             stop: Some(stop),
             task,

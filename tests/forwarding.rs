@@ -154,7 +154,7 @@ async fn absolute_form_targets_are_refused_and_connect_is_405() {
 
     let a = send(&client(false), request(Method::CONNECT, &env.url("/"), "")).await;
     assert_proxy_error(&a, 405, "method_not_allowed");
-    assert_eq!(env.sandbox.requests_seen(), 0, "nothing was forwarded");
+    assert!(env.sandbox.recorded().is_empty(), "nothing was forwarded");
 }
 
 #[tokio::test]

@@ -43,9 +43,11 @@ async fn get_with(
 
 #[tokio::test]
 async fn a_failing_token_endpoint_gives_502_with_the_platforms_code_and_message() {
-    let env = env("").await;
-    env.sandbox
-        .fail_token_fetches(1, 50001, "system busy, try later");
+    // The warm-up fetch at startup and the request's own fetch both fail.
+    let env = EnvBuilder::new()
+        .prepare(|s| s.fail_token_fetches(2, 50001, "system busy, try later"))
+        .start()
+        .await;
     let a = get(&env.url("/api/x")).await;
     let v = assert_proxy_error(&a, 502, "token_unavailable");
     assert_eq!(v["err_code"], 990510);
@@ -61,7 +63,7 @@ async fn a_failing_token_endpoint_gives_502_with_the_platforms_code_and_message(
     // Failures are not cached: the next request fetches again and succeeds.
     let a = get(&env.url("/api/x")).await;
     assert_eq!(a.json()["err_code"], 0, "{}", a.text());
-    assert_eq!(env.sandbox.token_fetches(APP_KEY), 2);
+    assert_eq!(env.sandbox.token_fetches(APP_KEY), 3);
 }
 
 #[tokio::test]

@@ -58,6 +58,11 @@ impl TokenCache {
         &self.clock
     }
 
+    /// Stores `token` as the app's current token.
+    pub async fn insert(&self, app: &Arc<str>, token: Arc<Token>) {
+        self.cache.insert(app.clone(), token).await;
+    }
+
     /// The app's cached token if it is still usable, without fetching.
     pub async fn peek(&self, app: &Arc<str>) -> Option<Arc<Token>> {
         self.cache
@@ -71,7 +76,7 @@ impl TokenCache {
     pub async fn get<F, Fut>(&self, app: &Arc<str>, fetch: F) -> Result<Arc<Token>, Arc<TokenError>>
     where
         F: FnOnce() -> Fut,
-        Fut: Future<Output = Result<Token, TokenError>>,
+        Fut: Future<Output = Result<Arc<Token>, TokenError>>,
     {
         if let Some(t) = self.cache.get(app).await {
             if t.usable_at(self.clock.now()) {
@@ -79,10 +84,7 @@ impl TokenCache {
             }
             self.remove_if_current(app, &t).await;
         }
-        let token = self
-            .cache
-            .try_get_with_by_ref(app, async move { fetch().await.map(Arc::new) })
-            .await?;
+        let token = self.cache.try_get_with_by_ref(app, fetch()).await?;
         if token.usable_at(self.clock.now()) {
             Ok(token)
         } else {
@@ -118,6 +120,7 @@ mod tests {
     use std::sync::atomic::{AtomicUsize, Ordering};
 
     fn token(clock: &ManualClock, secs: u64, value: &str) -> Token {
+        // Refresh timing is the manager's business; the cache only judges expiry.
         use crate::clock::Clock;
         Token::new(
             value.into(),
@@ -126,6 +129,7 @@ mod tests {
             &Inject::Query {
                 param: "access_token".into(),
             },
+            Duration::ZERO,
         )
         .unwrap()
     }
@@ -145,7 +149,7 @@ mod tests {
                     .get(&app, || async {
                         fetches.fetch_add(1, Ordering::SeqCst);
                         tokio::time::sleep(Duration::from_millis(50)).await;
-                        Ok(token(&clock, 60, "t1"))
+                        Ok(Arc::new(token(&clock, 60, "t1")))
                     })
                     .await
                     .map(|t| t.secret().expose().to_owned())
@@ -163,14 +167,14 @@ mod tests {
         let cache = TokenCache::new(clock.clone());
         let app: Arc<str> = Arc::from("a");
         let t1 = cache
-            .get(&app, || async { Ok(token(&clock, 60, "t1")) })
+            .get(&app, || async { Ok(Arc::new(token(&clock, 60, "t1"))) })
             .await
             .unwrap();
         assert_eq!(t1.secret().expose(), "t1");
         clock.advance(Duration::from_secs(61));
         assert!(cache.peek(&app).await.is_none());
         let t2 = cache
-            .get(&app, || async { Ok(token(&clock, 60, "t2")) })
+            .get(&app, || async { Ok(Arc::new(token(&clock, 60, "t2"))) })
             .await
             .unwrap();
         assert_eq!(t2.secret().expose(), "t2");
@@ -198,7 +202,7 @@ mod tests {
             }
         );
         let ok = cache
-            .get(&app, || async { Ok(token(&clock, 60, "t")) })
+            .get(&app, || async { Ok(Arc::new(token(&clock, 60, "t"))) })
             .await;
         assert!(ok.is_ok());
     }
@@ -209,12 +213,12 @@ mod tests {
         let cache = TokenCache::new(clock.clone());
         let app: Arc<str> = Arc::from("a");
         let old = cache
-            .get(&app, || async { Ok(token(&clock, 60, "old")) })
+            .get(&app, || async { Ok(Arc::new(token(&clock, 60, "old"))) })
             .await
             .unwrap();
         cache.remove_if_current(&app, &old).await;
         let new = cache
-            .get(&app, || async { Ok(token(&clock, 60, "new")) })
+            .get(&app, || async { Ok(Arc::new(token(&clock, 60, "new"))) })
             .await
             .unwrap();
         cache.remove_if_current(&app, &old).await;

@@ -44,6 +44,14 @@ pub enum TokenError {
     /// No answer in time.
     #[error("token fetch timed out after {0} ms")]
     Timeout(u128),
+    /// The per-app fetch cap was reached; no request was sent.
+    #[error("the token fetch limit of {limit} per minute for this app was reached; retry in {retry_in_s} s")]
+    RateLimited {
+        /// `max_fetches_per_minute`.
+        limit: u32,
+        /// Seconds until the window frees a slot.
+        retry_in_s: u64,
+    },
 }
 
 impl From<&TokenError> for ProxyError {
@@ -81,6 +89,7 @@ pub async fn fetch(
     upstream: &Upstream,
     app: &AppConfig,
     inject: &Inject,
+    refresh_ahead: Duration,
     clock: &dyn Clock,
 ) -> Result<Token, TokenError> {
     let mut pq = String::with_capacity(128);
@@ -168,5 +177,6 @@ pub async fn fetch(
         Duration::from_secs(expires_in as u64),
         clock.now(),
         inject,
+        refresh_ahead,
     )
 }

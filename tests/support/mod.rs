@@ -103,30 +103,154 @@ pub fn config(text: &str) -> Config {
 /// A default sandbox and a proxy with the default app; `token_extra` goes into the file
 /// before the app (e.g. a `[token]` table).
 pub async fn env(token_extra: &str) -> Env {
-    env_with(SandboxOptions::default(), token_extra, None).await
+    EnvBuilder::new().extra(token_extra).start().await
 }
 
 /// Like [`env`] with sandbox options and an optional clock.
 pub async fn env_with(opts: SandboxOptions, token_extra: &str, clock: Option<SharedClock>) -> Env {
-    let dir = tempfile::tempdir().unwrap();
-    let sandbox = sandbox(dir.path(), opts).await;
-    let text = config_text(
-        &sandbox,
-        dir.path(),
-        "",
-        &format!("{token_extra}\n{}", default_app(dir.path())),
-    );
-    let cfg = config(&text);
-    let proxy = match clock {
-        Some(clock) => ProxyHandle::start_with(Proxy::with_clock(cfg, clock).unwrap())
-            .await
-            .unwrap(),
-        None => ProxyHandle::start(cfg).await.unwrap(),
-    };
-    Env {
-        sandbox,
-        proxy,
-        dir,
+    let mut b = EnvBuilder::new().sandbox(opts).extra(token_extra);
+    b.clock = clock;
+    b.start().await
+}
+
+/// Something done to the sandbox before the proxy starts.
+type Prepare = Box<dyn FnOnce(&Sandbox)>;
+
+/// Builds an [`Env`] step by step.
+pub struct EnvBuilder {
+    opts: SandboxOptions,
+    server: String,
+    extra: String,
+    apps: Option<String>,
+    admin: bool,
+    pub clock: Option<SharedClock>,
+    prepare: Option<Prepare>,
+}
+
+impl EnvBuilder {
+    pub fn new() -> Self {
+        EnvBuilder {
+            opts: SandboxOptions::default(),
+            server: String::new(),
+            extra: String::new(),
+            apps: None,
+            admin: false,
+            clock: None,
+            prepare: None,
+        }
+    }
+
+    pub fn sandbox(mut self, opts: SandboxOptions) -> Self {
+        self.opts = opts;
+        self
+    }
+
+    /// Lines for `[server]`.
+    pub fn server(mut self, lines: &str) -> Self {
+        self.server = lines.into();
+        self
+    }
+
+    /// Tables placed before the apps (`[token]`, …).
+    pub fn extra(mut self, text: &str) -> Self {
+        self.extra = text.into();
+        self
+    }
+
+    /// `[[app]]` tables replacing the default app; `{dir}` is replaced by the temp dir.
+    pub fn apps(mut self, text: &str) -> Self {
+        self.apps = Some(text.into());
+        self
+    }
+
+    /// Also listen on an admin address.
+    pub fn admin(mut self) -> Self {
+        self.admin = true;
+        self
+    }
+
+    pub fn clock(mut self, clock: SharedClock) -> Self {
+        self.clock = Some(clock);
+        self
+    }
+
+    /// Runs on the sandbox before the proxy starts (its warm-up fetch sees the result).
+    pub fn prepare(mut self, f: impl FnOnce(&Sandbox) + 'static) -> Self {
+        self.prepare = Some(Box::new(f));
+        self
+    }
+
+    pub async fn start(self) -> Env {
+        let dir = tempfile::tempdir().unwrap();
+        let sandbox = sandbox(dir.path(), self.opts).await;
+        if let Some(f) = self.prepare {
+            f(&sandbox);
+        }
+        let apps = match self.apps {
+            Some(a) => a.replace("{dir}", &dir.path().display().to_string()),
+            None => default_app(dir.path()),
+        };
+        let admin = if self.admin {
+            "[admin]\nlisten = \"127.0.0.1:0\"\n"
+        } else {
+            ""
+        };
+        let text = config_text(
+            &sandbox,
+            dir.path(),
+            &self.server,
+            &format!("{admin}{}\n{apps}", self.extra),
+        );
+        let cfg = config(&text);
+        let proxy = match self.clock {
+            Some(clock) => ProxyHandle::start_with(Proxy::with_clock(cfg, clock).unwrap())
+                .await
+                .unwrap(),
+            None => ProxyHandle::start(cfg).await.unwrap(),
+        };
+        Env {
+            sandbox,
+            proxy,
+            dir,
+        }
+    }
+}
+
+impl Default for EnvBuilder {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Env {
+    /// `http://admin` + `path`.
+    pub fn admin_url(&self, path: &str) -> String {
+        format!(
+            "http://{}{path}",
+            self.proxy.admin_addr.expect("admin configured")
+        )
+    }
+
+    /// Waits (at most 10 s) until the proxy holds a token for every app.
+    pub async fn ready(&self) {
+        for _ in 0..500 {
+            if self
+                .proxy
+                .proxy
+                .tokens()
+                .status()
+                .await
+                .iter()
+                .all(|a| a.ready)
+            {
+                return;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+        panic!(
+            "the proxy never became ready: {:?}",
+            self.proxy.proxy.tokens().status().await
+        );
     }
 }
 

@@ -1,0 +1,340 @@
+//! The token lifecycle per app: fetched before anyone asks, refreshed in the background ahead
+//! of expiry, replaced once when the platform rejects it, and never fetched more often than
+//! `max_fetches_per_minute`.
+//!
+//! Two paths fetch, and one gate per app keeps them to one fetch in flight:
+//! - the *refresher*, one task per app, fetches at startup and again whenever the current token
+//!   reaches its `refresh_at`, retrying failures with jittered backoff; requests keep using the
+//!   current token meanwhile, so none waits on a refresh;
+//! - a request finding no usable token (first use with the refresher still fetching, an expiry
+//!   the refresher could not prevent, a rejection) joins moka's single-flight load, whose
+//!   result, success or error, all waiting requests share.
+//!
+//! Whoever takes the gate second looks at the cache again before fetching, so a token that
+//! just arrived is used rather than fetched anew.
+
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, Weak};
+use std::time::{Duration, Instant};
+
+use tokio::sync::Notify;
+
+use super::{fetch, Token, TokenCache, TokenError};
+use crate::clock::SharedClock;
+use crate::config::{AppConfig, Inject, TokenConfig};
+use crate::metrics::{FetchReason, Metrics};
+use crate::upstream::Upstream;
+
+/// Size of the fetch-cap window.
+const WINDOW: Duration = Duration::from_secs(60);
+/// First and largest pause between failed background fetches.
+const BACKOFF: (Duration, Duration) = (Duration::from_secs(1), Duration::from_secs(60));
+
+/// One app's token state beside the cache.
+#[derive(Debug)]
+struct AppTokens {
+    config: AppConfig,
+    key: Arc<str>,
+    /// Held while a fetch is in flight: one fetch per app at a time.
+    gate: tokio::sync::Mutex<()>,
+    /// Start times of the fetches in the last `WINDOW`.
+    window: Mutex<VecDeque<Instant>>,
+    /// Why the last fetch failed, until one succeeds (for `/readyz`).
+    last_error: Mutex<Option<String>>,
+    had_token: AtomicBool,
+    /// Wakes the refresher early (forced refresh, shutdown).
+    wake: Notify,
+}
+
+/// What `/readyz` reports for one app.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct AppStatus {
+    /// App name.
+    pub app: String,
+    /// Whether it holds a usable token.
+    pub ready: bool,
+    /// Seconds until the token expires.
+    pub seconds_left: u64,
+    /// Why not ready, if known.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+}
+
+/// Owns every app's token.
+#[derive(Debug)]
+pub struct TokenManager {
+    apps: Vec<Arc<AppTokens>>,
+    cache: TokenCache,
+    upstream: Arc<Upstream>,
+    inject: Inject,
+    refresh_ahead: Duration,
+    max_per_minute: u32,
+    metrics: Arc<Metrics>,
+    stopped: AtomicBool,
+}
+
+impl TokenManager {
+    /// A manager for `apps` (no task is started until [`TokenManager::start`]).
+    pub fn new(
+        apps: &[AppConfig],
+        token: &TokenConfig,
+        upstream: Arc<Upstream>,
+        clock: SharedClock,
+        metrics: Arc<Metrics>,
+    ) -> Self {
+        TokenManager {
+            apps: apps
+                .iter()
+                .map(|a| {
+                    Arc::new(AppTokens {
+                        key: Arc::from(a.name.as_str()),
+                        config: a.clone(),
+                        gate: tokio::sync::Mutex::new(()),
+                        window: Mutex::new(VecDeque::new()),
+                        last_error: Mutex::new(None),
+                        had_token: AtomicBool::new(false),
+                        wake: Notify::new(),
+                    })
+                })
+                .collect(),
+            cache: TokenCache::new(clock),
+            upstream,
+            inject: token.inject.clone(),
+            refresh_ahead: token.refresh_ahead,
+            max_per_minute: token.max_fetches_per_minute,
+            metrics,
+            stopped: AtomicBool::new(false),
+        }
+    }
+
+    /// Starts one background refresher per app; they end when the manager is dropped or
+    /// [`TokenManager::stop`] is called.
+    pub fn start(self: &Arc<Self>) {
+        for (idx, app) in self.apps.iter().enumerate() {
+            tokio::spawn(refresher(Arc::downgrade(self), app.clone(), idx));
+        }
+    }
+
+    /// Ends the refreshers.
+    pub fn stop(&self) {
+        self.stopped.store(true, Ordering::SeqCst);
+        for app in &self.apps {
+            app.wake.notify_one();
+        }
+    }
+
+    /// The app's usable token, fetching (once, shared) if there is none.
+    pub async fn token(&self, idx: usize) -> Result<Arc<Token>, Arc<TokenError>> {
+        let app = &self.apps[idx];
+        let reason = if app.had_token.load(Ordering::Relaxed) {
+            FetchReason::Expired
+        } else {
+            FetchReason::FirstUse
+        };
+        self.token_for(idx, reason).await
+    }
+
+    /// Like [`TokenManager::token`], counting a fetch under `reason`.
+    pub async fn token_for(
+        &self,
+        idx: usize,
+        reason: FetchReason,
+    ) -> Result<Arc<Token>, Arc<TokenError>> {
+        let key = &self.apps[idx].key;
+        self.cache
+            .get(key, || self.fetch_gated(idx, reason, None, false))
+            .await
+    }
+
+    /// The platform rejected `token`: drop it if it is still the app's current one (so a
+    /// burst of rejections of one token causes one fetch).
+    pub async fn reject(&self, idx: usize, token: &Arc<Token>) {
+        let app = &self.apps[idx];
+        self.metrics.rejection(&app.key);
+        self.cache.remove_if_current(&app.key, token).await;
+    }
+
+    /// Fetches a new token now, whatever the cache holds (`POST /tokens/{app}/refresh`).
+    pub async fn force_refresh(&self, idx: usize) -> Result<Arc<Token>, TokenError> {
+        let t = self
+            .fetch_gated(idx, FetchReason::Forced, None, true)
+            .await?;
+        self.apps[idx].wake.notify_one();
+        Ok(t)
+    }
+
+    /// Index of the app named `name`.
+    pub fn index_of(&self, name: &str) -> Option<usize> {
+        self.apps.iter().position(|a| &*a.key == name)
+    }
+
+    /// Readiness of every app.
+    pub async fn status(&self) -> Vec<AppStatus> {
+        let now = self.cache.clock().now();
+        let mut out = Vec::with_capacity(self.apps.len());
+        for app in &self.apps {
+            let token = self.cache.peek(&app.key).await;
+            let seconds_left = token.as_ref().map_or(0, |t| t.remaining(now).as_secs());
+            self.metrics.set_seconds_left(
+                &app.key,
+                token
+                    .as_ref()
+                    .map_or(0.0, |t| t.remaining(now).as_secs_f64()),
+            );
+            let reason = match &token {
+                Some(_) => None,
+                None => Some(
+                    lock(&app.last_error)
+                        .clone()
+                        .unwrap_or_else(|| "no token fetched yet".to_owned()),
+                ),
+            };
+            out.push(AppStatus {
+                app: app.key.to_string(),
+                ready: token.is_some(),
+                seconds_left,
+                reason,
+            });
+        }
+        out
+    }
+
+    /// Fetches under the app's gate. Unless `force`, a usable token that is not `replacing`
+    /// and not yet due is returned as is (someone else fetched while we waited). The new
+    /// token is stored before the gate opens, so the next holder sees it.
+    async fn fetch_gated(
+        &self,
+        idx: usize,
+        reason: FetchReason,
+        replacing: Option<&Arc<Token>>,
+        force: bool,
+    ) -> Result<Arc<Token>, TokenError> {
+        let app = &self.apps[idx];
+        let _gate = app.gate.lock().await;
+        let clock = self.cache.clock().clone();
+        if !force {
+            if let Some(t) = self.cache.peek(&app.key).await {
+                let is_replaced = replacing.is_some_and(|r| Arc::ptr_eq(r, &t));
+                if !is_replaced && !t.due_at(clock.now()) {
+                    return Ok(t);
+                }
+            }
+        }
+        if let Err(e) = self.take_fetch_slot(app, clock.now()) {
+            self.metrics.token_fetch(&app.key, reason, "rate_limited");
+            tracing::warn!(app = %app.key, reason = reason.as_str(), error = %e, "token fetch refused");
+            return Err(e);
+        }
+        match fetch(
+            &self.upstream,
+            &app.config,
+            &self.inject,
+            self.refresh_ahead,
+            &*clock,
+        )
+        .await
+        {
+            Ok(mut token) => {
+                // Platforms that hand out the same token until it expires are asked again
+                // only when it has expired, not in a loop ahead of expiry.
+                if replacing.is_some_and(|r| r.secret() == token.secret()) {
+                    token.refresh_at = token.expires_at;
+                }
+                let token = Arc::new(token);
+                self.cache.insert(&app.key, token.clone()).await;
+                app.had_token.store(true, Ordering::Relaxed);
+                *lock(&app.last_error) = None;
+                self.metrics.token_fetch(&app.key, reason, "ok");
+                tracing::info!(app = %app.key, reason = reason.as_str(), expires_in_s = token.lifetime.as_secs(), "fetched a new access token");
+                Ok(token)
+            }
+            Err(e) => {
+                *lock(&app.last_error) = Some(e.to_string());
+                self.metrics.token_fetch(&app.key, reason, "error");
+                tracing::warn!(app = %app.key, reason = reason.as_str(), error = %e, "token fetch failed");
+                Err(e)
+            }
+        }
+    }
+
+    /// Counts a fetch against the app's cap, or says how long until one is allowed.
+    fn take_fetch_slot(&self, app: &AppTokens, now: Instant) -> Result<(), TokenError> {
+        let mut window = lock(&app.window);
+        while window
+            .front()
+            .is_some_and(|&t| now.saturating_duration_since(t) >= WINDOW)
+        {
+            window.pop_front();
+        }
+        if window.len() >= self.max_per_minute as usize {
+            let oldest = window.front().copied().unwrap_or(now);
+            let retry = WINDOW.saturating_sub(now.saturating_duration_since(oldest));
+            return Err(TokenError::RateLimited {
+                limit: self.max_per_minute,
+                retry_in_s: retry.as_secs().max(1),
+            });
+        }
+        window.push_back(now);
+        Ok(())
+    }
+}
+
+/// Locks a std mutex, shrugging off poisoning: the guarded values stay meaningful.
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// A pause of `base` ± 25 %, so instances and apps do not retry in lockstep.
+fn jitter(base: Duration) -> Duration {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.subsec_nanos());
+    let frac = f64::from(nanos % 1000) / 1000.0; // 0..1
+    base.mul_f64(0.75 + frac * 0.5)
+}
+
+/// Keeps one app's token fresh: fetch when there is none or it is due, then sleep until the
+/// next `refresh_at`; on failure retry with jittered exponential backoff (or when the fetch cap
+/// frees a slot). Holds the manager only weakly, so dropping the proxy ends it.
+async fn refresher(manager: Weak<TokenManager>, app: Arc<AppTokens>, idx: usize) {
+    let mut backoff = BACKOFF.0;
+    loop {
+        let pause = {
+            let Some(m) = manager.upgrade() else { return };
+            if m.stopped.load(Ordering::SeqCst) {
+                return;
+            }
+            let now = m.cache.clock().now();
+            let current = m.cache.peek(&app.key).await;
+            match current {
+                Some(t) if !t.due_at(now) => {
+                    backoff = BACKOFF.0;
+                    t.refresh_at - now
+                }
+                current => {
+                    let reason = match (&current, app.had_token.load(Ordering::Relaxed)) {
+                        (Some(_), _) => FetchReason::AheadOfExpiry,
+                        (None, true) => FetchReason::Expired,
+                        (None, false) => FetchReason::FirstUse,
+                    };
+                    match m.fetch_gated(idx, reason, current.as_ref(), false).await {
+                        Ok(_) => continue,
+                        Err(TokenError::RateLimited { retry_in_s, .. }) => {
+                            Duration::from_secs(retry_in_s)
+                        }
+                        Err(_) => {
+                            let pause = jitter(backoff);
+                            backoff = (backoff * 2).min(BACKOFF.1);
+                            pause
+                        }
+                    }
+                }
+            }
+        };
+        tokio::select! {
+            () = tokio::time::sleep(pause) => {}
+            () = app.wake.notified() => {}
+        }
+    }
+}

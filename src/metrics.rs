@@ -1,0 +1,316 @@
+//! Prometheus metrics (the `prometheus` crate: lock-free counters and histograms).
+//!
+//! Per-request counters are resolved once at startup into a flat table indexed by app, status
+//! class and method, so the hot path does an atomic add, never a label lookup or allocation.
+//! Labels never carry a secret: apps and clients by configured name, nothing from requests.
+
+use std::time::Duration;
+
+use http::Method;
+use prometheus::{
+    exponential_buckets, Gauge, GaugeVec, Histogram, HistogramOpts, IntCounter, IntCounterVec,
+    Opts, Registry, TextEncoder,
+};
+
+/// Methods with their own label value; anything else counts as `OTHER`.
+const METHODS: [Method; 7] = [
+    Method::GET,
+    Method::POST,
+    Method::PUT,
+    Method::DELETE,
+    Method::PATCH,
+    Method::HEAD,
+    Method::OPTIONS,
+];
+const CLASSES: [&str; 5] = ["1xx", "2xx", "3xx", "4xx", "5xx"];
+
+/// Why a token was fetched (the `reason` label).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FetchReason {
+    /// The app had never had a token.
+    FirstUse,
+    /// Refreshed in the background before expiry.
+    AheadOfExpiry,
+    /// The token had expired with no refresh in time.
+    Expired,
+    /// The platform rejected the token.
+    Rejected,
+    /// `POST /tokens/{app}/refresh`.
+    Forced,
+}
+
+impl FetchReason {
+    /// Label value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FetchReason::FirstUse => "first_use",
+            FetchReason::AheadOfExpiry => "ahead_of_expiry",
+            FetchReason::Expired => "expired",
+            FetchReason::Rejected => "rejected",
+            FetchReason::Forced => "forced",
+        }
+    }
+}
+
+/// Every metric the proxy exports.
+#[derive(Debug)]
+pub struct Metrics {
+    registry: Registry,
+    /// `[app][class][method]`, flattened; the last app slot is for unrouted requests (`-`).
+    requests: Vec<IntCounter>,
+    apps: usize,
+    overhead: Histogram,
+    upstream: Histogram,
+    token_fetches: IntCounterVec,
+    token_seconds_left: GaugeVec,
+    replays: IntCounterVec,
+    rejections: IntCounterVec,
+    upstream_errors: IntCounterVec,
+    by_client: IntCounterVec,
+    redis_up: Gauge,
+}
+
+impl Metrics {
+    /// Registers every metric for the given app names.
+    pub fn new(apps: &[&str]) -> Self {
+        let registry =
+            Registry::new_custom(Some("cx_proxy".into()), None).expect("static prefix is valid");
+        let requests_vec = IntCounterVec::new(
+            Opts::new(
+                "requests_total",
+                "Requests answered, by app, status class and method",
+            ),
+            &["app", "status_class", "method"],
+        )
+        .expect("static metric");
+        let mut requests =
+            Vec::with_capacity((apps.len() + 1) * CLASSES.len() * (METHODS.len() + 1));
+        for app in apps.iter().copied().chain(["-"]) {
+            for class in CLASSES {
+                for m in METHODS.iter().map(Method::as_str).chain(["OTHER"]) {
+                    requests.push(requests_vec.with_label_values(&[app, class, m]));
+                }
+            }
+        }
+        let buckets = exponential_buckets(0.000_05, 2.0, 18).expect("static buckets");
+        let overhead = Histogram::with_opts(
+            HistogramOpts::new(
+                "overhead_seconds",
+                "Time spent in the proxy itself per request (total minus upstream)",
+            )
+            .buckets(buckets.clone()),
+        )
+        .expect("static metric");
+        let upstream = Histogram::with_opts(
+            HistogramOpts::new(
+                "upstream_seconds",
+                "Time from sending upstream to the response head",
+            )
+            .buckets(buckets),
+        )
+        .expect("static metric");
+        let token_fetches = IntCounterVec::new(
+            Opts::new(
+                "token_fetches_total",
+                "Token fetches by app, reason and result",
+            ),
+            &["app", "reason", "result"],
+        )
+        .expect("static metric");
+        let token_seconds_left = GaugeVec::new(
+            Opts::new(
+                "token_seconds_left",
+                "Seconds until the app's current token expires (0: none)",
+            ),
+            &["app"],
+        )
+        .expect("static metric");
+        let replays = IntCounterVec::new(
+            Opts::new(
+                "replays_total",
+                "Requests replayed after the platform rejected the token",
+            ),
+            &["app"],
+        )
+        .expect("static metric");
+        let rejections = IntCounterVec::new(
+            Opts::new(
+                "token_rejections_total",
+                "Responses whose err_code said the token was rejected",
+            ),
+            &["app"],
+        )
+        .expect("static metric");
+        let upstream_errors = IntCounterVec::new(
+            Opts::new(
+                "upstream_errors_total",
+                "Upstream exchanges that failed, by kind",
+            ),
+            &["kind"],
+        )
+        .expect("static metric");
+        let by_client = IntCounterVec::new(
+            Opts::new("client_requests_total", "Requests by identified client"),
+            &["client"],
+        )
+        .expect("static metric");
+        let redis_up = Gauge::with_opts(Opts::new(
+            "token_store_up",
+            "1 while the shared token store is reachable (0 when none is configured or it is down)",
+        ))
+        .expect("static metric");
+        for c in [
+            &requests_vec,
+            &token_fetches,
+            &replays,
+            &rejections,
+            &upstream_errors,
+            &by_client,
+        ] {
+            registry
+                .register(Box::new(c.clone()))
+                .expect("unique metric");
+        }
+        registry
+            .register(Box::new(token_seconds_left.clone()))
+            .expect("unique metric");
+        registry
+            .register(Box::new(overhead.clone()))
+            .expect("unique metric");
+        registry
+            .register(Box::new(upstream.clone()))
+            .expect("unique metric");
+        registry
+            .register(Box::new(redis_up.clone()))
+            .expect("unique metric");
+        // Make the per-app series visible from the start, at zero.
+        for app in apps {
+            token_seconds_left.with_label_values(&[app]).set(0.0);
+            replays.with_label_values(&[app]);
+        }
+        Metrics {
+            registry,
+            requests,
+            apps: apps.len(),
+            overhead,
+            upstream,
+            token_fetches,
+            token_seconds_left,
+            replays,
+            rejections,
+            upstream_errors,
+            by_client,
+            redis_up,
+        }
+    }
+
+    /// Counts one answered request. `app` is the app's index, `None` if unrouted.
+    pub fn request(
+        &self,
+        app: Option<usize>,
+        status: u16,
+        method: &Method,
+        total: Duration,
+        upstream: Option<Duration>,
+    ) {
+        let app = app.filter(|&i| i < self.apps).unwrap_or(self.apps);
+        let class = usize::from((status / 100).clamp(1, 5) - 1);
+        let m = METHODS
+            .iter()
+            .position(|x| x == method)
+            .unwrap_or(METHODS.len());
+        let idx = (app * CLASSES.len() + class) * (METHODS.len() + 1) + m;
+        if let Some(c) = self.requests.get(idx) {
+            c.inc();
+        }
+        match upstream {
+            Some(up) => {
+                self.upstream.observe(up.as_secs_f64());
+                self.overhead
+                    .observe(total.saturating_sub(up).as_secs_f64());
+            }
+            None => self.overhead.observe(total.as_secs_f64()),
+        }
+    }
+
+    /// Counts a token fetch.
+    pub fn token_fetch(&self, app: &str, reason: FetchReason, result: &str) {
+        self.token_fetches
+            .with_label_values(&[app, reason.as_str(), result])
+            .inc();
+    }
+
+    /// Counts a rejected token.
+    pub fn rejection(&self, app: &str) {
+        self.rejections.with_label_values(&[app]).inc();
+    }
+
+    /// Counts a replay.
+    pub fn replay(&self, app: &str) {
+        self.replays.with_label_values(&[app]).inc();
+    }
+
+    /// Counts an upstream failure (`unreachable`, `timeout`).
+    pub fn upstream_error(&self, kind: &str) {
+        self.upstream_errors.with_label_values(&[kind]).inc();
+    }
+
+    /// Counts a request by an identified client.
+    pub fn client_request(&self, client: &str) {
+        self.by_client.with_label_values(&[client]).inc();
+    }
+
+    /// Sets the seconds-left gauge (done at scrape time).
+    pub fn set_seconds_left(&self, app: &str, secs: f64) {
+        self.token_seconds_left.with_label_values(&[app]).set(secs);
+    }
+
+    /// Sets whether the shared token store is reachable.
+    pub fn set_store_up(&self, up: bool) {
+        self.redis_up.set(if up { 1.0 } else { 0.0 });
+    }
+
+    /// The Prometheus text exposition.
+    pub fn render(&self) -> String {
+        TextEncoder::new()
+            .encode_to_string(&self.registry.gather())
+            .unwrap_or_else(|e| format!("# encoding failed: {e}\n"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn requests_land_on_their_labels() {
+        let m = Metrics::new(&["a", "b"]);
+        m.request(
+            Some(1),
+            200,
+            &Method::POST,
+            Duration::from_millis(3),
+            Some(Duration::from_millis(2)),
+        );
+        m.request(
+            None,
+            404,
+            &Method::from_bytes(b"PURGE").unwrap(),
+            Duration::from_millis(1),
+            None,
+        );
+        let text = m.render();
+        assert!(
+            text.contains(r#"cx_proxy_requests_total{app="b",method="POST",status_class="2xx"} 1"#),
+            "{text}"
+        );
+        assert!(
+            text.contains(
+                r#"cx_proxy_requests_total{app="-",method="OTHER",status_class="4xx"} 1"#
+            ),
+            "{text}"
+        );
+        assert!(text.contains("cx_proxy_upstream_seconds_count 1"), "{text}");
+        assert!(text.contains("cx_proxy_overhead_seconds_count 2"), "{text}");
+    }
+}
