@@ -24,6 +24,18 @@ impl Expiry<Arc<str>, Arc<Token>> for TokenExpiry {
     ) -> Option<Duration> {
         Some(value.lifetime)
     }
+
+    // moka's default keeps the *old* entry's deadline on update, which would evict a freshly
+    // refreshed token when its predecessor expires.
+    fn expire_after_update(
+        &self,
+        _key: &Arc<str>,
+        value: &Arc<Token>,
+        _now: Instant,
+        _current: Option<Duration>,
+    ) -> Option<Duration> {
+        Some(value.lifetime)
+    }
 }
 
 /// The per-app token cache.
@@ -205,6 +217,23 @@ mod tests {
             .get(&app, || async { Ok(Arc::new(token(&clock, 60, "t"))) })
             .await;
         assert!(ok.is_ok());
+    }
+
+    #[tokio::test]
+    async fn a_replaced_token_lives_its_own_lifetime() {
+        // Regression: the replacement inherited the old entry's eviction time.
+        let clock = ManualClock::new();
+        let cache = TokenCache::new(clock.clone());
+        let app: Arc<str> = Arc::from("a");
+        cache.insert(&app, Arc::new(token(&clock, 1, "old"))).await;
+        tokio::time::sleep(Duration::from_millis(600)).await;
+        cache.insert(&app, Arc::new(token(&clock, 60, "new"))).await;
+        tokio::time::sleep(Duration::from_millis(600)).await;
+        let t = cache
+            .peek(&app)
+            .await
+            .expect("the new token is still cached");
+        assert_eq!(t.secret().expose(), "new");
     }
 
     #[tokio::test]

@@ -123,6 +123,7 @@ pub struct EnvBuilder {
     extra: String,
     apps: Option<String>,
     admin: bool,
+    files: Vec<(String, String)>,
     pub clock: Option<SharedClock>,
     prepare: Option<Prepare>,
 }
@@ -135,6 +136,7 @@ impl EnvBuilder {
             extra: String::new(),
             apps: None,
             admin: false,
+            files: Vec::new(),
             clock: None,
             prepare: None,
         }
@@ -163,6 +165,12 @@ impl EnvBuilder {
         self
     }
 
+    /// A file written into the temp dir before the config is read (secrets).
+    pub fn file(mut self, name: &str, content: &str) -> Self {
+        self.files.push((name.into(), content.into()));
+        self
+    }
+
     /// Also listen on an admin address.
     pub fn admin(mut self) -> Self {
         self.admin = true;
@@ -183,6 +191,9 @@ impl EnvBuilder {
     pub async fn start(self) -> Env {
         let dir = tempfile::tempdir().unwrap();
         let sandbox = sandbox(dir.path(), self.opts).await;
+        for (name, content) in &self.files {
+            std::fs::write(dir.path().join(name), content).unwrap();
+        }
         if let Some(f) = self.prepare {
             f(&sandbox);
         }
