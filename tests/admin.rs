@@ -1,0 +1,139 @@
+//! The admin listener: health, readiness that follows the token, metrics that move, and
+//! forced refreshes that never show the token.
+
+mod support;
+
+use std::time::{Duration, Instant};
+
+use http::Method;
+use support::*;
+
+fn metric(text: &str, series: &str) -> Option<f64> {
+    text.lines().find_map(|l| {
+        l.strip_prefix(series)
+            .and_then(|rest| rest.trim().parse().ok())
+    })
+}
+
+#[tokio::test]
+async fn readyz_is_503_while_token_fetches_fail_and_200_after() {
+    let env = EnvBuilder::new()
+        .admin()
+        .extra("[token]\nmax_fetches_per_minute = 60")
+        .prepare(|s| s.fail_token_fetches(1_000, 50002, "platform maintenance"))
+        .start()
+        .await;
+    assert_eq!(get(&env.admin_url("/healthz")).await.status, 200);
+    // Wait until the warm-up fetch has failed, then readiness names the app and the cause.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let a = loop {
+        let a = get(&env.admin_url("/readyz")).await;
+        if a.text().contains("50002") || Instant::now() > deadline {
+            break a;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(a.status, 503, "{}", a.text());
+    let v = a.json();
+    assert_eq!(v["ready"], false);
+    assert_eq!(v["apps"][0]["app"], "default");
+    assert!(
+        v["apps"][0]["reason"]
+            .as_str()
+            .unwrap()
+            .contains("platform maintenance"),
+        "{v}"
+    );
+
+    env.sandbox.fail_token_fetches(0, 0, "");
+    // The refresher retries with backoff (1 s, 2 s, ...) and readiness follows.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let a = get(&env.admin_url("/readyz")).await;
+        if a.status == 200 {
+            assert_eq!(a.json()["apps"][0]["ready"], true);
+            break;
+        }
+        assert!(Instant::now() < deadline, "never ready: {}", a.text());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test]
+async fn metrics_and_forced_refresh_move_as_they_should() {
+    let env = EnvBuilder::new().admin().start().await;
+    env.ready().await;
+    for _ in 0..3 {
+        assert_eq!(get(&env.url("/api/x")).await.json()["err_code"], 0);
+    }
+    let a = send(
+        &client(false),
+        request(Method::POST, &env.url("/api/y"), "{}"),
+    )
+    .await;
+    assert_eq!(a.json()["err_code"], 0);
+    let _ = get(&env.url("/nowhere")).await; // the sandbox's own 404, still a 4xx from upstream
+
+    let text = get(&env.admin_url("/metrics")).await.text();
+    let req = |m: &str, c: &str| {
+        metric(
+            &text,
+            &format!(
+                "cx_proxy_requests_total{{app=\"default\",method=\"{m}\",status_class=\"{c}\"}}"
+            ),
+        )
+    };
+    assert_eq!(req("GET", "2xx"), Some(3.0), "{text}");
+    assert_eq!(req("POST", "2xx"), Some(1.0), "{text}");
+    assert_eq!(req("GET", "4xx"), Some(1.0), "{text}");
+    assert_eq!(
+        metric(
+            &text,
+            "cx_proxy_token_fetches_total{app=\"default\",reason=\"first_use\",result=\"ok\"}"
+        ),
+        Some(1.0),
+        "{text}"
+    );
+    let left = metric(&text, "cx_proxy_token_seconds_left{app=\"default\"}").unwrap();
+    assert!(left > 7000.0 && left <= 7200.0, "{left}");
+    assert!(metric(&text, "cx_proxy_upstream_seconds_count").unwrap() >= 5.0);
+
+    // A forced refresh: a new token, its expiry reported, the token itself never shown.
+    let before = env.sandbox.issued_tokens();
+    let a = send(
+        &client(false),
+        request(Method::POST, &env.admin_url("/tokens/default/refresh"), ""),
+    )
+    .await;
+    assert_eq!(a.status, 200, "{}", a.text());
+    assert_eq!(a.json()["expires_in"], 7200);
+    let after = env.sandbox.issued_tokens();
+    assert_eq!(after.len(), before.len() + 1);
+    for t in &after {
+        assert!(!a.text().contains(t.as_str()));
+    }
+    let text = get(&env.admin_url("/metrics")).await.text();
+    assert_eq!(
+        metric(
+            &text,
+            "cx_proxy_token_fetches_total{app=\"default\",reason=\"forced\",result=\"ok\"}"
+        ),
+        Some(1.0),
+        "{text}"
+    );
+    for t in &after {
+        assert!(!text.contains(t.as_str()), "a token in /metrics");
+    }
+    assert!(!text.contains(SECRET));
+    // Requests use the new token.
+    assert_eq!(get(&env.url("/api/z")).await.json()["err_code"], 0);
+    let last = env.sandbox.recorded().pop().unwrap();
+    assert!(!before.contains(last.token.as_ref().unwrap()));
+
+    let a = send(
+        &client(false),
+        request(Method::POST, &env.admin_url("/tokens/nope/refresh"), ""),
+    )
+    .await;
+    assert_proxy_error(&a, 404, "no_route");
+}
