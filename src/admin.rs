@@ -9,8 +9,6 @@
 //!
 //! It obeys `server.allow` like the proxy port: forcing refreshes spends the platform quota.
 
-use std::net::SocketAddr;
-
 use http::header::{HeaderValue, CONTENT_TYPE};
 use http::{Method, Request, Response, StatusCode};
 use hyper::body::Incoming;
@@ -18,7 +16,7 @@ use serde_json::json;
 
 use crate::body::Body;
 use crate::error::{ErrorKind, ProxyError};
-use crate::proxy::Proxy;
+use crate::proxy::{Peer, Proxy};
 
 fn json(status: StatusCode, v: &serde_json::Value) -> Response<Body> {
     let mut resp = Response::new(Body::full(v.to_string()));
@@ -29,7 +27,7 @@ fn json(status: StatusCode, v: &serde_json::Value) -> Response<Body> {
 }
 
 /// Answers one admin request.
-pub async fn handle(proxy: &Proxy, peer: SocketAddr, req: Request<Incoming>) -> Response<Body> {
+pub async fn handle(proxy: &Proxy, peer: &Peer, req: Request<Incoming>) -> Response<Body> {
     if let Err(e) = proxy.allowed(peer) {
         return e.into_response();
     }

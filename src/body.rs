@@ -5,6 +5,8 @@
 //! to be type-erased.
 
 use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use bytes::Bytes;
@@ -23,7 +25,22 @@ pub enum Body {
     Full(Option<Bytes>),
     /// Streamed from the other side of the proxy.
     Incoming(Incoming),
+    /// Streamed, but failing once more than `remaining` bytes arrive (bodies without a
+    /// declared length); `tripped` tells the proxy why the upstream exchange broke off.
+    Limited {
+        /// The stream.
+        inner: Incoming,
+        /// Bytes still allowed.
+        remaining: u64,
+        /// Set when the limit was passed.
+        tripped: Arc<AtomicBool>,
+    },
 }
+
+/// A streamed body passed `max_body_bytes`.
+#[derive(Debug, thiserror::Error)]
+#[error("request body over the size limit")]
+pub struct BodyTooLarge;
 
 impl Body {
     /// A body of one chunk.
@@ -57,6 +74,22 @@ impl http_body::Body for Body {
             Body::Incoming(body) => Pin::new(body)
                 .poll_frame(cx)
                 .map(|f| f.map(|r| r.map_err(Into::into))),
+            Body::Limited {
+                inner,
+                remaining,
+                tripped,
+            } => match Pin::new(inner).poll_frame(cx) {
+                Poll::Ready(Some(Ok(frame))) => {
+                    let len = frame.data_ref().map_or(0, |d| d.len() as u64);
+                    if len > *remaining {
+                        tripped.store(true, Ordering::SeqCst);
+                        return Poll::Ready(Some(Err(Box::new(BodyTooLarge))));
+                    }
+                    *remaining -= len;
+                    Poll::Ready(Some(Ok(frame)))
+                }
+                other => other.map(|f| f.map(|r| r.map_err(Into::into))),
+            },
         }
     }
 
@@ -64,7 +97,7 @@ impl http_body::Body for Body {
         match self {
             Body::Empty => true,
             Body::Full(chunk) => chunk.is_none(),
-            Body::Incoming(body) => body.is_end_stream(),
+            Body::Incoming(body) | Body::Limited { inner: body, .. } => body.is_end_stream(),
         }
     }
 
@@ -72,7 +105,7 @@ impl http_body::Body for Body {
         match self {
             Body::Empty => SizeHint::with_exact(0),
             Body::Full(chunk) => SizeHint::with_exact(chunk.as_ref().map_or(0, |b| b.len() as u64)),
-            Body::Incoming(body) => body.size_hint(),
+            Body::Incoming(body) | Body::Limited { inner: body, .. } => body.size_hint(),
         }
     }
 }

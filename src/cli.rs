@@ -6,6 +6,7 @@
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::sync::Arc;
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
@@ -13,6 +14,7 @@ use tokio::net::TcpListener;
 
 use crate::config::{Config, Loaded};
 use crate::error::StartupError;
+use crate::gateway::Gateway;
 use crate::logging::{self, LogFormat};
 use crate::proxy::Proxy;
 use crate::sandbox::{ParamApp, Reissue, Sandbox, SandboxApp, SandboxOptions};
@@ -203,7 +205,7 @@ async fn run_command(path: &Path) -> ExitCode {
         }
         return ExitCode::from(EXIT_CONFIG);
     }
-    match run_proxy(loaded.config).await {
+    match run_proxy(loaded.config, path).await {
         Ok(()) => {
             tracing::info!("stopped");
             ExitCode::SUCCESS
@@ -215,7 +217,7 @@ async fn run_command(path: &Path) -> ExitCode {
     }
 }
 
-async fn run_proxy(config: Config) -> Result<(), StartupError> {
+async fn run_proxy(config: Config, path: &Path) -> Result<(), StartupError> {
     let proxy = Proxy::new(config)?;
     let listeners = Listeners::bind(proxy.config()).await?;
     let apps: Vec<&str> = proxy
@@ -232,7 +234,29 @@ async fn run_proxy(config: Config) -> Result<(), StartupError> {
         apps = ?apps,
         "cx-proxy listening"
     );
-    run(proxy, listeners, shutdown_signal()).await
+    let gateway = Gateway::new(proxy, Some(path.to_path_buf()))?;
+    tokio::spawn(reload_on_sighup(gateway.clone()));
+    run(gateway, listeners, shutdown_signal()).await
+}
+
+/// SIGHUP: read the config file again; a refused file leaves the running config in force.
+async fn reload_on_sighup(gateway: Arc<Gateway>) {
+    use tokio::signal::unix::{signal, SignalKind};
+    let Ok(mut hup) = signal(SignalKind::hangup()) else {
+        tracing::error!("cannot install the SIGHUP handler; reload needs a restart");
+        return;
+    };
+    while hup.recv().await.is_some() {
+        match gateway.reload().await {
+            Ok(()) => tracing::info!("SIGHUP: configuration reloaded"),
+            Err(problems) => {
+                for p in problems {
+                    tracing::error!("{p}");
+                }
+                tracing::error!("SIGHUP: configuration refused; the running one stays in force");
+            }
+        }
+    }
 }
 
 async fn sandbox(args: SandboxArgs) -> ExitCode {

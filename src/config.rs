@@ -57,6 +57,8 @@ pub struct ServerConfig {
     pub max_body_bytes: u64,
     /// How long in-flight requests may run on after SIGTERM.
     pub shutdown_grace: Duration,
+    /// Requests in flight at once; more get 503 `overloaded`.
+    pub max_concurrent_requests: usize,
 }
 
 /// Inbound TLS material.
@@ -78,7 +80,7 @@ pub struct AdminConfig {
 }
 
 /// `[upstream]`.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct UpstreamConfig {
     /// The URL as written.
     pub url: String,
@@ -180,7 +182,7 @@ impl Display for SecretSource {
 }
 
 /// How an app's token is requested.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Credentials {
     /// The documented `app_key` / `corp_id` / `corp_secret` query.
     Standard {
@@ -234,7 +236,7 @@ impl Credentials {
 }
 
 /// `[[app]]`.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AppConfig {
     /// Unique name, used by `X-CX-App`, logs and metrics.
     pub name: String,
@@ -375,6 +377,7 @@ impl Config {
         );
         let _ = writeln!(o, "max_body_bytes = {}", s.max_body_bytes);
         let _ = writeln!(o, "shutdown_grace_s = {}", s.shutdown_grace.as_secs());
+        let _ = writeln!(o, "max_concurrent_requests = {}", s.max_concurrent_requests);
         if let Some(admin) = &self.admin {
             let _ = writeln!(o, "\n[admin]\nlisten = {}", q(&admin.listen.to_string()));
         }
@@ -776,6 +779,7 @@ impl Parser {
         let allow = self.networks(&mut s, "allow");
         let max_body = self.int(&mut s, "max_body_bytes", 0, i64::MAX);
         let grace = self.int(&mut s, "shutdown_grace_s", 0, 86_400);
+        let concurrent = self.int(&mut s, "max_concurrent_requests", 1, 1_000_000);
         self.finish(s);
         Some(ServerConfig {
             listen: listen.unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 8080))),
@@ -788,6 +792,7 @@ impl Parser {
             }),
             max_body_bytes: max_body.map_or(10 * 1024 * 1024, |v| v as u64),
             shutdown_grace: Duration::from_secs(grace.unwrap_or(30) as u64),
+            max_concurrent_requests: concurrent.unwrap_or(10_000) as usize,
         })
     }
 

@@ -11,7 +11,8 @@
 //! | --- | --- |
 //! | [`cli`] | the command line: `run`, `check`, `sandbox`, `demo` |
 //! | [`config`] | `proxy.toml`: parsing, validation, secret sources, the `check` rendering |
-//! | [`server`] | accept loops, TLS handshakes, HTTP/1.1 + HTTP/2, graceful shutdown |
+//! | [`server`] | accept loops, TLS handshakes, HTTP/1.1 + HTTP/2, limits, graceful shutdown |
+//! | [`gateway`] | the configuration in force, swapped on SIGHUP |
 //! | [`proxy`] | the request path: refuse, route, inject, rewrite, forward, access log |
 //! | [`auth`] | the token: fetching it and caching it per app (moka, single flight) |
 //! | [`upstream`] | the one pooled TLS client to the platform |
@@ -45,6 +46,7 @@ pub mod cli;
 pub mod clock;
 pub mod config;
 pub mod error;
+pub mod gateway;
 pub mod logging;
 pub mod metrics;
 pub mod proxy;

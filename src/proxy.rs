@@ -11,7 +11,8 @@
 
 mod rewrite;
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -25,11 +26,12 @@ use hyper::body::Incoming;
 use subtle::ConstantTimeEq;
 
 pub use rewrite::{
-    sanitize_request_headers, strip_hop_by_hop, upstream_target, Redacted, QUERY_VALUE, X_CX_APP,
+    normalize_path, sanitize_request_headers, strip_hop_by_hop, upstream_target, Redacted,
+    QUERY_VALUE, X_CX_APP,
 };
 
 use crate::auth::{Injection, Token, TokenManager};
-use crate::body::Body;
+use crate::body::{Body, BodyTooLarge};
 use crate::clock::{SharedClock, SystemClock};
 use crate::config::{Config, Credentials, Inject};
 use crate::error::{ErrorKind, ProxyError, StartupError};
@@ -65,17 +67,50 @@ pub struct Proxy {
     token_header: Option<HeaderName>,
 }
 
+/// Who is on the other end of a connection.
+#[derive(Debug, Clone, Default)]
+pub struct Peer {
+    /// The client's address.
+    pub addr: Option<SocketAddr>,
+    /// DNS names (SAN) of its verified client certificate (mTLS only).
+    pub cert_names: Option<Arc<[String]>>,
+}
+
+impl std::fmt::Display for Peer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.addr {
+            Some(a) => write!(f, "{a}"),
+            None => f.write_str("-"),
+        }
+    }
+}
+
+impl Peer {
+    /// A peer known by address only.
+    pub fn from_addr(addr: SocketAddr) -> Self {
+        Peer {
+            addr: Some(addr),
+            cert_names: None,
+        }
+    }
+
+    fn ip(&self) -> Option<IpAddr> {
+        self.addr.map(|a| a.ip().to_canonical())
+    }
+}
+
 /// What the access-log line and the metrics report beyond the request itself.
 #[derive(Default)]
 struct Access {
     app: Option<usize>,
+    client: Option<usize>,
     upstream: Option<Duration>,
 }
 
 /// A request body as forwarded: kept whole for a possible replay, or streamed once.
 enum OutBody {
     Kept(Bytes),
-    Stream(Incoming),
+    Stream(Body),
 }
 
 impl Proxy {
@@ -89,6 +124,48 @@ impl Proxy {
         let upstream = Arc::new(Upstream::new(&config.upstream)?);
         let names: Vec<&str> = config.apps.iter().map(|a| a.name.as_str()).collect();
         let metrics = Arc::new(Metrics::new(&names));
+        Ok(Arc::new(Self::build(
+            config, clock, upstream, metrics, None,
+        )))
+    }
+
+    /// The proxy for a reloaded `config`: the upstream pool and the metrics are kept when
+    /// their settings did not change, and every unchanged app keeps its token, fetch gate and
+    /// fetch-cap window.
+    pub async fn reloaded(config: Config, old: &Proxy) -> Result<Arc<Self>, StartupError> {
+        let upstream = if config.upstream == old.config.upstream {
+            old.upstream.clone()
+        } else {
+            Arc::new(Upstream::new(&config.upstream)?)
+        };
+        let names: Vec<&str> = config.apps.iter().map(|a| a.name.as_str()).collect();
+        let metrics = if names
+            .iter()
+            .copied()
+            .eq(old.routes.iter().map(|r| &*r.name))
+        {
+            old.metrics.clone()
+        } else {
+            Arc::new(Metrics::new(&names))
+        };
+        let proxy = Self::build(
+            config,
+            old.clock.clone(),
+            upstream,
+            metrics,
+            Some(&old.tokens),
+        );
+        proxy.tokens.adopt_tokens(&old.tokens).await;
+        Ok(Arc::new(proxy))
+    }
+
+    fn build(
+        config: Config,
+        clock: SharedClock,
+        upstream: Arc<Upstream>,
+        metrics: Arc<Metrics>,
+        previous: Option<&TokenManager>,
+    ) -> Self {
         let routes: Vec<Route> = config
             .apps
             .iter()
@@ -112,8 +189,9 @@ impl Proxy {
             upstream.clone(),
             clock.clone(),
             metrics.clone(),
+            previous,
         ));
-        Ok(Arc::new(Proxy {
+        Proxy {
             routes,
             by_prefix,
             upstream,
@@ -123,7 +201,7 @@ impl Proxy {
             token_param,
             token_header,
             config,
-        }))
+        }
     }
 
     /// The configuration in force.
@@ -142,20 +220,48 @@ impl Proxy {
     }
 
     /// Whether `peer` is inside `server.allow`.
-    pub fn allowed(&self, peer: SocketAddr) -> Result<(), ProxyError> {
-        let ip = peer.ip().to_canonical();
-        if self.config.server.allow.iter().any(|net| net.contains(&ip)) {
-            Ok(())
-        } else {
-            Err(ProxyError::new(
+    pub fn allowed(&self, peer: &Peer) -> Result<(), ProxyError> {
+        match peer.ip() {
+            Some(ip) if self.config.server.allow.iter().any(|net| net.contains(&ip)) => Ok(()),
+            Some(ip) => Err(ProxyError::new(
                 ErrorKind::Forbidden,
                 format!("client address {ip} is not allowed"),
-            ))
+            )),
+            None => Err(ProxyError::new(
+                ErrorKind::Forbidden,
+                "client address unknown",
+            )),
         }
     }
 
+    /// The first `[[client]]` whose networks hold the peer's address or whose `cert_names` hold
+    /// a DNS name of its certificate. `Ok(None)` when no clients are configured.
+    fn identify(&self, peer: &Peer) -> Result<Option<usize>, ProxyError> {
+        if self.config.clients.is_empty() {
+            return Ok(None);
+        }
+        let ip = peer.ip();
+        let names = peer.cert_names.as_deref().unwrap_or(&[]);
+        self.config
+            .clients
+            .iter()
+            .position(|c| {
+                ip.is_some_and(|ip| c.networks.iter().any(|n| n.contains(&ip)))
+                    || names
+                        .iter()
+                        .any(|n| c.cert_names.iter().any(|g| g.eq_ignore_ascii_case(n)))
+            })
+            .map(Some)
+            .ok_or_else(|| {
+                ProxyError::new(
+                    ErrorKind::Forbidden,
+                    "this client is not identified by any [[client]]",
+                )
+            })
+    }
+
     /// Answers one request; never fails.
-    pub async fn handle(&self, peer: SocketAddr, req: Request<Incoming>) -> Response<Body> {
+    pub async fn handle(&self, peer: &Peer, req: Request<Incoming>) -> Response<Body> {
         let started = Instant::now();
         let method = req.method().clone();
         let uri = req.uri().clone();
@@ -171,6 +277,10 @@ impl Proxy {
         let status = resp.status().as_u16();
         self.metrics
             .request(access.app, status, &method, total, access.upstream);
+        let client = access.client.map(|i| self.config.clients[i].name.as_str());
+        if let Some(name) = client {
+            self.metrics.client_request(name);
+        }
         let bytes = resp
             .headers()
             .get(CONTENT_LENGTH)
@@ -179,6 +289,7 @@ impl Proxy {
         tracing::info!(
             target: "cx_proxy::access",
             peer = %peer,
+            client = client.unwrap_or("-"),
             app = access.app.map_or("-", |i| &*self.routes[i].name),
             method = %method,
             path = %Redacted::new(uri.path(), uri.query(), &self.token_param),
@@ -192,11 +303,12 @@ impl Proxy {
 
     async fn forward(
         &self,
-        peer: SocketAddr,
+        peer: &Peer,
         req: Request<Incoming>,
         access: &mut Access,
     ) -> Result<Response<Body>, ProxyError> {
         self.allowed(peer)?;
+        access.client = self.identify(peer)?;
         if req.method() == Method::CONNECT {
             return Err(ProxyError::new(
                 ErrorKind::MethodNotAllowed,
@@ -228,11 +340,15 @@ impl Proxy {
             ));
         }
 
-        let (idx, skip) = self.route(&req)?;
-        access.app = Some(idx);
         let (mut parts, body) = req.into_parts();
+        let full_path = normalize_path(parts.uri.path());
+        let (idx, skip) = self.route(&full_path, &parts.headers)?;
+        access.app = Some(idx);
+        if let Some(c) = access.client {
+            self.check_grant(c, idx, &full_path)?;
+        }
         sanitize_request_headers(&mut parts.headers, self.token_header.as_ref());
-        let path = match &parts.uri.path()[skip..] {
+        let path = match &full_path[skip..] {
             "" => "/",
             rest => rest,
         };
@@ -257,13 +373,20 @@ impl Proxy {
             return self.send(req, access).await;
         }
 
-        // A small body with a declared length is read first, so it can be sent twice.
+        // A small body with a declared length is read first, so it can be sent twice. A body
+        // without a declared length streams under the size limit.
+        let tripped = Arc::new(AtomicBool::new(false));
         let body = match declared {
             Some(n) if n <= REPLAY_BODY_MAX => {
                 OutBody::Kept(read_whole(body, self.upstream.timeout()).await?)
             }
             None if http_body::Body::is_end_stream(&body) => OutBody::Kept(Bytes::new()),
-            _ => OutBody::Stream(body),
+            Some(_) => OutBody::Stream(Body::Incoming(body)),
+            None => OutBody::Stream(Body::Limited {
+                inner: body,
+                remaining: max,
+                tripped: tripped.clone(),
+            }),
         };
         let replayable = matches!(body, OutBody::Kept(_));
         let mut body = Some(body);
@@ -279,7 +402,7 @@ impl Proxy {
                     body = Some(OutBody::Kept(b.clone()));
                     Body::full(b)
                 }
-                Some(OutBody::Stream(s)) => Body::Incoming(s),
+                Some(OutBody::Stream(s)) => s,
                 None => Body::Empty,
             };
             // The last attempt may take the headers; an earlier one sends a copy.
@@ -290,7 +413,15 @@ impl Proxy {
             };
             let target = self.target(path, parts.uri.query(), Some(&token));
             let req = self.upstream_request(&parts, headers, target, Some(&token), out)?;
-            let resp = self.send(req, access).await?;
+            let resp = match self.send(req, access).await {
+                Err(_) if tripped.load(Ordering::SeqCst) => {
+                    return Err(ProxyError::new(
+                        ErrorKind::PayloadTooLarge,
+                        format!("request body is over the limit of {max} bytes ({BodyTooLarge})"),
+                    ))
+                }
+                other => other?,
+            };
             let (resp, rejected) = self.check_rejection(resp).await?;
             if !rejected {
                 return Ok(resp);
@@ -468,9 +599,8 @@ impl Proxy {
     /// Picks the app: by `X-CX-App` if present, else by the longest matching prefix.
     /// Returns the app's index and how many bytes of the path its prefix takes (stripped
     /// before forwarding).
-    fn route(&self, req: &Request<Incoming>) -> Result<(usize, usize), ProxyError> {
-        let path = req.uri().path();
-        if let Some(v) = req.headers().get(X_CX_APP) {
+    fn route(&self, path: &str, headers: &HeaderMap) -> Result<(usize, usize), ProxyError> {
+        if let Some(v) = headers.get(X_CX_APP) {
             let name = v.to_str().unwrap_or("");
             let idx = self
                 .routes
@@ -503,6 +633,29 @@ impl Proxy {
             ErrorKind::NoRoute,
             "no app's prefix matches this path, and no X-CX-App header was sent",
         ))
+    }
+}
+
+impl Proxy {
+    /// Whether client `c` may use app `app` on `path` (as sent, dot segments resolved).
+    fn check_grant(&self, c: usize, app: usize, path: &str) -> Result<(), ProxyError> {
+        let client = &self.config.clients[c];
+        let app_name = &*self.routes[app].name;
+        if !client.apps.iter().any(|a| a == app_name) {
+            return Err(ProxyError::new(
+                ErrorKind::Forbidden,
+                format!("client {} may not use app {app_name}", client.name),
+            ));
+        }
+        if let Some(paths) = &client.paths {
+            if !paths.iter().any(|p| path.starts_with(p.as_str())) {
+                return Err(ProxyError::new(
+                    ErrorKind::Forbidden,
+                    format!("client {} may not use this path", client.name),
+                ));
+            }
+        }
+        Ok(())
     }
 }
 

@@ -40,7 +40,6 @@ use serde_json::json;
 use tokio::net::TcpListener;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
-use tokio_rustls::TlsAcceptor;
 
 use crate::body::Body;
 use crate::config::DEFAULT_TOKEN_PATH;
@@ -252,7 +251,7 @@ impl Sandbox {
     /// Generates the CA, binds, writes `ca.pem` and starts serving.
     pub async fn start(opts: SandboxOptions) -> Result<Sandbox, StartupError> {
         let ca = ca::TestCa::new("cx-proxy sandbox CA")?;
-        let tls = TlsAcceptor::from(ca.server_config()?);
+        let tls = Arc::new(arc_swap::ArcSwap::new(ca.server_config()?));
         if let Some(dir) = &opts.state_dir {
             std::fs::create_dir_all(dir)
                 .and_then(|()| std::fs::write(dir.join("ca.pem"), ca.pem()))
@@ -280,7 +279,7 @@ impl Sandbox {
         });
         let (stop, stopped) = oneshot::channel::<()>();
         let svc_shared = shared.clone();
-        let make = move |_peer: SocketAddr| {
+        let make = move |_peer: crate::proxy::Peer| {
             let shared = svc_shared.clone();
             hyper::service::service_fn(move |req| {
                 let shared = shared.clone();

@@ -1,9 +1,11 @@
-//! Accept loops: one task per connection, HTTP/1.1 and HTTP/2 (h2c or ALPN), optional TLS,
-//! graceful shutdown.
+//! Accept loops: one task per connection, HTTP/1.1 and HTTP/2 (h2c or ALPN), optional TLS and
+//! mTLS, limits, graceful shutdown.
 //!
-//! [`serve`] is generic over the service so the proxy and the sandbox share it. It takes a
-//! pre-bound listener (tests bind `127.0.0.1:0`) and a shutdown future; on shutdown it stops
-//! accepting, lets in-flight requests finish for up to `grace`, then returns.
+//! [`serve`] is generic over the service so the proxy, the admin port and the sandbox share
+//! it. It takes a pre-bound listener (tests bind `127.0.0.1:0`) and a shutdown future; on
+//! shutdown it stops accepting, lets in-flight requests finish for up to `grace`, then
+//! returns. The TLS handshake runs inside the connection's task, under a timeout, so a slow
+//! handshake never stalls the accept loop.
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -11,6 +13,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use arc_swap::ArcSwap;
 use bytes::Bytes;
 use http::{Request, Response};
 use hyper::body::Incoming;
@@ -18,34 +21,48 @@ use hyper::service::Service;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
+use hyper_util::service::TowerToHyperService;
+use rustls::ServerConfig;
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{oneshot, watch};
+use tokio::sync::{oneshot, watch, Semaphore};
 use tokio::task::JoinHandle;
 use tokio_rustls::TlsAcceptor;
+use tower::ServiceBuilder;
 
 use crate::body::Body;
 use crate::config::Config;
-use crate::error::StartupError;
-use crate::proxy::Proxy;
+use crate::error::{ErrorKind, ProxyError, StartupError};
+use crate::gateway::Gateway;
+use crate::proxy::{Peer, Proxy};
 use crate::BoxError;
 
 /// Longest a TLS handshake may take before the connection is dropped.
-const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
-/// Longest a client may take to send a request head.
-const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
+pub const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Longest a client may take to send a request head; on HTTP/1 also how long a keep-alive
+/// connection may sit idle between requests.
+pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
+/// Most header fields in one HTTP/1 request (more: 431).
+pub const MAX_HEADERS: usize = 100;
+/// Largest request head in bytes (larger: 431 on HTTP/1, refused on HTTP/2).
+pub const MAX_HEAD_BYTES: usize = 64 * 1024;
+/// HTTP/2 keep-alive ping interval; a peer that does not answer within the same time is
+/// dropped.
+pub const H2_KEEPALIVE: Duration = Duration::from_secs(60);
 /// First and largest pause after a failed `accept` (e.g. out of file descriptors).
 const ACCEPT_BACKOFF: (Duration, Duration) = (Duration::from_millis(10), Duration::from_secs(1));
 
 /// Serves `listener` until `shutdown` resolves, then drains for up to `grace`.
+/// `make_service` is called once per connection, after any TLS handshake.
 pub async fn serve<M, S, B>(
     listener: TcpListener,
-    tls: Option<TlsAcceptor>,
+    tls: Option<Arc<ArcSwap<ServerConfig>>>,
     make_service: M,
     shutdown: impl Future<Output = ()>,
     grace: Duration,
 ) where
-    M: Fn(SocketAddr) -> S,
-    S: Service<Request<Incoming>, Response = Response<B>, Error = Infallible> + Send + 'static,
+    M: Fn(Peer) -> S + Clone + Send + 'static,
+    S: Service<Request<Incoming>, Response = Response<B>> + Send + 'static,
+    S::Error: Into<BoxError>,
     S::Future: Send + 'static,
     B: http_body::Body<Data = Bytes> + Send + 'static,
     B::Error: Into<BoxError>,
@@ -55,14 +72,21 @@ pub async fn serve<M, S, B>(
         .http1()
         .timer(TokioTimer::new())
         .header_read_timeout(HEADER_READ_TIMEOUT)
+        .max_headers(MAX_HEADERS)
+        .max_buf_size(MAX_HEAD_BYTES)
         .keep_alive(true);
-    builder.http2().timer(TokioTimer::new());
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .max_header_list_size(MAX_HEAD_BYTES as u32)
+        .keep_alive_interval(H2_KEEPALIVE)
+        .keep_alive_timeout(H2_KEEPALIVE);
     let builder = Arc::new(builder);
     let graceful = GracefulShutdown::new();
     let mut backoff = ACCEPT_BACKOFF.0;
     tokio::pin!(shutdown);
     loop {
-        let (stream, peer) = tokio::select! {
+        let (stream, addr) = tokio::select! {
             biased;
             () = &mut shutdown => break,
             accepted = listener.accept() => match accepted {
@@ -79,13 +103,14 @@ pub async fn serve<M, S, B>(
             },
         };
         let _ = stream.set_nodelay(true);
-        let service = make_service(peer);
         let watcher = graceful.watcher();
         let builder = builder.clone();
-        let tls = tls.clone();
+        let make_service = make_service.clone();
+        let tls = tls.as_ref().map(|t| TlsAcceptor::from(t.load_full()));
         tokio::spawn(async move {
             let result = match tls {
                 None => {
+                    let service = make_service(Peer::from_addr(addr));
                     watcher
                         .watch(
                             builder
@@ -94,21 +119,25 @@ pub async fn serve<M, S, B>(
                         )
                         .await
                 }
-                Some(acceptor) => match handshake(acceptor, stream).await {
-                    Some(io) => {
-                        watcher
-                            .watch(
-                                builder
-                                    .serve_connection(TokioIo::new(io), service)
-                                    .into_owned(),
-                            )
-                            .await
-                    }
-                    None => return,
-                },
+                Some(acceptor) => {
+                    let Some((io, cert_names)) = handshake(acceptor, stream).await else {
+                        return;
+                    };
+                    let service = make_service(Peer {
+                        addr: Some(addr),
+                        cert_names,
+                    });
+                    watcher
+                        .watch(
+                            builder
+                                .serve_connection(TokioIo::new(io), service)
+                                .into_owned(),
+                        )
+                        .await
+                }
             };
             if let Err(e) = result {
-                tracing::debug!(peer = %peer, error = %e, "connection ended with an error");
+                tracing::debug!(peer = %addr, error = %e, "connection ended with an error");
             }
         });
     }
@@ -127,12 +156,30 @@ pub async fn serve<M, S, B>(
     }
 }
 
+type TlsIo = tokio_rustls::server::TlsStream<TcpStream>;
+
+/// Runs the handshake; returns the stream and, with a verified client certificate, its DNS
+/// names (SAN; the CN does not count).
 async fn handshake(
     acceptor: TlsAcceptor,
     stream: TcpStream,
-) -> Option<tokio_rustls::server::TlsStream<TcpStream>> {
+) -> Option<(TlsIo, Option<Arc<[String]>>)> {
     match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
-        Ok(Ok(s)) => Some(s),
+        Ok(Ok(s)) => {
+            let names = s
+                .get_ref()
+                .1
+                .peer_certificates()
+                .and_then(|chain| chain.first())
+                .and_then(|cert| webpki::EndEntityCert::try_from(cert).ok())
+                .map(|cert| {
+                    cert.valid_dns_names()
+                        .map(str::to_owned)
+                        .collect::<Vec<_>>()
+                        .into()
+                });
+            Some((s, names))
+        }
         Ok(Err(e)) => {
             tracing::debug!(error = %e, "TLS handshake failed");
             None
@@ -170,19 +217,29 @@ impl Listeners {
     }
 }
 
-/// Runs the proxy (and its admin listener and token refreshers) until `shutdown` resolves,
+/// Answers a request the tower stack refused (load shedding) instead of dropping the
+/// connection.
+fn rescue(result: Result<Response<Body>, BoxError>) -> Result<Response<Body>, BoxError> {
+    Ok(result.unwrap_or_else(|e| {
+        if e.is::<tower::load_shed::error::Overloaded>() {
+            ProxyError::new(
+                ErrorKind::Overloaded,
+                "too many requests in flight; retry shortly",
+            )
+            .into_response()
+        } else {
+            ProxyError::new(ErrorKind::BadRequest, e.to_string()).into_response()
+        }
+    }))
+}
+
+/// Runs the gateway (proxy port, admin port, token refreshers) until `shutdown` resolves,
 /// then drains in-flight requests for up to `server.shutdown_grace_s`.
 pub async fn run(
-    proxy: Arc<Proxy>,
+    gateway: Arc<Gateway>,
     listeners: Listeners,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), StartupError> {
-    let tls = match &proxy.config().server.tls {
-        Some(files) => Some(TlsAcceptor::from(crate::tls::server_config_from_files(
-            files,
-        )?)),
-        None => None,
-    };
     let (stop_tx, stop_rx) = watch::channel(false);
     let stopped = move || {
         let mut rx = stop_rx.clone();
@@ -194,32 +251,52 @@ pub async fn run(
         shutdown.await;
         let _ = stop_tx.send(true);
     });
-    proxy.tokens().start();
-    let grace = proxy.config().server.shutdown_grace;
-    let admin = listeners.admin.map(|listener| {
-        let p = proxy.clone();
-        let make = move |peer: SocketAddr| {
-            let p = p.clone();
-            hyper::service::service_fn(move |req| {
-                let p = p.clone();
-                async move { Ok::<_, Infallible>(crate::admin::handle(&p, peer, req).await) }
-            })
-        };
-        tokio::spawn(serve::<_, _, Body>(listener, None, make, stopped(), grace))
-    });
-    let p = proxy.clone();
-    let make = move |peer: SocketAddr| {
-        let p = p.clone();
-        hyper::service::service_fn(move |req| {
-            let p = p.clone();
-            async move { Ok::<_, Infallible>(p.handle(peer, req).await) }
-        })
+    let first = gateway.proxy();
+    first.tokens().start();
+    let grace = first.config().server.shutdown_grace;
+    // Load shedding: past the limit a request is answered 503 at once instead of queueing.
+    let limit = Arc::new(Semaphore::new(
+        first.config().server.max_concurrent_requests,
+    ));
+    drop(first);
+
+    let admin =
+        listeners.admin.map(|listener| {
+            let g = gateway.clone();
+            let make = move |peer: Peer| {
+                let g = g.clone();
+                hyper::service::service_fn(move |req| {
+                    let (g, peer) = (g.clone(), peer.clone());
+                    async move {
+                        Ok::<_, Infallible>(crate::admin::handle(&g.proxy(), &peer, req).await)
+                    }
+                })
+            };
+            tokio::spawn(serve::<_, _, Body>(listener, None, make, stopped(), grace))
+        });
+
+    let g = gateway.clone();
+    let make = move |peer: Peer| {
+        let g = g.clone();
+        let inner = tower::service_fn(move |req: Request<Incoming>| {
+            let (g, peer) = (g.clone(), peer.clone());
+            async move { Ok::<_, Infallible>(g.proxy().handle(&peer, req).await) }
+        });
+        TowerToHyperService::new(
+            ServiceBuilder::new()
+                .map_result(rescue)
+                .load_shed()
+                .layer(tower::limit::GlobalConcurrencyLimitLayer::with_semaphore(
+                    limit.clone(),
+                ))
+                .service(inner),
+        )
     };
-    serve::<_, _, Body>(listeners.proxy, tls, make, stopped(), grace).await;
+    serve::<_, _, Body>(listeners.proxy, gateway.tls(), make, stopped(), grace).await;
     if let Some(admin) = admin {
         let _ = admin.await;
     }
-    proxy.tokens().stop();
+    gateway.proxy().tokens().stop();
     Ok(())
 }
 
@@ -230,8 +307,10 @@ pub struct ProxyHandle {
     pub addr: SocketAddr,
     /// Where the admin endpoints listen, if configured.
     pub admin_addr: Option<SocketAddr>,
-    /// The shared state (its config, its caches).
+    /// The proxy as started (see [`ProxyHandle::gateway`] for the one in force).
     pub proxy: Arc<Proxy>,
+    /// The swappable state.
+    pub gateway: Arc<Gateway>,
     stop: Option<oneshot::Sender<()>>,
     task: JoinHandle<Result<(), StartupError>>,
 }
@@ -252,14 +331,16 @@ impl ProxyHandle {
         };
         let addr = local(&listeners.proxy)?;
         let admin_addr = listeners.admin.as_ref().map(local).transpose()?;
+        let gateway = Gateway::new(proxy.clone(), None)?;
         let (stop, stopped) = oneshot::channel();
-        let task = tokio::spawn(run(proxy.clone(), listeners, async {
+        let task = tokio::spawn(run(gateway.clone(), listeners, async {
             let _ = stopped.await;
         }));
         Ok(ProxyHandle {
             addr,
             admin_addr,
             proxy,
+            gateway,
             stop: Some(stop),
             task,
         })

@@ -36,10 +36,11 @@ const BACKOFF: (Duration, Duration) = (Duration::from_secs(1), Duration::from_se
 struct AppTokens {
     config: AppConfig,
     key: Arc<str>,
-    /// Held while a fetch is in flight: one fetch per app at a time.
-    gate: tokio::sync::Mutex<()>,
-    /// Start times of the fetches in the last `WINDOW`.
-    window: Mutex<VecDeque<Instant>>,
+    /// Held while a fetch is in flight: one fetch per app at a time (shared with the
+    /// previous configuration's manager across a reload).
+    gate: Arc<tokio::sync::Mutex<()>>,
+    /// Start times of the fetches in the last `WINDOW` (shared across a reload too).
+    window: Arc<Mutex<VecDeque<Instant>>>,
     /// Why the last fetch failed, until one succeeds (for `/readyz`).
     last_error: Mutex<Option<String>>,
     had_token: AtomicBool,
@@ -75,25 +76,31 @@ pub struct TokenManager {
 }
 
 impl TokenManager {
-    /// A manager for `apps` (no task is started until [`TokenManager::start`]).
+    /// A manager for `apps` (no task is started until [`TokenManager::start`]). With
+    /// `previous` (a reload), every app whose settings did not change shares the previous
+    /// manager's fetch gate and fetch-cap window, so neither limit resets across a reload.
     pub fn new(
         apps: &[AppConfig],
         token: &TokenConfig,
         upstream: Arc<Upstream>,
         clock: SharedClock,
         metrics: Arc<Metrics>,
+        previous: Option<&TokenManager>,
     ) -> Self {
         TokenManager {
             apps: apps
                 .iter()
                 .map(|a| {
+                    let prev = previous.and_then(|p| p.apps.iter().find(|o| o.config == *a));
                     Arc::new(AppTokens {
                         key: Arc::from(a.name.as_str()),
                         config: a.clone(),
-                        gate: tokio::sync::Mutex::new(()),
-                        window: Mutex::new(VecDeque::new()),
-                        last_error: Mutex::new(None),
-                        had_token: AtomicBool::new(false),
+                        gate: prev.map_or_else(Default::default, |p| p.gate.clone()),
+                        window: prev.map_or_else(Default::default, |p| p.window.clone()),
+                        last_error: Mutex::new(prev.and_then(|p| lock(&p.last_error).clone())),
+                        had_token: AtomicBool::new(
+                            prev.is_some_and(|p| p.had_token.load(Ordering::Relaxed)),
+                        ),
                         wake: Notify::new(),
                     })
                 })
@@ -113,6 +120,21 @@ impl TokenManager {
     pub fn start(self: &Arc<Self>) {
         for (idx, app) in self.apps.iter().enumerate() {
             tokio::spawn(refresher(Arc::downgrade(self), app.clone(), idx));
+        }
+    }
+
+    /// Takes over the cached tokens of the previous configuration's manager for every app
+    /// whose settings did not change (the manager was built with `previous` = `old`).
+    pub async fn adopt_tokens(&self, old: &TokenManager) {
+        if self.inject != old.inject {
+            return; // tokens are pre-rendered for injection; let them be fetched anew
+        }
+        for app in &self.apps {
+            if let Some(prev) = old.apps.iter().find(|o| o.config == app.config) {
+                if let Some(t) = old.cache.peek(&prev.key).await {
+                    self.cache.insert(&app.key, t).await;
+                }
+            }
         }
     }
 

@@ -1,6 +1,7 @@
 //! Pure rewrites of what crosses the proxy: headers in both directions, the request target,
 //! and the redacted form of a target for logs. No I/O, no allocation beyond the new target.
 
+use std::borrow::Cow;
 use std::fmt;
 
 use http::header::{self, HeaderMap, HeaderName};
@@ -146,6 +147,61 @@ pub fn prefix_len(path: &str, prefix: &str) -> Option<usize> {
     (rest.is_empty() || rest.starts_with('/')).then_some(prefix.len())
 }
 
+/// A path segment that is `.` or `..`, also percent-encoded (`%2e`, `.%2E`, …).
+fn dot_segment(seg: &str) -> Option<bool> {
+    let b = seg.as_bytes();
+    let is_dot = |i: usize| -> Option<usize> {
+        match b.get(i)? {
+            b'.' => Some(1),
+            b'%' if b.get(i + 1) == Some(&b'2') && matches!(b.get(i + 2), Some(b'e' | b'E')) => {
+                Some(3)
+            }
+            _ => None,
+        }
+    };
+    let first = is_dot(0)?;
+    if first == b.len() {
+        return Some(false);
+    }
+    let second = is_dot(first)?;
+    (first + second == b.len()).then_some(true)
+}
+
+/// Resolves dot segments (RFC 3986 §5.2.4), percent-encoded ones too, so that `../` and
+/// `%2e%2e` cannot climb out of an app prefix or a client's path grant. Borrows when there is
+/// nothing to resolve (the usual case), so the hot path does not allocate.
+pub fn normalize_path(path: &str) -> Cow<'_, str> {
+    let has_encoded_dot = path
+        .as_bytes()
+        .windows(3)
+        .any(|w| w[0] == b'%' && w[1] == b'2' && (w[2] | 0x20) == b'e');
+    if !path.contains("/.") && !has_encoded_dot {
+        return Cow::Borrowed(path);
+    }
+    let mut out: Vec<&str> = Vec::new();
+    let mut trailing_slash = false;
+    for seg in path.split('/').skip(1) {
+        trailing_slash = false;
+        match dot_segment(seg) {
+            Some(false) => trailing_slash = true,
+            Some(true) => {
+                out.pop();
+                trailing_slash = true;
+            }
+            None => out.push(seg),
+        }
+    }
+    let mut s = String::with_capacity(path.len());
+    for seg in &out {
+        s.push('/');
+        s.push_str(seg);
+    }
+    if trailing_slash || s.is_empty() {
+        s.push('/');
+    }
+    Cow::Owned(s)
+}
+
 /// Whether a query key carries something secret and must be masked in logs.
 fn sensitive_key(raw: &str, extra: &str) -> bool {
     let key = raw.to_ascii_lowercase();
@@ -245,6 +301,20 @@ mod tests {
         assert_eq!(prefix_len("/corp42", "/corp42"), Some(7));
         assert_eq!(prefix_len("/corp420/api", "/corp42"), None);
         assert_eq!(prefix_len("/api", "/"), Some(0));
+    }
+
+    #[test]
+    fn dot_segments_are_resolved_also_when_encoded() {
+        assert_eq!(normalize_path("/api/x"), "/api/x");
+        assert!(matches!(normalize_path("/api/x.json"), Cow::Borrowed(_)));
+        assert_eq!(normalize_path("/api/robot/../../admin"), "/admin");
+        assert_eq!(normalize_path("/api/%2e%2e/%2E%2e/x"), "/x");
+        assert_eq!(normalize_path("/api/.%2e/x"), "/x");
+        assert_eq!(normalize_path("/a/./b/."), "/a/b/");
+        assert_eq!(normalize_path("/.."), "/");
+        assert_eq!(normalize_path("/a/..."), "/a/...");
+        assert_eq!(normalize_path("/a/%2ex"), "/a/%2ex");
+        assert_eq!(normalize_path("/a//b/../c"), "/a//c");
     }
 
     #[test]
