@@ -64,13 +64,17 @@ impl Proc {
         }
     }
 
-    fn sigterm(&self) {
+    fn signal(&self, sig: &str) {
         let ok = Command::new("kill")
-            .arg("-TERM")
+            .arg(format!("-{sig}"))
             .arg(self.child.id().to_string())
             .status()
             .unwrap();
         assert!(ok.success());
+    }
+
+    fn sigterm(&self) {
+        self.signal("TERM");
     }
 
     /// Waits (at most 20 s) for the exit status, killing the child if it does not stop.
@@ -252,7 +256,7 @@ async fn debug_logs_never_carry_the_secret_or_a_token_and_sigterm_drains() {
     );
 
     // SIGTERM while a slow request is in flight: it finishes, then the process exits 0.
-    sandbox.set_api_delay(Duration::from_millis(1500));
+    sandbox.set_api_delay(Duration::from_millis(2000));
     let slow = tokio::spawn(async move { get(&format!("{base}/api/slow")).await });
     tokio::time::sleep(Duration::from_millis(300)).await;
     p.sigterm();
@@ -306,6 +310,100 @@ async fn demo_prints_a_curl_line_that_works() {
     assert_eq!(v["err_code"], 0, "{v}");
     assert_eq!(v["err_msg"], "success");
     assert_eq!(v["data"]["path"], "/api/apps/v1/robot/groups");
+    p.sigterm();
+    assert_eq!(p.wait().await.code(), Some(0));
+}
+
+#[tokio::test]
+async fn sighup_adds_an_app_and_refuses_a_broken_file_while_a_connection_stays_open() {
+    use bytes::Bytes;
+    use http_body_util::Full;
+    let dir = tempfile::tempdir().unwrap();
+    let sandbox = sandbox(
+        dir.path(),
+        SandboxOptions {
+            apps: vec![
+                cx_proxy::sandbox::SandboxApp::demo(),
+                "added-app:2:added-secret".parse().unwrap(),
+            ],
+            ..Default::default()
+        },
+    )
+    .await;
+    std::fs::write(dir.path().join("added_secret"), "added-secret").unwrap();
+    let path = dir.path().join("proxy.toml");
+    let base_text = config_text(&sandbox, dir.path(), "", &default_app(dir.path()));
+    std::fs::write(&path, &base_text).unwrap();
+    let mut p = Proc::spawn(
+        Command::new(bin())
+            .args(["--log-format", "json", "run", "-c"])
+            .arg(&path),
+    );
+    let addr = p.wait_for("the listening line", listening).await;
+
+    let stream = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    let (mut conn, driver) = hyper::client::conn::http1::handshake::<_, Full<Bytes>>(
+        hyper_util::rt::TokioIo::new(stream),
+    )
+    .await
+    .unwrap();
+    tokio::spawn(driver);
+    let req = |path: &str| {
+        http::Request::builder()
+            .uri(path)
+            .header("host", "proxy")
+            .body(Full::new(Bytes::new()))
+            .unwrap()
+    };
+    assert_eq!(
+        conn.send_request(req("/api/a")).await.unwrap().status(),
+        200
+    );
+
+    // SIGHUP with an added app.
+    let added = format!(
+        "\n[[app]]\nname = \"added\"\napp_key = \"added-app\"\ncorp_id = 2\ncorp_secret_file = \"{}/added_secret\"\nprefix = \"/added\"\n",
+        dir.path().display()
+    );
+    std::fs::write(&path, format!("{base_text}{added}")).unwrap();
+    p.signal("HUP");
+    p.wait_for("the reload", |_, err| {
+        err.contains("configuration reloaded").then_some(())
+    })
+    .await;
+    let r = conn
+        .send_request(req("/added/api/b"))
+        .await
+        .expect("the connection survived");
+    assert_eq!(r.status(), 200);
+    assert_eq!(
+        sandbox.recorded().pop().unwrap().token_app.as_deref(),
+        Some("added-app")
+    );
+
+    // SIGHUP with a broken file: refused, logged as file: key: problem, old config kept.
+    std::fs::write(
+        &path,
+        format!("{base_text}{added}\n[server]\nlisten_typo = 1\n"),
+    )
+    .unwrap();
+    p.signal("HUP");
+    p.wait_for("the refusal", |_, err| {
+        err.contains("configuration refused").then_some(())
+    })
+    .await;
+    let logs = p.stderr.lock().unwrap().clone();
+    assert!(logs.contains(&format!("{}: ", path.display())), "{logs}");
+    let r = conn
+        .send_request(req("/added/api/c"))
+        .await
+        .expect("the connection survived");
+    assert_eq!(r.status(), 200);
+    assert_eq!(
+        sandbox.recorded().pop().unwrap().token_app.as_deref(),
+        Some("added-app")
+    );
+
     p.sigterm();
     assert_eq!(p.wait().await.code(), Some(0));
 }

@@ -292,10 +292,10 @@ impl Answer {
 }
 
 /// Sends a request and reads the whole answer.
-pub async fn send(
-    client: &Client<HttpConnector, Full<Bytes>>,
-    req: Request<Full<Bytes>>,
-) -> Answer {
+pub async fn send<C>(client: &Client<C, Full<Bytes>>, req: Request<Full<Bytes>>) -> Answer
+where
+    C: hyper_util::client::legacy::connect::Connect + Clone + Send + Sync + 'static,
+{
     let resp = client.request(req).await.expect("proxy answers");
     let (parts, body) = resp.into_parts();
     let body = body.collect().await.expect("body reads").to_bytes();
@@ -363,4 +363,42 @@ pub fn shared<T>(v: T) -> Arc<T> {
 pub fn unused_addr() -> SocketAddr {
     let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     l.local_addr().unwrap()
+}
+
+/// An HTTPS client trusting `ca_pem`, presenting `client_cert` if given (mTLS).
+pub fn tls_client(
+    ca_pem: &str,
+    client_cert: Option<&cx_proxy::sandbox::ca::Issued>,
+) -> Client<hyper_rustls::HttpsConnector<HttpConnector>, Full<Bytes>> {
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in cx_proxy::tls::parse_certs(ca_pem.as_bytes()).unwrap() {
+        roots.add(cert).unwrap();
+    }
+    let builder = rustls::ClientConfig::builder_with_provider(cx_proxy::tls::provider())
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots);
+    let config = match client_cert {
+        Some(c) => builder
+            .with_client_auth_cert(c.chain.clone(), c.key.clone_key())
+            .unwrap(),
+        None => builder.with_no_client_auth(),
+    };
+    let https = hyper_rustls::HttpsConnectorBuilder::new()
+        .with_tls_config(config)
+        .https_only()
+        .enable_http1()
+        .enable_http2()
+        .build();
+    Client::builder(TokioExecutor::new()).build(https)
+}
+
+/// Writes raw bytes on a fresh connection and reads until the server closes it or 5 s pass.
+pub async fn raw_exchange(addr: SocketAddr, bytes: &[u8]) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let _ = s.write_all(bytes).await;
+    let mut out = Vec::new();
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(5), s.read_to_end(&mut out)).await;
+    String::from_utf8_lossy(&out).into_owned()
 }
