@@ -113,21 +113,51 @@ pub fn main(cli: Cli) -> ExitCode {
         eprintln!("cx-proxy: {e}");
         return ExitCode::from(EXIT_CONFIG);
     }
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(rt) => rt,
+    match cli.command.unwrap_or(Command::Run) {
+        Command::Check => check(&cli.config),
+        Command::Run => {
+            // The config decides the runtime (server.workers), so it is read first.
+            let Some(loaded) = load_or_report(&cli.config) else {
+                return ExitCode::from(EXIT_CONFIG);
+            };
+            let problems = check_tls(&loaded.config);
+            if !problems.is_empty() {
+                for p in problems {
+                    eprintln!("{p}");
+                }
+                return ExitCode::from(EXIT_CONFIG);
+            }
+            with_runtime(
+                loaded.config.server.workers,
+                run_command(loaded.config, &cli.config),
+            )
+        }
+        Command::Sandbox(args) => with_runtime(0, sandbox(args)),
+        Command::Demo(args) => with_runtime(0, demo(args)),
+    }
+}
+
+/// Runs `fut` on a runtime with `workers` threads (0: one per core; 1: single-threaded,
+/// which on a small shared box avoids cross-thread wake-ups).
+fn with_runtime(workers: usize, fut: impl std::future::Future<Output = ExitCode>) -> ExitCode {
+    let built = match workers {
+        1 => tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build(),
+        0 => tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build(),
+        n => tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(n)
+            .enable_all()
+            .build(),
+    };
+    match built {
+        Ok(rt) => rt.block_on(fut),
         Err(e) => {
             eprintln!("cx-proxy: cannot start the runtime: {e}");
-            return ExitCode::FAILURE;
+            ExitCode::FAILURE
         }
-    };
-    match cli.command.unwrap_or(Command::Run) {
-        Command::Run => runtime.block_on(run_command(&cli.config)),
-        Command::Check => check(&cli.config),
-        Command::Sandbox(args) => runtime.block_on(sandbox(args)),
-        Command::Demo(args) => runtime.block_on(demo(args)),
     }
 }
 
@@ -194,18 +224,8 @@ async fn shutdown_signal() {
     }
 }
 
-async fn run_command(path: &Path) -> ExitCode {
-    let Some(loaded) = load_or_report(path) else {
-        return ExitCode::from(EXIT_CONFIG);
-    };
-    let problems = check_tls(&loaded.config);
-    if !problems.is_empty() {
-        for p in problems {
-            eprintln!("{p}");
-        }
-        return ExitCode::from(EXIT_CONFIG);
-    }
-    match run_proxy(loaded.config, path).await {
+async fn run_command(config: Config, path: &Path) -> ExitCode {
+    match run_proxy(config, path).await {
         Ok(()) => {
             tracing::info!("stopped");
             ExitCode::SUCCESS

@@ -59,6 +59,8 @@ pub struct ServerConfig {
     pub shutdown_grace: Duration,
     /// Requests in flight at once; more get 503 `overloaded`.
     pub max_concurrent_requests: usize,
+    /// Runtime worker threads: 0 = one per core, 1 = a single-threaded runtime.
+    pub workers: usize,
 }
 
 /// Inbound TLS material.
@@ -135,10 +137,12 @@ pub struct TokenConfig {
 }
 
 /// `[token.store]`.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct StoreConfig {
     /// Redis URL (may carry a password, so kept secret).
     pub redis_url: Secret,
+    /// Fetch lease lifetime; default 2 × `upstream.timeout_ms` + 5 s, longer than any fetch.
+    pub lease: Option<Duration>,
 }
 
 /// A query parameter value of a token request.
@@ -378,6 +382,7 @@ impl Config {
         let _ = writeln!(o, "max_body_bytes = {}", s.max_body_bytes);
         let _ = writeln!(o, "shutdown_grace_s = {}", s.shutdown_grace.as_secs());
         let _ = writeln!(o, "max_concurrent_requests = {}", s.max_concurrent_requests);
+        let _ = writeln!(o, "workers = {}", s.workers);
         if let Some(admin) = &self.admin {
             let _ = writeln!(o, "\n[admin]\nlisten = {}", q(&admin.listen.to_string()));
         }
@@ -411,8 +416,11 @@ impl Config {
         let codes: Vec<String> = t.invalid_codes.iter().map(ToString::to_string).collect();
         let _ = writeln!(o, "invalid_codes = [{}]", codes.join(", "));
         let _ = writeln!(o, "max_fetches_per_minute = {}", t.max_fetches_per_minute);
-        if t.store.is_some() {
+        if let Some(store) = &t.store {
             let _ = writeln!(o, "\n[token.store]\nredis_url = \"***\"");
+            if let Some(lease) = store.lease {
+                let _ = writeln!(o, "lease_ms = {}", lease.as_millis());
+            }
         }
         for app in &self.apps {
             let _ = writeln!(o, "\n[[app]]\nname = {}", q(&app.name));
@@ -780,6 +788,7 @@ impl Parser {
         let max_body = self.int(&mut s, "max_body_bytes", 0, i64::MAX);
         let grace = self.int(&mut s, "shutdown_grace_s", 0, 86_400);
         let concurrent = self.int(&mut s, "max_concurrent_requests", 1, 1_000_000);
+        let workers = self.int(&mut s, "workers", 0, 1024);
         self.finish(s);
         Some(ServerConfig {
             listen: listen.unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 8080))),
@@ -793,6 +802,7 @@ impl Parser {
             max_body_bytes: max_body.map_or(10 * 1024 * 1024, |v| v as u64),
             shutdown_grace: Duration::from_secs(grace.unwrap_or(30) as u64),
             max_concurrent_requests: concurrent.unwrap_or(10_000) as usize,
+            workers: workers.unwrap_or(0) as usize,
         })
     }
 
@@ -901,11 +911,13 @@ impl Parser {
             let mut st = self.section(&mut s, "store");
             let url_key = st.key("redis_url");
             let url = self.string(&mut st, "redis_url");
+            let lease = self.int(&mut st, "lease_ms", 100, 3_600_000);
             self.finish(st);
             match url {
                 Some(u) if u.starts_with("redis://") || u.starts_with("rediss://") => {
                     Some(StoreConfig {
                         redis_url: Secret::new(u),
+                        lease: lease.map(|ms| Duration::from_millis(ms as u64)),
                     })
                 }
                 Some(_) => {

@@ -519,8 +519,8 @@ impl Proxy {
             return Ok((resp, false));
         }
         let (parts, body) = resp.into_parts();
-        let bytes = match tokio::time::timeout(self.upstream.timeout(), body.collect()).await {
-            Ok(Ok(b)) => b.to_bytes(),
+        let bytes = match tokio::time::timeout(self.upstream.timeout(), collect(body)).await {
+            Ok(Ok(b)) => b,
             Ok(Err(e)) => {
                 return Err(ProxyError::new(
                     ErrorKind::UpstreamUnreachable,
@@ -673,8 +673,8 @@ fn declared_length(headers: &HeaderMap) -> Result<Option<u64>, ProxyError> {
 }
 
 async fn read_whole(body: Incoming, timeout: Duration) -> Result<Bytes, ProxyError> {
-    match tokio::time::timeout(timeout, body.collect()).await {
-        Ok(Ok(b)) => Ok(b.to_bytes()),
+    match tokio::time::timeout(timeout, collect(body)).await {
+        Ok(Ok(b)) => Ok(b),
         Ok(Err(e)) => Err(ProxyError::new(
             ErrorKind::BadRequest,
             format!("request body broke off: {e}"),
@@ -686,8 +686,58 @@ async fn read_whole(body: Incoming, timeout: Duration) -> Result<Bytes, ProxyErr
     }
 }
 
-/// The `err_code` of a JSON object, if it has one (a number or a numeric string).
+/// Reads a whole (small) body. A body that arrives in one chunk, as small ones do, is
+/// returned as that chunk without copying or allocating.
+async fn collect<B>(mut body: B) -> Result<Bytes, B::Error>
+where
+    B: http_body::Body<Data = Bytes> + Unpin,
+{
+    let mut first: Option<Bytes> = None;
+    let mut joined: Option<bytes::BytesMut> = None;
+    while let Some(frame) = body.frame().await {
+        let Ok(data) = frame?.into_data() else {
+            continue;
+        };
+        match (&first, &mut joined) {
+            (None, _) => first = Some(data),
+            (Some(f), None) => {
+                let mut m = bytes::BytesMut::with_capacity(f.len() + data.len());
+                m.extend_from_slice(f);
+                m.extend_from_slice(&data);
+                joined = Some(m);
+            }
+            (Some(_), Some(m)) => m.extend_from_slice(&data),
+        }
+    }
+    Ok(joined
+        .map(bytes::BytesMut::freeze)
+        .or(first)
+        .unwrap_or_default())
+}
+
+/// The `err_code` of a JSON object, if it has one (a number or a numeric string). The
+/// platform's answers start with it (`{"err_code":0,...`), which is read without a parser.
 fn err_code(body: &[u8]) -> Option<i64> {
+    if let Some(rest) = body.trim_ascii_start().strip_prefix(b"{\"err_code\":") {
+        let rest = rest.trim_ascii_start();
+        let end = rest
+            .iter()
+            .position(|b| !(b.is_ascii_digit() || *b == b'-'))
+            .unwrap_or(rest.len());
+        if end > 0
+            && matches!(
+                rest.get(end),
+                Some(b',' | b'}' | b' ' | b'\n' | b'\r' | b'\t')
+            )
+        {
+            if let Some(code) = std::str::from_utf8(&rest[..end])
+                .ok()
+                .and_then(|s| s.parse().ok())
+            {
+                return Some(code);
+            }
+        }
+    }
     #[derive(serde::Deserialize)]
     struct Probe {
         err_code: Option<serde_json::Value>,
@@ -716,5 +766,8 @@ mod tests {
         assert_eq!(err_code(br#"{"err_msg":"no code"}"#), None);
         assert_eq!(err_code(b"[1,2]"), None);
         assert_eq!(err_code(b"not json"), None);
+        assert_eq!(err_code(br#"{"err_code":0,"err_msg":"success"}"#), Some(0));
+        assert_eq!(err_code(br#" {"err_code": -1 }"#), Some(-1));
+        assert_eq!(err_code(br#"{"err_code":4x}"#), None);
     }
 }

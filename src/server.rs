@@ -280,7 +280,9 @@ pub async fn run(
         let g = g.clone();
         let inner = tower::service_fn(move |req: Request<Incoming>| {
             let (g, peer) = (g.clone(), peer.clone());
-            async move { Ok::<_, Infallible>(g.proxy().handle(&peer, req).await) }
+            // Boxed once here: the request's future is several KiB, and every layer above
+            // would otherwise move it by value.
+            Box::pin(async move { Ok::<_, Infallible>(g.proxy().handle(&peer, req).await) })
         });
         TowerToHyperService::new(
             ServiceBuilder::new()

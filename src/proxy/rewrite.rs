@@ -56,37 +56,62 @@ const FORWARDING: [HeaderName; 6] = [
     HeaderName::from_static("x-real-ip"),
 ];
 
-/// Removes the hop-by-hop headers and every header the `Connection` header names.
-pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    if headers.contains_key(header::CONNECTION) {
-        let named: Vec<HeaderName> = headers
+/// Removes every header `drop` selects, plus every header a `Connection` header names. The
+/// names are scanned once and only the matches are removed: most requests carry a handful of
+/// headers and need one or two removals, not a lookup per name on the lists.
+fn strip(headers: &mut HeaderMap, drop: impl Fn(&HeaderName) -> bool) {
+    // A few matches fit on the stack; only an unusual request spills to the heap.
+    let mut found: [Option<HeaderName>; 8] = Default::default();
+    let mut n = 0;
+    let mut spill: Vec<HeaderName> = Vec::new();
+    let mut connection = false;
+    for name in headers.keys() {
+        if drop(name) {
+            connection |= name == header::CONNECTION;
+            if n < found.len() {
+                found[n] = Some(name.clone());
+                n += 1;
+            } else {
+                spill.push(name.clone());
+            }
+        }
+    }
+    if connection {
+        for v in headers
             .get_all(header::CONNECTION)
             .iter()
             .filter_map(|v| v.to_str().ok())
-            .flat_map(|v| v.split(','))
-            .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
-            .collect();
-        for name in named {
-            headers.remove(name);
+        {
+            spill.extend(
+                v.split(',')
+                    .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok()),
+            );
         }
     }
-    for name in &HOP_BY_HOP {
+    for name in found.into_iter().flatten().chain(spill) {
         headers.remove(name);
     }
+}
+
+fn is_hop_by_hop(name: &HeaderName) -> bool {
+    HOP_BY_HOP.contains(name)
+}
+
+/// Removes the hop-by-hop headers and every header the `Connection` header names.
+pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    strip(headers, is_hop_by_hop);
 }
 
 /// Prepares a client's headers for the upstream: hop-by-hop and forwarding headers, `Host`,
 /// our own routing header and the client's copy of the token header all go.
 pub fn sanitize_request_headers(headers: &mut HeaderMap, token_header: Option<&HeaderName>) {
-    strip_hop_by_hop(headers);
-    headers.remove(header::HOST);
-    headers.remove(X_CX_APP);
-    for name in &FORWARDING {
-        headers.remove(name);
-    }
-    if let Some(name) = token_header {
-        headers.remove(name);
-    }
+    strip(headers, |name| {
+        name == header::HOST
+            || is_hop_by_hop(name)
+            || FORWARDING.contains(name)
+            || name == X_CX_APP
+            || token_header == Some(name)
+    });
 }
 
 /// Whether a raw query key names `name`, also when percent-encoded (`access%5Ftoken`).
