@@ -42,7 +42,15 @@ pub async fn handle(proxy: &Proxy, peer: &Peer, req: Request<Incoming>) -> Respo
             } else {
                 StatusCode::SERVICE_UNAVAILABLE
             };
-            json(status, &json!({"ready": ready, "apps": apps}))
+            // A store that is down does not make the proxy unready (it fetches locally), but
+            // the operator sees it.
+            let store = proxy.tokens().store_up().map(|up| {
+                json!({"up": up, "detail": if up { "sharing tokens with other instances" } else { "unreachable: fetching tokens locally" }})
+            });
+            json(
+                status,
+                &json!({"ready": ready, "apps": apps, "token_store": store}),
+            )
         }
         (&Method::GET, "/metrics") => {
             // Refreshes the seconds-left gauges.

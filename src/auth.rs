@@ -10,6 +10,7 @@
 mod cache;
 mod fetch;
 mod manager;
+pub mod store;
 
 use std::time::{Duration, Instant};
 
@@ -35,6 +36,9 @@ pub struct Token {
     pub refresh_at: Instant,
     /// Lifetime the platform announced.
     pub lifetime: Duration,
+    /// Start time (µs since the epoch) of the fetch that produced it; orders tokens shared
+    /// between instances.
+    pub version: u64,
 }
 
 /// The token rendered for the configured injection.
@@ -82,7 +86,27 @@ impl Token {
             expires_at: now + lifetime,
             refresh_at: now + lifetime.saturating_sub(refresh_ahead).max(lifetime / 2),
             lifetime,
+            version: 0,
         })
+    }
+
+    /// A token another instance fetched: `remaining` of its `lifetime` is left.
+    pub fn adopted(
+        value: String,
+        lifetime: Duration,
+        remaining: Duration,
+        now: Instant,
+        inject: &Inject,
+        refresh_ahead: Duration,
+        version: u64,
+    ) -> Result<Self, TokenError> {
+        let mut t = Token::new(value, lifetime, now, inject, refresh_ahead)?;
+        let issued = now + remaining.min(lifetime) - lifetime;
+        t.fetched_at = issued;
+        t.expires_at = now + remaining.min(lifetime);
+        t.refresh_at = issued + lifetime.saturating_sub(refresh_ahead).max(lifetime / 2);
+        t.version = version;
+        Ok(t)
     }
 
     /// The raw token (for the local token endpoint; never for logs).

@@ -13,7 +13,7 @@
 //! | `GET /__sandbox/requests` | the last API requests as received (token removed) |
 //! | `POST /__sandbox/revoke` | invalidates every token issued so far |
 //! | `POST /__sandbox/fail-token-fetches?n=N[&code=C&msg=M]` | the next N token fetches fail |
-//! | `POST /__sandbox/delay?token_ms=T&api_ms=A` | delays token answers / API answers |
+//! | `POST /__sandbox/delay?token_ms=T&token_answer_ms=L&api_ms=A` | delays token answers (before / after issuing) and API answers |
 //! | `POST /__sandbox/quota?n=N` | daily token quota per app (0 = none); resets the count |
 //! | `POST /__sandbox/reject-tokens?on=1` | every API call answers 40014 until `on=0` |
 //!
@@ -216,6 +216,7 @@ struct State {
     fail_code: i64,
     fail_msg: String,
     token_delay: Duration,
+    token_answer_delay: Duration,
     api_delay: Duration,
     requests: u64,
     reject_all: bool,
@@ -372,6 +373,12 @@ impl Sandbox {
         self.shared.lock().token_delay = d;
     }
 
+    /// Delays every token answer *after* the token is issued (a superseded token is already
+    /// invalid while the fetcher waits).
+    pub fn set_token_answer_delay(&self, d: Duration) {
+        self.shared.lock().token_answer_delay = d;
+    }
+
     /// Delays every API answer.
     pub fn set_api_delay(&self, d: Duration) {
         self.shared.lock().api_delay = d;
@@ -521,6 +528,9 @@ fn control_endpoint(
             if let Some(ms) = num("token_ms") {
                 st.token_delay = Duration::from_millis(ms);
             }
+            if let Some(ms) = num("token_answer_ms") {
+                st.token_answer_delay = Duration::from_millis(ms);
+            }
             if let Some(ms) = num("api_ms") {
                 st.api_delay = Duration::from_millis(ms);
             }
@@ -570,6 +580,24 @@ async fn token_endpoint(shared: &Shared, path: &str, query: Option<&str>) -> Res
     if !delay.is_zero() {
         tokio::time::sleep(delay).await;
     }
+    let answer = issue(shared, path, &params, app_key, param_app.is_some());
+    // A delay after issuing: the token exists (and superseded ones are invalid) before the
+    // fetcher learns it, as on a platform that is slow to answer.
+    let late = shared.lock().token_answer_delay;
+    if !late.is_zero() {
+        tokio::time::sleep(late).await;
+    }
+    answer
+}
+
+fn issue(
+    shared: &Shared,
+    path: &str,
+    params: &BTreeMap<String, String>,
+    app_key: &str,
+    param_app: bool,
+) -> Response<Body> {
+    let get = |k: &str| params.get(k).map(String::as_str).unwrap_or("");
     let opts = &shared.opts;
     let mut st = shared.lock();
     if st.fail_next > 0 {
@@ -577,7 +605,7 @@ async fn token_endpoint(shared: &Shared, path: &str, query: Option<&str>) -> Res
         let (code, msg) = (st.fail_code, st.fail_msg.clone());
         return platform_error(code, &msg);
     }
-    if param_app.is_none() {
+    if !param_app {
         if path != opts.token_path {
             return platform_error(40001, "invalid credentials for this token endpoint");
         }

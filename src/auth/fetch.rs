@@ -44,6 +44,9 @@ pub enum TokenError {
     /// No answer in time.
     #[error("token fetch timed out after {0} ms")]
     Timeout(u128),
+    /// Another instance holds the shared fetch lease and stored nothing in time.
+    #[error("another proxy instance is fetching the token and stored none within {0} ms")]
+    Elsewhere(u128),
     /// The per-app fetch cap was reached; no request was sent.
     #[error("the token fetch limit of {limit} per minute for this app was reached; retry in {retry_in_s} s")]
     RateLimited {

@@ -20,6 +20,7 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::Notify;
 
+use super::store::{self, StoredToken, TokenStore};
 use super::{fetch, Token, TokenCache, TokenError};
 use crate::clock::SharedClock;
 use crate::config::{AppConfig, Inject, TokenConfig};
@@ -28,6 +29,8 @@ use crate::upstream::Upstream;
 
 /// Size of the fetch-cap window.
 const WINDOW: Duration = Duration::from_secs(60);
+/// How often an instance waiting on another's fetch looks at the shared store.
+const STORE_POLL: Duration = Duration::from_millis(50);
 /// First and largest pause between failed background fetches.
 const BACKOFF: (Duration, Duration) = (Duration::from_secs(1), Duration::from_secs(60));
 
@@ -46,6 +49,10 @@ struct AppTokens {
     had_token: AtomicBool,
     /// Wakes the refresher early (forced refresh, shutdown).
     wake: Notify,
+    /// The last token the platform rejected: never adopted again.
+    last_rejected: Mutex<Option<Arc<Token>>>,
+    /// Key prefix in the shared store.
+    store_key: String,
 }
 
 /// What `/readyz` reports for one app.
@@ -73,6 +80,8 @@ pub struct TokenManager {
     max_per_minute: u32,
     metrics: Arc<Metrics>,
     stopped: AtomicBool,
+    store: Option<Arc<TokenStore>>,
+    store_config: Option<crate::config::StoreConfig>,
 }
 
 impl TokenManager {
@@ -87,7 +96,26 @@ impl TokenManager {
         metrics: Arc<Metrics>,
         previous: Option<&TokenManager>,
     ) -> Self {
+        let store = token.store.as_ref().and_then(|cfg| {
+            // Reuse the previous connection when the store did not change.
+            if let Some(prev) = previous.and_then(|p| p.store.clone()) {
+                if previous.is_some_and(|p| p.store_config.as_ref() == Some(cfg)) {
+                    return Some(prev);
+                }
+            }
+            let lease = cfg
+                .lease
+                .unwrap_or(upstream.timeout() * 2 + Duration::from_secs(5));
+            match TokenStore::new(&cfg.redis_url, lease, metrics.clone()) {
+                Ok(s) => Some(Arc::new(s)),
+                Err(e) => {
+                    tracing::error!(error = %e, "token store disabled");
+                    None
+                }
+            }
+        });
         TokenManager {
+            store_config: token.store.clone(),
             apps: apps
                 .iter()
                 .map(|a| {
@@ -102,6 +130,8 @@ impl TokenManager {
                             prev.is_some_and(|p| p.had_token.load(Ordering::Relaxed)),
                         ),
                         wake: Notify::new(),
+                        last_rejected: Mutex::new(None),
+                        store_key: store::app_key(a),
                     })
                 })
                 .collect(),
@@ -112,6 +142,7 @@ impl TokenManager {
             max_per_minute: token.max_fetches_per_minute,
             metrics,
             stopped: AtomicBool::new(false),
+            store,
         }
     }
 
@@ -173,6 +204,7 @@ impl TokenManager {
     /// burst of rejections of one token causes one fetch).
     pub async fn reject(&self, idx: usize, token: &Arc<Token>) {
         let app = &self.apps[idx];
+        *lock(&app.last_rejected) = Some(token.clone());
         self.metrics.rejection(&app.key);
         self.cache.remove_if_current(&app.key, token).await;
     }
@@ -186,6 +218,11 @@ impl TokenManager {
         Ok(t)
     }
 
+    /// Whether the shared token store answers (`None`: none configured).
+    pub fn store_up(&self) -> Option<bool> {
+        self.store.as_ref().map(|s| s.up())
+    }
+
     /// Index of the app named `name`.
     pub fn index_of(&self, name: &str) -> Option<usize> {
         self.apps.iter().position(|a| &*a.key == name)
@@ -193,6 +230,9 @@ impl TokenManager {
 
     /// Readiness of every app.
     pub async fn status(&self) -> Vec<AppStatus> {
+        if let Some(store) = &self.store {
+            store.ping().await;
+        }
         let now = self.cache.clock().now();
         let mut out = Vec::with_capacity(self.apps.len());
         for app in &self.apps {
@@ -222,9 +262,11 @@ impl TokenManager {
         out
     }
 
-    /// Fetches under the app's gate. Unless `force`, a usable token that is not `replacing`
-    /// and not yet due is returned as is (someone else fetched while we waited). The new
-    /// token is stored before the gate opens, so the next holder sees it.
+    /// Fetches under the app's gate. Unless `force`, a usable token that is neither
+    /// `replacing` nor the last rejected one, and not yet due, is returned as is (someone else
+    /// fetched while we waited). With a shared store, a token another instance stored is
+    /// adopted the same way, and only the holder of the store's lease fetches. The new token
+    /// is cached before the gate opens, so the next holder sees it.
     async fn fetch_gated(
         &self,
         idx: usize,
@@ -234,20 +276,43 @@ impl TokenManager {
     ) -> Result<Arc<Token>, TokenError> {
         let app = &self.apps[idx];
         let _gate = app.gate.lock().await;
-        let clock = self.cache.clock().clone();
+        let rejected = lock(&app.last_rejected).clone();
+        let stale = |t: &Token| {
+            replacing.is_some_and(|r| r.secret() == t.secret())
+                || rejected.as_ref().is_some_and(|r| r.secret() == t.secret())
+        };
         if !force {
             if let Some(t) = self.cache.peek(&app.key).await {
-                let is_replaced = replacing.is_some_and(|r| Arc::ptr_eq(r, &t));
-                if !is_replaced && !t.due_at(clock.now()) {
+                if !stale(&t) && !t.due_at(self.cache.clock().now()) {
                     return Ok(t);
                 }
             }
         }
+        if let Some(store) = &self.store {
+            if let Some(result) = self
+                .via_store(app, store, reason, replacing, &stale, force)
+                .await
+            {
+                return result;
+            }
+        }
+        self.fetch_here(app, reason, replacing).await
+    }
+
+    /// Fetches from the platform (under the cap) and caches the token.
+    async fn fetch_here(
+        &self,
+        app: &AppTokens,
+        reason: FetchReason,
+        replacing: Option<&Arc<Token>>,
+    ) -> Result<Arc<Token>, TokenError> {
+        let clock = self.cache.clock().clone();
         if let Err(e) = self.take_fetch_slot(app, clock.now()) {
             self.metrics.token_fetch(&app.key, reason, "rate_limited");
             tracing::warn!(app = %app.key, reason = reason.as_str(), error = %e, "token fetch refused");
             return Err(e);
         }
+        let started = store::now_us();
         match fetch(
             &self.upstream,
             &app.config,
@@ -258,18 +323,15 @@ impl TokenManager {
         .await
         {
             Ok(mut token) => {
+                token.version = started;
                 // Platforms that hand out the same token until it expires are asked again
                 // only when it has expired, not in a loop ahead of expiry.
                 if replacing.is_some_and(|r| r.secret() == token.secret()) {
                     token.refresh_at = token.expires_at;
                 }
-                let token = Arc::new(token);
-                self.cache.insert(&app.key, token.clone()).await;
-                app.had_token.store(true, Ordering::Relaxed);
-                *lock(&app.last_error) = None;
                 self.metrics.token_fetch(&app.key, reason, "ok");
                 tracing::info!(app = %app.key, reason = reason.as_str(), expires_in_s = token.lifetime.as_secs(), "fetched a new access token");
-                Ok(token)
+                Ok(self.install(app, token).await)
             }
             Err(e) => {
                 *lock(&app.last_error) = Some(e.to_string());
@@ -277,6 +339,119 @@ impl TokenManager {
                 tracing::warn!(app = %app.key, reason = reason.as_str(), error = %e, "token fetch failed");
                 Err(e)
             }
+        }
+    }
+
+    /// Makes `token` the app's current one.
+    async fn install(&self, app: &AppTokens, token: Token) -> Arc<Token> {
+        let token = Arc::new(token);
+        self.cache.insert(&app.key, token.clone()).await;
+        app.had_token.store(true, Ordering::Relaxed);
+        *lock(&app.last_error) = None;
+        token
+    }
+
+    /// A stored token this instance may use: usable, not stale, and (when replacing a due
+    /// token) not itself due.
+    fn adoptable(
+        &self,
+        stored: Option<StoredToken>,
+        replacing: Option<&Arc<Token>>,
+        stale: &(dyn Fn(&Token) -> bool + Sync),
+    ) -> Option<Token> {
+        let s = stored?;
+        let remaining = s.remaining();
+        if remaining < Duration::from_secs(1) {
+            return None;
+        }
+        let now = self.cache.clock().now();
+        let t = Token::adopted(
+            s.token,
+            Duration::from_secs(s.lifetime_s),
+            remaining,
+            now,
+            &self.inject,
+            self.refresh_ahead,
+            s.version,
+        )
+        .ok()?;
+        let fresh_enough = replacing.is_none() || !t.due_at(now);
+        (!stale(&t) && fresh_enough).then_some(t)
+    }
+
+    /// The shared-store path. `None`: the store is unavailable, fetch locally.
+    async fn via_store(
+        &self,
+        app: &AppTokens,
+        store: &TokenStore,
+        reason: FetchReason,
+        replacing: Option<&Arc<Token>>,
+        stale: &(dyn Fn(&Token) -> bool + Sync),
+        force: bool,
+    ) -> Option<Result<Arc<Token>, TokenError>> {
+        let deadline = tokio::time::Instant::now() + self.upstream.timeout();
+        loop {
+            if !force {
+                let stored = store.get(&app.store_key).await.ok()?;
+                if let Some(t) = self.adoptable(stored, replacing, stale) {
+                    self.metrics.token_fetch(&app.key, reason, "from_store");
+                    tracing::debug!(app = %app.key, "using the token another instance stored");
+                    return Some(Ok(self.install(app, t).await));
+                }
+            }
+            if store.try_lease(&app.store_key).await.ok()? {
+                let result = self
+                    .fetch_with_lease(app, store, reason, replacing, stale, force)
+                    .await;
+                store.release(&app.store_key).await;
+                return Some(result);
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return Some(Err(TokenError::Elsewhere(
+                    self.upstream.timeout().as_millis(),
+                )));
+            }
+            // Another instance is fetching: look again shortly.
+            tokio::time::sleep(STORE_POLL).await;
+        }
+    }
+
+    /// Holding the cluster-wide lease: look once more, then fetch and share the token.
+    async fn fetch_with_lease(
+        &self,
+        app: &AppTokens,
+        store: &TokenStore,
+        reason: FetchReason,
+        replacing: Option<&Arc<Token>>,
+        stale: &(dyn Fn(&Token) -> bool + Sync),
+        force: bool,
+    ) -> Result<Arc<Token>, TokenError> {
+        if !force {
+            if let Ok(stored) = store.get(&app.store_key).await {
+                if let Some(t) = self.adoptable(stored, replacing, stale) {
+                    self.metrics.token_fetch(&app.key, reason, "from_store");
+                    return Ok(self.install(app, t).await);
+                }
+            }
+        }
+        let token = self.fetch_here(app, reason, replacing).await?;
+        let shared = StoredToken {
+            token: token.secret().expose().to_owned(),
+            version: token.version,
+            expires_at_ms: store::now_ms()
+                + token.remaining(self.cache.clock().now()).as_millis() as u64,
+            lifetime_s: token.lifetime.as_secs(),
+        };
+        match store.put(&app.store_key, &shared).await {
+            // A fetch that started later stored its token first: that one is newer.
+            Ok(winner) if winner.token != shared.token => {
+                tracing::info!(app = %app.key, "a newer token was already stored; using it");
+                match self.adoptable(Some(winner), None, &|_| false) {
+                    Some(t) => Ok(self.install(app, t).await),
+                    None => Ok(token),
+                }
+            }
+            _ => Ok(token),
         }
     }
 

@@ -1,0 +1,324 @@
+//! The shared token store on Redis (`[token.store]`), for several proxy instances.
+//!
+//! Per app, keyed by a fingerprint of its non-secret credentials (so instances configured
+//! alike share, and differently configured ones cannot collide):
+//!
+//! - `cx-proxy:{fp}:token` holds `{"token","version","expires_at_ms","lifetime_s"}`, expiring
+//!   with the token. `version` is the wall-clock time (µs) at which the fetch that produced the
+//!   token *started*; a Lua script stores a token only over an older version, so a slow fetch
+//!   that finishes last can never replace the newer token of a fetch that started after it.
+//! - `cx-proxy:{fp}:lease` is the fetch lease (`SET NX PX`), held by one instance at a time.
+//!   Its time to live is longer than the longest possible fetch (the fetch is bounded by
+//!   `upstream.timeout_ms`), so a slow fetch cannot outlive its lease.
+//!
+//! Instances learn a new token by reading the store when they need one: when their token is
+//! due for refresh, when the platform rejects it, and while another instance holds the lease
+//! (polled every 50 ms). Tokens change a few times a day, so reading on those occasions is
+//! prompt enough without a pub/sub connection per instance; a rejected token is replaced
+//! within one request's replay.
+//!
+//! Every call is bounded by a short timeout. The first failure marks the store down (logged
+//! once, shown in `/readyz` and `cx_proxy_token_store_up`); the manager then fetches locally,
+//! and the next successful call marks it up again.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use redis::aio::ConnectionManager;
+use redis::AsyncCommands;
+
+use crate::config::{AppConfig, Credentials, ParamValue};
+use crate::metrics::Metrics;
+use crate::secret::Secret;
+
+/// Longest a single Redis call may take before the store counts as down.
+const CALL_TIMEOUT: Duration = Duration::from_millis(500);
+
+/// Stores a token unless the stored one is at least as new; returns what is stored after.
+const PUT_SCRIPT: &str = r#"
+local cur = redis.call('GET', KEYS[1])
+if cur then
+  local ok, c = pcall(cjson.decode, cur)
+  if ok and tonumber(c.version) and tonumber(c.version) >= tonumber(ARGV[2]) then
+    return cur
+  end
+end
+redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[3])
+return ARGV[1]
+"#;
+
+/// Deletes the lease only if we still hold it.
+const RELEASE_SCRIPT: &str = r#"
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return redis.call('DEL', KEYS[1])
+end
+return 0
+"#;
+
+/// A token as shared between instances.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct StoredToken {
+    /// The access token.
+    pub token: String,
+    /// Start time (µs since the epoch) of the fetch that produced it.
+    pub version: u64,
+    /// When it expires (ms since the epoch).
+    pub expires_at_ms: u64,
+    /// The lifetime the platform announced, seconds.
+    pub lifetime_s: u64,
+}
+
+impl StoredToken {
+    /// Time left before expiry.
+    pub fn remaining(&self) -> Duration {
+        Duration::from_millis(self.expires_at_ms.saturating_sub(now_ms()))
+    }
+}
+
+/// Why a store call failed (the store is then treated as down).
+#[derive(Debug, thiserror::Error)]
+#[error("token store: {0}")]
+pub struct StoreError(String);
+
+/// Wall-clock milliseconds since the epoch.
+pub fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// Wall-clock microseconds since the epoch (token versions).
+pub fn now_us() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_micros() as u64)
+}
+
+/// The store key prefix for an app: a fingerprint of what identifies its token at the
+/// platform, never of a secret.
+pub fn app_key(app: &AppConfig) -> String {
+    let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
+    ctx.update(app.token_path.as_bytes());
+    match &app.credentials {
+        Credentials::Standard {
+            app_key, corp_id, ..
+        } => {
+            for part in ["std", app_key.as_str(), corp_id.as_str()] {
+                ctx.update(b"\0");
+                ctx.update(part.as_bytes());
+            }
+        }
+        Credentials::Params(params) => {
+            for (k, v) in params {
+                ctx.update(b"\0");
+                ctx.update(k.as_bytes());
+                ctx.update(b"=");
+                // A secret parameter counts by name only.
+                if let ParamValue::Plain(v) = v {
+                    ctx.update(v.as_bytes());
+                }
+            }
+        }
+    }
+    let digest = ctx.finish();
+    format!("cx-proxy:{}", crate::sandbox::hex(&digest.as_ref()[..8]))
+}
+
+/// The Redis side of the token lifecycle.
+pub struct TokenStore {
+    client: redis::Client,
+    conn: tokio::sync::Mutex<Option<ConnectionManager>>,
+    up: AtomicBool,
+    /// Set once the first call has been made (so "down" is not logged before trying).
+    tried: AtomicBool,
+    lease: Duration,
+    owner: String,
+    metrics: Arc<Metrics>,
+    put: redis::Script,
+    release: redis::Script,
+}
+
+impl std::fmt::Debug for TokenStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TokenStore")
+            .field("up", &self.up())
+            .finish_non_exhaustive()
+    }
+}
+
+impl TokenStore {
+    /// A store at `url` (not connected until first used). `lease` must outlive a fetch.
+    pub fn new(url: &Secret, lease: Duration, metrics: Arc<Metrics>) -> Result<Self, StoreError> {
+        // The URL may carry a password: never echo it.
+        let client = redis::Client::open(url.expose())
+            .map_err(|_| StoreError("redis_url is not a usable Redis URL".into()))?;
+        Ok(TokenStore {
+            client,
+            conn: tokio::sync::Mutex::new(None),
+            up: AtomicBool::new(false),
+            tried: AtomicBool::new(false),
+            lease,
+            owner: format!("{}-{}", std::process::id(), now_us()),
+            metrics,
+            put: redis::Script::new(PUT_SCRIPT),
+            release: redis::Script::new(RELEASE_SCRIPT),
+        })
+    }
+
+    /// Whether the last call succeeded.
+    pub fn up(&self) -> bool {
+        self.up.load(Ordering::Relaxed)
+    }
+
+    fn mark(&self, ok: bool, why: Option<&str>) {
+        let was = self.up.swap(ok, Ordering::Relaxed);
+        let first = !self.tried.swap(true, Ordering::Relaxed);
+        self.metrics.set_store_up(ok);
+        match (ok, was, first) {
+            (true, false, _) => {
+                tracing::info!("token store reachable: sharing tokens with other instances")
+            }
+            (false, true, _) | (false, _, true) => tracing::warn!(
+                error = why.unwrap_or(""),
+                "token store unreachable: fetching tokens locally until it returns"
+            ),
+            _ => {}
+        }
+    }
+
+    async fn connection(&self) -> Result<ConnectionManager, StoreError> {
+        let mut slot = self.conn.lock().await;
+        if let Some(c) = slot.as_ref() {
+            return Ok(c.clone());
+        }
+        let c = tokio::time::timeout(CALL_TIMEOUT, ConnectionManager::new(self.client.clone()))
+            .await
+            .map_err(|_| StoreError("connect timed out".into()))?
+            .map_err(|e| StoreError(format!("cannot connect: {:?}", e.kind())))?;
+        *slot = Some(c.clone());
+        Ok(c)
+    }
+
+    /// Runs one call under the timeout, keeping the up/down state. A call that fails on a
+    /// pooled connection is tried once more on a fresh one (the old one may have died with a
+    /// restarted server).
+    async fn call<T, F, Fut>(&self, f: F) -> Result<T, StoreError>
+    where
+        F: Fn(ConnectionManager) -> Fut,
+        Fut: std::future::Future<Output = redis::RedisResult<T>>,
+    {
+        let mut result = Err(StoreError("not tried".into()));
+        for _attempt in 0..2 {
+            let had_connection = self.conn.lock().await.is_some();
+            result = match self.connection().await {
+                Ok(conn) => match tokio::time::timeout(CALL_TIMEOUT, f(conn)).await {
+                    Ok(Ok(v)) => Ok(v),
+                    Ok(Err(e)) => Err(StoreError(format!("{:?}", e.kind()))),
+                    Err(_) => Err(StoreError("call timed out".into())),
+                },
+                Err(e) => Err(e),
+            };
+            if result.is_ok() {
+                break;
+            }
+            *self.conn.lock().await = None;
+            if !had_connection {
+                break;
+            }
+        }
+        match &result {
+            Ok(_) => {
+                if !self.up() || !self.tried.load(Ordering::Relaxed) {
+                    self.mark(true, None);
+                }
+            }
+            Err(e) => {
+                if self.up() || !self.tried.load(Ordering::Relaxed) {
+                    self.mark(false, Some(&e.0));
+                }
+            }
+        }
+        result
+    }
+
+    /// Checks that the store answers (readiness, metrics); updates the up/down state.
+    pub async fn ping(&self) -> bool {
+        let r: Result<String, _> = self
+            .call(|mut c| async move { redis::cmd("PING").query_async(&mut c).await })
+            .await;
+        r.is_ok()
+    }
+
+    /// The app's stored token, if any and readable.
+    pub async fn get(&self, key: &str) -> Result<Option<StoredToken>, StoreError> {
+        let k = format!("{key}:token");
+        let raw: Option<String> = self
+            .call(|mut c| {
+                let k = k.clone();
+                async move { c.get(k).await }
+            })
+            .await?;
+        Ok(raw.and_then(|r| serde_json::from_str(&r).ok()))
+    }
+
+    /// Stores `t` unless a newer version is stored; returns the token stored afterwards.
+    pub async fn put(&self, key: &str, t: &StoredToken) -> Result<StoredToken, StoreError> {
+        let k = format!("{key}:token");
+        let value = serde_json::to_string(t).map_err(|e| StoreError(e.to_string()))?;
+        let ttl_ms = t.remaining().as_millis().max(1) as u64;
+        let script = &self.put;
+        let stored: String = self
+            .call(|mut c| {
+                let (k, value) = (k.clone(), value.clone());
+                async move {
+                    script
+                        .key(k)
+                        .arg(value)
+                        .arg(t.version)
+                        .arg(ttl_ms)
+                        .invoke_async(&mut c)
+                        .await
+                }
+            })
+            .await?;
+        serde_json::from_str(&stored)
+            .map_err(|e| StoreError(format!("unreadable stored token: {e}")))
+    }
+
+    /// Takes the app's fetch lease if nobody holds it.
+    pub async fn try_lease(&self, key: &str) -> Result<bool, StoreError> {
+        let k = format!("{key}:lease");
+        let owner = self.owner.clone();
+        let ms = self.lease.as_millis() as u64;
+        let got: Option<String> = self
+            .call(|mut c| {
+                let (k, owner) = (k.clone(), owner.clone());
+                async move {
+                    redis::cmd("SET")
+                        .arg(k)
+                        .arg(owner)
+                        .arg("NX")
+                        .arg("PX")
+                        .arg(ms)
+                        .query_async(&mut c)
+                        .await
+                }
+            })
+            .await?;
+        Ok(got.is_some())
+    }
+
+    /// Gives the lease back (only if still ours).
+    pub async fn release(&self, key: &str) {
+        let k = format!("{key}:lease");
+        let owner = self.owner.clone();
+        let script = &self.release;
+        let _: Result<i64, _> = self
+            .call(|mut c| {
+                let (k, owner) = (k.clone(), owner.clone());
+                async move { script.key(k).arg(owner).invoke_async(&mut c).await }
+            })
+            .await;
+    }
+}

@@ -1,0 +1,311 @@
+//! Several proxy instances sharing one token through a real redis-server, against the
+//! sandbox in `reissue = "new"` mode (a new fetch invalidates the previous token, so any
+//! uncoordinated fetch shows up as rejections).
+//!
+//! Each test starts its own redis-server on a free loopback port (so it can stop and
+//! restart it). Without redis-server on the PATH these tests say so and pass, unless
+//! `CX_REQUIRE_REDIS=1` (set by `.ci/run`, which installs it) makes that a failure.
+
+mod support;
+
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use cx_proxy::sandbox::{Reissue, Sandbox, SandboxOptions};
+use cx_proxy::ProxyHandle;
+use http::Method;
+use support::*;
+
+struct Redis {
+    child: Option<Child>,
+    port: u16,
+}
+
+impl Redis {
+    /// Starts redis-server on a free port, or `None` (with a note) if it is not installed.
+    fn start() -> Option<Redis> {
+        if Command::new("redis-server")
+            .arg("--version")
+            .output()
+            .is_err()
+        {
+            assert!(
+                std::env::var_os("CX_REQUIRE_REDIS").is_none(),
+                "redis-server is required (CX_REQUIRE_REDIS is set) but not installed"
+            );
+            eprintln!("SKIPPED: redis-server is not installed (apt-get install redis-server)");
+            return None;
+        }
+        let mut r = Redis {
+            child: None,
+            port: unused_addr().port(),
+        };
+        r.restart();
+        Some(r)
+    }
+
+    fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}/", self.port)
+    }
+
+    /// (Re)starts the server on the same port and waits until it accepts connections.
+    fn restart(&mut self) {
+        let child = Command::new("redis-server")
+            .args([
+                "--port",
+                &self.port.to_string(),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+            ])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("redis-server starts");
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
+            assert!(Instant::now() < deadline, "redis-server did not come up");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Stops the server (only the one we started, by PID).
+    fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Drop for Redis {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// A sandbox and `n` proxies sharing tokens through `redis`.
+async fn cluster(
+    redis: &Redis,
+    n: usize,
+    store_extra: &str,
+    opts: SandboxOptions,
+) -> (Sandbox, Vec<ProxyHandle>, tempfile::TempDir) {
+    let dir = tempfile::tempdir().unwrap();
+    let sandbox = sandbox(
+        dir.path(),
+        SandboxOptions {
+            reissue: Reissue::New,
+            ..opts
+        },
+    )
+    .await;
+    // Slow enough that the instances' start-up fetches overlap.
+    sandbox.set_token_delay(Duration::from_millis(300));
+    let extra = format!(
+        "[admin]\nlisten = \"127.0.0.1:0\"\n[token.store]\nredis_url = \"{}\"\n{store_extra}\n{}",
+        redis.url(),
+        default_app(dir.path())
+    );
+    let text = config_text(&sandbox, dir.path(), "", &extra);
+    let mut proxies = Vec::new();
+    for _ in 0..n {
+        proxies.push(ProxyHandle::start(config(&text)).await.unwrap());
+    }
+    (sandbox, proxies, dir)
+}
+
+/// Sends `total` GETs spread over the proxies, all at once; returns the answers.
+async fn spread(proxies: &[ProxyHandle], total: usize, path: &str) -> Vec<Answer> {
+    let c = client(false);
+    let urls: Vec<Arc<String>> = proxies
+        .iter()
+        .map(|p| Arc::new(format!("http://{}{path}", p.addr)))
+        .collect();
+    let tasks: Vec<_> = (0..total)
+        .map(|i| {
+            let (c, url) = (c.clone(), urls[i % urls.len()].clone());
+            tokio::spawn(async move { send(&c, request(Method::GET, &url, "")).await })
+        })
+        .collect();
+    let mut out = Vec::new();
+    for t in tasks {
+        out.push(t.await.unwrap());
+    }
+    out
+}
+
+fn all_ok(answers: &[Answer]) {
+    for a in answers {
+        assert_eq!(a.status, 200, "{}", a.text());
+        assert_eq!(a.json()["err_code"], 0, "{}", a.text());
+    }
+}
+
+async fn ready(p: &ProxyHandle) {
+    for _ in 0..500 {
+        if p.proxy.tokens().status().await.iter().all(|a| a.ready) {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    panic!("not ready");
+}
+
+#[tokio::test]
+async fn three_instances_and_300_first_requests_make_one_fetch() {
+    let Some(redis) = Redis::start() else { return };
+    let (sandbox, proxies, _dir) = cluster(&redis, 3, "", SandboxOptions::default()).await;
+    let answers = spread(&proxies, 300, "/api/apps/v1/robot/groups").await;
+    all_ok(&answers);
+    assert_eq!(
+        sandbox.token_fetches(APP_KEY),
+        1,
+        "one fetch for the whole cluster"
+    );
+    let tokens: std::collections::HashSet<_> =
+        sandbox.recorded().into_iter().map(|r| r.token).collect();
+    assert_eq!(tokens.len(), 1, "every instance used the same token");
+}
+
+#[tokio::test]
+async fn a_revoked_token_moves_all_instances_to_one_new_token_with_one_fetch() {
+    let Some(redis) = Redis::start() else { return };
+    let (sandbox, proxies, _dir) = cluster(&redis, 3, "", SandboxOptions::default()).await;
+    all_ok(&spread(&proxies, 30, "/api/a").await);
+    let before = sandbox.token_fetches(APP_KEY);
+    sandbox.revoke_all();
+    let answers = spread(&proxies, 90, "/api/b").await;
+    all_ok(&answers);
+    assert_eq!(
+        sandbox.token_fetches(APP_KEY),
+        before + 1,
+        "one fetch cluster-wide"
+    );
+    // After the replays every instance sends the same, new token.
+    all_ok(&spread(&proxies, 30, "/api/c").await);
+    let last: std::collections::HashSet<_> = sandbox
+        .recorded()
+        .iter()
+        .rev()
+        .take(30)
+        .map(|r| r.token.clone())
+        .collect();
+    assert_eq!(last.len(), 1);
+}
+
+#[tokio::test]
+async fn an_older_fetch_that_finishes_last_never_replaces_a_newer_token() {
+    let Some(redis) = Redis::start() else { return };
+    // A lease shorter than the slow fetch, so that two fetches overlap.
+    let (sandbox, proxies, _dir) =
+        cluster(&redis, 3, "lease_ms = 300", SandboxOptions::default()).await;
+    sandbox.set_token_delay(Duration::ZERO);
+    for p in &proxies {
+        ready(p).await;
+    }
+    // A starts a fetch that the platform answers 1.5 s after issuing (its token is the older).
+    sandbox.set_token_answer_delay(Duration::from_millis(1500));
+    let a = proxies[0].proxy.tokens().clone();
+    let slow = tokio::spawn(async move {
+        a.force_refresh(0)
+            .await
+            .map(|t| t.secret().expose().to_owned())
+    });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    // B fetches after A's lease ran out; its token is issued later and stored first.
+    sandbox.set_token_answer_delay(Duration::ZERO);
+    let b_token = proxies[1]
+        .proxy
+        .tokens()
+        .force_refresh(0)
+        .await
+        .unwrap()
+        .secret()
+        .expose()
+        .to_owned();
+    let a_result = slow.await.unwrap().unwrap();
+    assert_ne!(a_result, "", "A finished");
+    // A got the older token back from the platform, but adopted B's newer one from the store.
+    let a_now = proxies[0].proxy.tokens().status().await;
+    assert!(a_now[0].ready);
+    // A and B hold B's token: their next calls go through on the first try. (C still holds
+    // the start-up token, which both fetches superseded: its call is replayed once.)
+    for (i, p) in proxies.iter().enumerate() {
+        let seen_before = sandbox.recorded().len();
+        let answer = get(&format!("http://{}/api/after", p.addr)).await;
+        assert_eq!(answer.json()["err_code"], 0, "{}", answer.text());
+        let seen = sandbox.recorded();
+        assert_eq!(
+            seen.last().unwrap().token.as_deref(),
+            Some(b_token.as_str()),
+            "instance {i}"
+        );
+        if i < 2 {
+            assert_eq!(
+                seen.len(),
+                seen_before + 1,
+                "instance {i} sent B's token at once"
+            );
+        }
+    }
+}
+
+#[tokio::test]
+async fn with_redis_down_requests_keep_succeeding_and_sharing_resumes_when_it_returns() {
+    let Some(mut redis) = Redis::start() else {
+        return;
+    };
+    let (sandbox, proxies, _dir) = cluster(&redis, 3, "", SandboxOptions::default()).await;
+    all_ok(&spread(&proxies, 30, "/api/a").await);
+    assert_eq!(sandbox.token_fetches(APP_KEY), 1);
+
+    redis.stop();
+    all_ok(&spread(&proxies, 30, "/api/b").await);
+    let ready = get(&format!("http://{}/readyz", proxies[0].admin_addr.unwrap())).await;
+    assert_eq!(ready.status, 200, "tokens are held: still ready");
+    assert_eq!(ready.json()["token_store"]["up"], false, "{}", ready.text());
+    let metrics = get(&format!(
+        "http://{}/metrics",
+        proxies[0].admin_addr.unwrap()
+    ))
+    .await
+    .text();
+    assert!(metrics.contains("cx_proxy_token_store_up 0"), "{metrics}");
+    // A rejected token is replaced by a local fetch while the store is down.
+    sandbox.revoke_all();
+    let fetched = sandbox.token_fetches(APP_KEY);
+    all_ok(&spread(&proxies[..1], 10, "/api/c").await);
+    assert_eq!(
+        sandbox.token_fetches(APP_KEY),
+        fetched + 1,
+        "fetched locally"
+    );
+
+    redis.restart();
+    // Once the store answers again, the instances share: one fetch for a cluster-wide revoke.
+    for p in &proxies {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let r = get(&format!("http://{}/readyz", p.admin_addr.unwrap())).await;
+            if r.json()["token_store"]["up"] == true {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the store never came back: {}",
+                r.text()
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+    let before = sandbox.token_fetches(APP_KEY);
+    sandbox.revoke_all();
+    all_ok(&spread(&proxies, 90, "/api/d").await);
+    assert_eq!(sandbox.token_fetches(APP_KEY), before + 1, "sharing again");
+}
