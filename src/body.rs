@@ -25,6 +25,13 @@ pub enum Body {
     Full(Option<Bytes>),
     /// Streamed from the other side of the proxy.
     Incoming(Incoming),
+    /// Streamed from the upstream, holding its `max_connections` slot until read or dropped.
+    Held {
+        /// The stream.
+        inner: Incoming,
+        /// The slot.
+        permit: tokio::sync::OwnedSemaphorePermit,
+    },
     /// Streamed, but failing once more than `remaining` bytes arrive (bodies without a
     /// declared length); `tripped` tells the proxy why the upstream exchange broke off.
     Limited {
@@ -71,7 +78,7 @@ impl http_body::Body for Body {
         match self.get_mut() {
             Body::Empty => Poll::Ready(None),
             Body::Full(chunk) => Poll::Ready(chunk.take().map(|b| Ok(Frame::data(b)))),
-            Body::Incoming(body) => Pin::new(body)
+            Body::Incoming(body) | Body::Held { inner: body, .. } => Pin::new(body)
                 .poll_frame(cx)
                 .map(|f| f.map(|r| r.map_err(Into::into))),
             Body::Limited {
@@ -97,7 +104,9 @@ impl http_body::Body for Body {
         match self {
             Body::Empty => true,
             Body::Full(chunk) => chunk.is_none(),
-            Body::Incoming(body) | Body::Limited { inner: body, .. } => body.is_end_stream(),
+            Body::Incoming(body)
+            | Body::Held { inner: body, .. }
+            | Body::Limited { inner: body, .. } => body.is_end_stream(),
         }
     }
 
@@ -105,7 +114,9 @@ impl http_body::Body for Body {
         match self {
             Body::Empty => SizeHint::with_exact(0),
             Body::Full(chunk) => SizeHint::with_exact(chunk.as_ref().map_or(0, |b| b.len() as u64)),
-            Body::Incoming(body) | Body::Limited { inner: body, .. } => body.size_hint(),
+            Body::Incoming(body)
+            | Body::Held { inner: body, .. }
+            | Body::Limited { inner: body, .. } => body.size_hint(),
         }
     }
 }

@@ -98,6 +98,8 @@ pub struct UpstreamConfig {
     pub connect_timeout: Duration,
     /// Whole upstream exchange.
     pub timeout: Duration,
+    /// Upstream exchanges in flight at once (on HTTP/1.1, connections); more wait their turn.
+    pub max_connections: usize,
 }
 
 /// How the token travels on forwarded calls.
@@ -393,6 +395,7 @@ impl Config {
         }
         let _ = writeln!(o, "connect_timeout_ms = {}", u.connect_timeout.as_millis());
         let _ = writeln!(o, "timeout_ms = {}", u.timeout.as_millis());
+        let _ = writeln!(o, "max_connections = {}", u.max_connections);
         let t = &self.token;
         let _ = writeln!(o, "\n[token]\npath = {}", q(&t.path));
         let _ = writeln!(o, "refresh_ahead_s = {}", t.refresh_ahead.as_secs());
@@ -831,6 +834,9 @@ impl Parser {
         let timeout = self
             .int(&mut s, "timeout_ms", 1, 3_600_000)
             .unwrap_or(30_000);
+        let max_connections = self
+            .int(&mut s, "max_connections", 1, 100_000)
+            .unwrap_or(256);
         self.finish(s);
         let parsed = match parse_upstream_url(&url) {
             Ok(p) => Some(p),
@@ -848,6 +854,7 @@ impl Parser {
             ca_file,
             connect_timeout: Duration::from_millis(connect as u64),
             timeout: Duration::from_millis(timeout as u64),
+            max_connections: max_connections as usize,
         })
     }
 

@@ -498,7 +498,7 @@ impl Proxy {
         })?;
         let (mut parts, body) = resp.into_parts();
         strip_hop_by_hop(&mut parts.headers);
-        Ok(Response::from_parts(parts, Body::from(body)))
+        Ok(Response::from_parts(parts, body))
     }
 
     /// Reads a small JSON response to see whether its `err_code` says the token was rejected.

@@ -151,6 +151,8 @@ pub struct SandboxOptions {
     pub token_header: HeaderName,
     /// Successful fetches allowed per app (0 = unlimited) before `45009`.
     pub daily_quota: u32,
+    /// Offer only HTTP/1.1 by ALPN (like an upstream without HTTP/2).
+    pub h1_only: bool,
 }
 
 impl Default for SandboxOptions {
@@ -166,6 +168,7 @@ impl Default for SandboxOptions {
             token_path: DEFAULT_TOKEN_PATH.into(),
             token_header: http::header::AUTHORIZATION,
             daily_quota: 0,
+            h1_only: false,
         }
     }
 }
@@ -252,7 +255,13 @@ impl Sandbox {
     /// Generates the CA, binds, writes `ca.pem` and starts serving.
     pub async fn start(opts: SandboxOptions) -> Result<Sandbox, StartupError> {
         let ca = ca::TestCa::new("cx-proxy sandbox CA")?;
-        let tls = Arc::new(arc_swap::ArcSwap::new(ca.server_config()?));
+        let mut server_config = ca.server_config()?;
+        if opts.h1_only {
+            if let Some(c) = Arc::get_mut(&mut server_config) {
+                c.alpn_protocols = vec![b"http/1.1".to_vec()];
+            }
+        }
+        let tls = Arc::new(arc_swap::ArcSwap::new(server_config));
         if let Some(dir) = &opts.state_dir {
             std::fs::create_dir_all(dir)
                 .and_then(|()| std::fs::write(dir.join("ca.pem"), ca.pem()))

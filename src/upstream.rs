@@ -5,11 +5,13 @@
 //! (ALPN picks h2, multiplexed, or http/1.1 keep-alive). Verification is never off: the
 //! roots are the system's plus `upstream.ca_file`.
 
+use std::sync::Arc;
 use std::time::Duration;
+
+use tokio::sync::Semaphore;
 
 use http::uri::{Authority, PathAndQuery, Scheme};
 use http::{Request, Response, Uri};
-use hyper::body::Incoming;
 use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
@@ -50,6 +52,8 @@ pub struct Upstream {
     authority: Authority,
     base_path: String,
     timeout: Duration,
+    /// One permit per upstream exchange in flight (`max_connections`).
+    slots: Arc<Semaphore>,
 }
 
 impl Upstream {
@@ -81,6 +85,7 @@ impl Upstream {
             authority: cfg.authority.clone(),
             base_path: cfg.base_path.clone(),
             timeout: cfg.timeout,
+            slots: Arc::new(Semaphore::new(cfg.max_connections)),
         })
     }
 
@@ -106,10 +111,17 @@ impl Upstream {
 
     /// Sends a request (its URI built by [`Upstream::uri`]) and waits for the response head
     /// within `timeout_ms`.
-    pub async fn send(&self, req: Request<Body>) -> Result<Response<Incoming>, UpstreamError> {
-        match tokio::time::timeout(self.timeout, self.client.request(req)).await {
-            Ok(Ok(resp)) => Ok(resp),
-            Ok(Err(e)) => Err(UpstreamError::Unreachable(describe(&e))),
+    /// The response body holds a slot of `max_connections` until it is read or dropped.
+    pub async fn send(&self, req: Request<Body>) -> Result<Response<Body>, UpstreamError> {
+        let exchange = async {
+            // Waiting for a slot counts against the timeout like the exchange itself.
+            let permit = self.slots.clone().acquire_owned().await;
+            (self.client.request(req).await, permit)
+        };
+        match tokio::time::timeout(self.timeout, exchange).await {
+            Ok((Ok(resp), Ok(permit))) => Ok(resp.map(|inner| Body::Held { inner, permit })),
+            Ok((Ok(resp), Err(_closed))) => Ok(resp.map(Body::Incoming)),
+            Ok((Err(e), _)) => Err(UpstreamError::Unreachable(describe(&e))),
             Err(_) => Err(UpstreamError::Timeout(self.timeout.as_millis())),
         }
     }

@@ -379,6 +379,24 @@ impl TokenManager {
         (!stale(&t) && fresh_enough).then_some(t)
     }
 
+    /// Reads the app's stored token and installs it if this instance may use it.
+    async fn adopt_stored(
+        &self,
+        app: &AppTokens,
+        store: &TokenStore,
+        reason: FetchReason,
+        replacing: Option<&Arc<Token>>,
+        stale: &(dyn Fn(&Token) -> bool + Sync),
+    ) -> Result<Option<Arc<Token>>, store::StoreError> {
+        let stored = store.get(&app.store_key).await?;
+        let Some(t) = self.adoptable(stored, replacing, stale) else {
+            return Ok(None);
+        };
+        self.metrics.token_fetch(&app.key, reason, "from_store");
+        tracing::debug!(app = %app.key, "using the token another instance stored");
+        Ok(Some(self.install(app, t).await))
+    }
+
     /// The shared-store path. `None`: the store is unavailable, fetch locally.
     async fn via_store(
         &self,
@@ -392,11 +410,12 @@ impl TokenManager {
         let deadline = tokio::time::Instant::now() + self.upstream.timeout();
         loop {
             if !force {
-                let stored = store.get(&app.store_key).await.ok()?;
-                if let Some(t) = self.adoptable(stored, replacing, stale) {
-                    self.metrics.token_fetch(&app.key, reason, "from_store");
-                    tracing::debug!(app = %app.key, "using the token another instance stored");
-                    return Some(Ok(self.install(app, t).await));
+                if let Some(t) = self
+                    .adopt_stored(app, store, reason, replacing, stale)
+                    .await
+                    .ok()?
+                {
+                    return Some(Ok(t));
                 }
             }
             if store.try_lease(&app.store_key).await.ok()? {
@@ -427,11 +446,11 @@ impl TokenManager {
         force: bool,
     ) -> Result<Arc<Token>, TokenError> {
         if !force {
-            if let Ok(stored) = store.get(&app.store_key).await {
-                if let Some(t) = self.adoptable(stored, replacing, stale) {
-                    self.metrics.token_fetch(&app.key, reason, "from_store");
-                    return Ok(self.install(app, t).await);
-                }
+            if let Ok(Some(t)) = self
+                .adopt_stored(app, store, reason, replacing, stale)
+                .await
+            {
+                return Ok(t);
             }
         }
         let token = self.fetch_here(app, reason, replacing).await?;
