@@ -231,6 +231,7 @@ struct State {
 struct Shared {
     opts: SandboxOptions,
     state: Mutex<State>,
+    connections: std::sync::atomic::AtomicU64,
 }
 
 impl Shared {
@@ -286,11 +287,13 @@ impl Sandbox {
                 ..State::default()
             }),
             opts,
+            connections: std::sync::atomic::AtomicU64::new(0),
         });
         let (stop, stopped) = oneshot::channel::<()>();
         let svc_shared = shared.clone();
         let make = move |_peer: crate::proxy::Peer| {
             let shared = svc_shared.clone();
+            shared.connections.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             hyper::service::service_fn(move |req| {
                 let shared = shared.clone();
                 async move { Ok::<_, Infallible>(handle(&shared, req).await) }
@@ -337,6 +340,11 @@ impl Sandbox {
             .get(app_key)
             .copied()
             .unwrap_or(0)
+    }
+
+    /// TLS connections accepted so far.
+    pub fn connections_accepted(&self) -> u64 {
+        self.shared.connections.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Every HTTP request seen, token fetches and API calls (not control endpoints).

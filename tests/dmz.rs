@@ -398,3 +398,29 @@ async fn a_reload_keeps_unchanged_tokens_and_open_connections() {
     );
     assert_eq!(last.token.as_deref(), Some(token_before[0].as_str()));
 }
+
+#[tokio::test]
+async fn requests_over_upstream_max_connections_wait_their_turn() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = sandbox(dir.path(), SandboxOptions { h1_only: true, ..Default::default() }).await;
+    let text = config_text(&s, dir.path(), "", &default_app(dir.path()))
+        .replace("timeout_ms = 5000", "timeout_ms = 5000\nmax_connections = 1");
+    let proxy = cx_proxy::ProxyHandle::start(config(&text)).await.unwrap();
+    let url = Arc::new(format!("http://{}/api/x", proxy.addr));
+    assert_eq!(get(&url).await.json()["err_code"], 0);
+    s.set_api_delay(Duration::from_millis(100));
+    let tasks: Vec<_> = (0..8)
+        .map(|_| {
+            let url = url.clone();
+            tokio::spawn(async move { get(&url).await })
+        })
+        .collect();
+    for t in tasks {
+        let a = t.await.unwrap();
+        assert_eq!(a.json()["err_code"], 0, "queued, not refused: {}", a.text());
+    }
+    // One slot: the token fetch and every call went over one pooled connection.
+    assert_eq!(s.connections_accepted(), 1);
+    let metrics = proxy.proxy.metrics().render();
+    assert!(!metrics.contains("cx_proxy_upstream_errors_total{"), "{metrics}");
+}
