@@ -1,8 +1,9 @@
 //! Micro-benchmarks of the per-request work that is not I/O: the target rewrite with token
 //! injection, the header sanitising, and a cached-token lookup.
 //!
-//! Run: `cargo bench --bench rewrite`. Recorded numbers go in the README's "Performance"
-//! section with the machine and date (issue 5 fills that in).
+//! Run: `cargo bench --bench rewrite`. Recorded on a 2 vCPU AMD EPYC KVM guest, 2026-11-24:
+//! `upstream_target/query_inject` ~115 ns, `sanitize_request_headers/typical` ~160 ns,
+//! `token_cache/hit` ~180 ns.
 
 use std::hint::black_box;
 use std::sync::Arc;
