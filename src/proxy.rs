@@ -363,30 +363,30 @@ impl Proxy {
                 Some(q) => format!("{base}{path}?{q}"),
                 None => format!("{base}{path}"),
             };
-            let req = self.upstream_request(
-                &parts,
-                parts.headers.clone(),
-                target,
-                None,
-                Body::Incoming(body),
-            )?;
+            let headers = std::mem::take(&mut parts.headers);
+            let req = self.upstream_request(&parts, headers, target, None, Body::Incoming(body))?;
             return self.send(req, access).await;
         }
 
         // A small body with a declared length is read first, so it can be sent twice. A body
-        // without a declared length streams under the size limit.
-        let tripped = Arc::new(AtomicBool::new(false));
+        // without a declared length streams under the size limit (and only such a body
+        // needs the flag that says the limit broke the exchange off).
+        let mut tripped = None;
         let body = match declared {
             Some(n) if n <= REPLAY_BODY_MAX => {
                 OutBody::Kept(read_whole(body, self.upstream.timeout()).await?)
             }
             None if http_body::Body::is_end_stream(&body) => OutBody::Kept(Bytes::new()),
             Some(_) => OutBody::Stream(Body::Incoming(body)),
-            None => OutBody::Stream(Body::Limited {
-                inner: body,
-                remaining: max,
-                tripped: tripped.clone(),
-            }),
+            None => {
+                let flag = Arc::new(AtomicBool::new(false));
+                tripped = Some(flag.clone());
+                OutBody::Stream(Body::Limited {
+                    inner: body,
+                    remaining: max,
+                    tripped: flag,
+                })
+            }
         };
         let replayable = matches!(body, OutBody::Kept(_));
         let mut body = Some(body);
@@ -414,7 +414,7 @@ impl Proxy {
             let target = self.target(path, parts.uri.query(), Some(&token));
             let req = self.upstream_request(&parts, headers, target, Some(&token), out)?;
             let resp = match self.send(req, access).await {
-                Err(_) if tripped.load(Ordering::SeqCst) => {
+                Err(_) if tripped.as_ref().is_some_and(|t| t.load(Ordering::SeqCst)) => {
                     return Err(ProxyError::new(
                         ErrorKind::PayloadTooLarge,
                         format!("request body is over the limit of {max} bytes ({BodyTooLarge})"),

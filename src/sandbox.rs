@@ -293,7 +293,9 @@ impl Sandbox {
         let svc_shared = shared.clone();
         let make = move |_peer: crate::proxy::Peer| {
             let shared = svc_shared.clone();
-            shared.connections.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            shared
+                .connections
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             hyper::service::service_fn(move |req| {
                 let shared = shared.clone();
                 async move { Ok::<_, Infallible>(handle(&shared, req).await) }
@@ -344,7 +346,9 @@ impl Sandbox {
 
     /// TLS connections accepted so far.
     pub fn connections_accepted(&self) -> u64 {
-        self.shared.connections.load(std::sync::atomic::Ordering::Relaxed)
+        self.shared
+            .connections
+            .load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Every HTTP request seen, token fetches and API calls (not control endpoints).

@@ -402,9 +402,18 @@ async fn a_reload_keeps_unchanged_tokens_and_open_connections() {
 #[tokio::test]
 async fn requests_over_upstream_max_connections_wait_their_turn() {
     let dir = tempfile::tempdir().unwrap();
-    let s = sandbox(dir.path(), SandboxOptions { h1_only: true, ..Default::default() }).await;
-    let text = config_text(&s, dir.path(), "", &default_app(dir.path()))
-        .replace("timeout_ms = 5000", "timeout_ms = 5000\nmax_connections = 1");
+    let s = sandbox(
+        dir.path(),
+        SandboxOptions {
+            h1_only: true,
+            ..Default::default()
+        },
+    )
+    .await;
+    let text = config_text(&s, dir.path(), "", &default_app(dir.path())).replace(
+        "timeout_ms = 5000",
+        "timeout_ms = 5000\nmax_connections = 1",
+    );
     let proxy = cx_proxy::ProxyHandle::start(config(&text)).await.unwrap();
     let url = Arc::new(format!("http://{}/api/x", proxy.addr));
     assert_eq!(get(&url).await.json()["err_code"], 0);
@@ -422,5 +431,8 @@ async fn requests_over_upstream_max_connections_wait_their_turn() {
     // One slot: the token fetch and every call went over one pooled connection.
     assert_eq!(s.connections_accepted(), 1);
     let metrics = proxy.proxy.metrics().render();
-    assert!(!metrics.contains("cx_proxy_upstream_errors_total{"), "{metrics}");
+    assert!(
+        !metrics.contains("cx_proxy_upstream_errors_total{"),
+        "{metrics}"
+    );
 }

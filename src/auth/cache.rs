@@ -110,12 +110,13 @@ impl TokenCache {
     }
 
     /// Drops `stale` if it is still the app's cached token (a newer one is left alone).
+    /// Compared by value: the same token may have been installed twice (from the store).
     pub async fn remove_if_current(&self, app: &Arc<str>, stale: &Arc<Token>) {
         self.cache
             .entry_by_ref(app)
             .and_compute_with(|cur| {
                 let op = match cur {
-                    Some(e) if Arc::ptr_eq(e.value(), stale) => Op::Remove,
+                    Some(e) if e.value().secret() == stale.secret() => Op::Remove,
                     _ => Op::Nop,
                 };
                 std::future::ready(op)
