@@ -34,6 +34,17 @@ const STORE_POLL: Duration = Duration::from_millis(50);
 /// First and largest pause between failed background fetches.
 const BACKOFF: (Duration, Duration) = (Duration::from_secs(1), Duration::from_secs(60));
 
+/// What a fetch is for, passed down the shared-store path.
+struct Want<'a> {
+    reason: FetchReason,
+    /// The token being replaced (due for refresh), if any.
+    replacing: Option<&'a Arc<Token>>,
+    /// Whether a token must not be used (it is `replacing` or was rejected).
+    stale: &'a (dyn Fn(&Token) -> bool + Sync),
+    /// Fetch anew whatever is cached or stored.
+    force: bool,
+}
+
 /// One app's token state beside the cache.
 #[derive(Debug)]
 struct AppTokens {
@@ -289,10 +300,13 @@ impl TokenManager {
             }
         }
         if let Some(store) = &self.store {
-            if let Some(result) = self
-                .via_store(app, store, reason, replacing, &stale, force)
-                .await
-            {
+            let want = Want {
+                reason,
+                replacing,
+                stale: &stale,
+                force,
+            };
+            if let Some(result) = self.via_store(app, store, &want).await {
                 return result;
             }
         }
@@ -384,15 +398,14 @@ impl TokenManager {
         &self,
         app: &AppTokens,
         store: &TokenStore,
-        reason: FetchReason,
-        replacing: Option<&Arc<Token>>,
-        stale: &(dyn Fn(&Token) -> bool + Sync),
+        want: &Want<'_>,
     ) -> Result<Option<Arc<Token>>, store::StoreError> {
         let stored = store.get(&app.store_key).await?;
-        let Some(t) = self.adoptable(stored, replacing, stale) else {
+        let Some(t) = self.adoptable(stored, want.replacing, want.stale) else {
             return Ok(None);
         };
-        self.metrics.token_fetch(&app.key, reason, "from_store");
+        self.metrics
+            .token_fetch(&app.key, want.reason, "from_store");
         tracing::debug!(app = %app.key, "using the token another instance stored");
         Ok(Some(self.install(app, t).await))
     }
@@ -402,26 +415,17 @@ impl TokenManager {
         &self,
         app: &AppTokens,
         store: &TokenStore,
-        reason: FetchReason,
-        replacing: Option<&Arc<Token>>,
-        stale: &(dyn Fn(&Token) -> bool + Sync),
-        force: bool,
+        want: &Want<'_>,
     ) -> Option<Result<Arc<Token>, TokenError>> {
         let deadline = tokio::time::Instant::now() + self.upstream.timeout();
         loop {
-            if !force {
-                if let Some(t) = self
-                    .adopt_stored(app, store, reason, replacing, stale)
-                    .await
-                    .ok()?
-                {
+            if !want.force {
+                if let Some(t) = self.adopt_stored(app, store, want).await.ok()? {
                     return Some(Ok(t));
                 }
             }
             if store.try_lease(&app.store_key).await.ok()? {
-                let result = self
-                    .fetch_with_lease(app, store, reason, replacing, stale, force)
-                    .await;
+                let result = self.fetch_with_lease(app, store, want).await;
                 store.release(&app.store_key).await;
                 return Some(result);
             }
@@ -440,20 +444,14 @@ impl TokenManager {
         &self,
         app: &AppTokens,
         store: &TokenStore,
-        reason: FetchReason,
-        replacing: Option<&Arc<Token>>,
-        stale: &(dyn Fn(&Token) -> bool + Sync),
-        force: bool,
+        want: &Want<'_>,
     ) -> Result<Arc<Token>, TokenError> {
-        if !force {
-            if let Ok(Some(t)) = self
-                .adopt_stored(app, store, reason, replacing, stale)
-                .await
-            {
+        if !want.force {
+            if let Ok(Some(t)) = self.adopt_stored(app, store, want).await {
                 return Ok(t);
             }
         }
-        let token = self.fetch_here(app, reason, replacing).await?;
+        let token = self.fetch_here(app, want.reason, want.replacing).await?;
         let shared = StoredToken {
             token: token.secret().expose().to_owned(),
             version: token.version,
