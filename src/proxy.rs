@@ -390,11 +390,7 @@ impl Proxy {
         };
         let replayable = matches!(body, OutBody::Kept(_));
         let mut body = Some(body);
-        let mut token = self
-            .tokens
-            .token(idx)
-            .await
-            .map_err(|e| ProxyError::from(&*e))?;
+        let mut token = self.token(idx, false).await?;
         let mut replay = false;
         loop {
             let out = match body.take() {
@@ -434,11 +430,29 @@ impl Proxy {
             }
             replay = true;
             self.metrics.replay(name);
-            token = self
-                .tokens
-                .token_for(idx, FetchReason::Rejected)
-                .await
-                .map_err(|e| ProxyError::from(&*e))?;
+            token = self.token(idx, true).await?;
+        }
+    }
+
+    /// The app's token for a request, waited for no longer than `upstream.timeout_ms`
+    /// (a fetch in flight elsewhere could otherwise hold a request past it).
+    async fn token(&self, idx: usize, after_rejection: bool) -> Result<Arc<Token>, ProxyError> {
+        let wait = async {
+            if after_rejection {
+                self.tokens.token_for(idx, FetchReason::Rejected).await
+            } else {
+                self.tokens.token(idx).await
+            }
+        };
+        match tokio::time::timeout(self.upstream.timeout(), wait).await {
+            Ok(result) => result.map_err(|e| ProxyError::from(&*e)),
+            Err(_) => Err(ProxyError::new(
+                ErrorKind::TokenUnavailable,
+                format!(
+                    "no access token within {} ms (a fetch is still in flight)",
+                    self.upstream.timeout().as_millis()
+                ),
+            )),
         }
     }
 
@@ -571,11 +585,7 @@ impl Proxy {
                 ),
             ));
         }
-        let token = self
-            .tokens
-            .token(idx)
-            .await
-            .map_err(|e| ProxyError::from(&*e))?;
+        let token = self.token(idx, false).await?;
         #[derive(serde::Serialize)]
         struct Answer<'a> {
             err_code: i64,

@@ -108,3 +108,21 @@ async fn an_expired_token_is_replaced_before_use() {
         "the expired token was not sent again"
     );
 }
+
+#[tokio::test]
+async fn a_request_waits_no_longer_than_timeout_ms_for_a_token() {
+    // The start-up fetch hangs: the request joins the wait and gets 502 at timeout_ms, not
+    // after the refresher's fetch and then its own have both timed out.
+    let dir = tempfile::tempdir().unwrap();
+    let s = sandbox(dir.path(), SandboxOptions::default()).await;
+    s.set_token_delay(Duration::from_secs(10));
+    let text = config_text(&s, dir.path(), "", &default_app(dir.path()))
+        .replace("timeout_ms = 5000", "timeout_ms = 500");
+    let proxy = cx_proxy::ProxyHandle::start(config(&text)).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let started = std::time::Instant::now();
+    let a = get(&format!("http://{}/api/x", proxy.addr)).await;
+    let waited = started.elapsed();
+    assert_proxy_error(&a, 502, "token_unavailable");
+    assert!(waited < Duration::from_millis(900), "waited {waited:?}");
+}
