@@ -339,19 +339,6 @@ impl Config {
         Err(ConfigError { problems: p.errors })
     }
 
-    /// Every secret in the configuration (for scrubbing and for tests).
-    pub fn secrets(&self) -> Vec<&Secret> {
-        let mut out: Vec<&Secret> = self
-            .apps
-            .iter()
-            .flat_map(|a| a.credentials.secrets())
-            .collect();
-        if let Some(store) = &self.token.store {
-            out.push(&store.redis_url);
-        }
-        out
-    }
-
     /// The effective configuration as TOML, secrets shown as `***` (for `check`).
     pub fn render(&self) -> String {
         let mut o = String::new();

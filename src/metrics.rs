@@ -8,6 +8,7 @@
 use std::time::Duration;
 
 use http::Method;
+use prometheus::core::Collector;
 use prometheus::{
     exponential_buckets, Gauge, GaugeVec, Histogram, HistogramOpts, IntCounter, IntCounterVec,
     Opts, Registry, TextEncoder,
@@ -76,14 +77,32 @@ impl Metrics {
     pub fn new(apps: &[&str]) -> Self {
         let registry =
             Registry::new_custom(Some("cx_proxy".into()), None).expect("static prefix is valid");
-        let requests_vec = IntCounterVec::new(
-            Opts::new(
-                "requests_total",
-                "Requests answered, by app, status class and method",
-            ),
+        // Each metric is created and registered in one step; names are fixed and unique.
+        fn add<C: Collector + Clone + 'static>(
+            registry: &Registry,
+            metric: prometheus::Result<C>,
+        ) -> C {
+            let metric = metric.expect("static metric");
+            registry
+                .register(Box::new(metric.clone()))
+                .expect("unique metric");
+            metric
+        }
+        let counters = |name: &str, help: &str, labels: &[&str]| {
+            add(&registry, IntCounterVec::new(Opts::new(name, help), labels))
+        };
+        let histogram = |name: &str, help: &str| {
+            let buckets = exponential_buckets(0.000_05, 2.0, 18).expect("static buckets");
+            add(
+                &registry,
+                Histogram::with_opts(HistogramOpts::new(name, help).buckets(buckets)),
+            )
+        };
+        let requests_vec = counters(
+            "requests_total",
+            "Requests answered, by app, status class and method",
             &["app", "status_class", "method"],
-        )
-        .expect("static metric");
+        );
         let mut requests =
             Vec::with_capacity((apps.len() + 1) * CLASSES.len() * (METHODS.len() + 1));
         for app in apps.iter().copied().chain(["-"]) {
@@ -93,97 +112,56 @@ impl Metrics {
                 }
             }
         }
-        let buckets = exponential_buckets(0.000_05, 2.0, 18).expect("static buckets");
-        let overhead = Histogram::with_opts(
-            HistogramOpts::new(
-                "overhead_seconds",
-                "Time spent in the proxy itself per request (total minus upstream)",
-            )
-            .buckets(buckets.clone()),
-        )
-        .expect("static metric");
-        let upstream = Histogram::with_opts(
-            HistogramOpts::new(
-                "upstream_seconds",
-                "Time from sending upstream to the response head",
-            )
-            .buckets(buckets),
-        )
-        .expect("static metric");
-        let token_fetches = IntCounterVec::new(
-            Opts::new(
-                "token_fetches_total",
-                "Token fetches by app, reason and result",
-            ),
+        let overhead = histogram(
+            "overhead_seconds",
+            "Time spent in the proxy itself per request (total minus upstream)",
+        );
+        let upstream = histogram(
+            "upstream_seconds",
+            "Time from sending upstream to the response head",
+        );
+        let token_fetches = counters(
+            "token_fetches_total",
+            "Token fetches by app, reason and result",
             &["app", "reason", "result"],
-        )
-        .expect("static metric");
-        let token_seconds_left = GaugeVec::new(
-            Opts::new(
-                "token_seconds_left",
-                "Seconds until the app's current token expires (0: none)",
+        );
+        let token_seconds_left = add(
+            &registry,
+            GaugeVec::new(
+                Opts::new(
+                    "token_seconds_left",
+                    "Seconds until the app's current token expires (0: none)",
+                ),
+                &["app"],
             ),
+        );
+        let replays = counters(
+            "replays_total",
+            "Requests replayed after the platform rejected the token",
             &["app"],
-        )
-        .expect("static metric");
-        let replays = IntCounterVec::new(
-            Opts::new(
-                "replays_total",
-                "Requests replayed after the platform rejected the token",
-            ),
+        );
+        let rejections = counters(
+            "token_rejections_total",
+            "Responses whose err_code said the token was rejected",
             &["app"],
-        )
-        .expect("static metric");
-        let rejections = IntCounterVec::new(
-            Opts::new(
-                "token_rejections_total",
-                "Responses whose err_code said the token was rejected",
-            ),
-            &["app"],
-        )
-        .expect("static metric");
-        let upstream_errors = IntCounterVec::new(
-            Opts::new(
-                "upstream_errors_total",
-                "Upstream exchanges that failed, by kind",
-            ),
+        );
+        let upstream_errors = counters(
+            "upstream_errors_total",
+            "Upstream exchanges that failed, by kind",
             &["kind"],
-        )
-        .expect("static metric");
-        let by_client = IntCounterVec::new(
-            Opts::new("client_requests_total", "Requests by identified client"),
+        );
+        let by_client = counters(
+            "client_requests_total",
+            "Requests by identified client",
             &["client"],
-        )
-        .expect("static metric");
-        let redis_up = Gauge::with_opts(Opts::new(
-            "token_store_up",
-            "1 while the shared token store is reachable (0 when none is configured or it is down)",
-        ))
-        .expect("static metric");
-        for c in [
-            &requests_vec,
-            &token_fetches,
-            &replays,
-            &rejections,
-            &upstream_errors,
-            &by_client,
-        ] {
-            registry
-                .register(Box::new(c.clone()))
-                .expect("unique metric");
-        }
-        registry
-            .register(Box::new(token_seconds_left.clone()))
-            .expect("unique metric");
-        registry
-            .register(Box::new(overhead.clone()))
-            .expect("unique metric");
-        registry
-            .register(Box::new(upstream.clone()))
-            .expect("unique metric");
-        registry
-            .register(Box::new(redis_up.clone()))
-            .expect("unique metric");
+        );
+        let redis_up = add(
+            &registry,
+            Gauge::with_opts(Opts::new(
+                "token_store_up",
+                "1 while the shared token store is reachable (0 when none is configured or it is down)",
+            )),
+        );
         // Make the per-app series visible from the start, at zero.
         for app in apps {
             token_seconds_left.with_label_values(&[app]).set(0.0);

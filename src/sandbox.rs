@@ -258,9 +258,9 @@ impl Sandbox {
         let ca = ca::TestCa::new("cx-proxy sandbox CA")?;
         let mut server_config = ca.server_config()?;
         if opts.h1_only {
-            if let Some(c) = Arc::get_mut(&mut server_config) {
-                c.alpn_protocols = vec![b"http/1.1".to_vec()];
-            }
+            let mut h1 = (*server_config).clone();
+            h1.alpn_protocols = vec![b"http/1.1".to_vec()];
+            server_config = Arc::new(h1);
         }
         let tls = Arc::new(arc_swap::ArcSwap::new(server_config));
         if let Some(dir) = &opts.state_dir {
