@@ -348,17 +348,29 @@ async fn sighup_adds_an_app_and_refuses_a_broken_file_while_a_connection_stays_o
     .await
     .unwrap();
     tokio::spawn(driver);
-    let req = |path: &str| {
-        http::Request::builder()
+    // A GET on the one kept-open connection (it must survive every reload); the status
+    // and the app whose token the platform saw.
+    async fn on_conn(
+        conn: &mut hyper::client::conn::http1::SendRequest<Full<Bytes>>,
+        sandbox: &cx_proxy::sandbox::Sandbox,
+        path: &str,
+    ) -> (u16, Option<String>) {
+        let req = http::Request::builder()
             .uri(path)
             .header("host", "proxy")
             .body(Full::new(Bytes::new()))
-            .unwrap()
-    };
-    assert_eq!(
-        conn.send_request(req("/api/a")).await.unwrap().status(),
-        200
-    );
+            .unwrap();
+        let status = conn
+            .send_request(req)
+            .await
+            .expect("the connection survived")
+            .status();
+        (
+            status.as_u16(),
+            sandbox.recorded().pop().and_then(|r| r.token_app),
+        )
+    }
+    assert_eq!(on_conn(&mut conn, &sandbox, "/api/a").await.0, 200);
 
     // SIGHUP with an added app.
     let added = format!(
@@ -371,14 +383,9 @@ async fn sighup_adds_an_app_and_refuses_a_broken_file_while_a_connection_stays_o
         err.contains("configuration reloaded").then_some(())
     })
     .await;
-    let r = conn
-        .send_request(req("/added/api/b"))
-        .await
-        .expect("the connection survived");
-    assert_eq!(r.status(), 200);
     assert_eq!(
-        sandbox.recorded().pop().unwrap().token_app.as_deref(),
-        Some("added-app")
+        on_conn(&mut conn, &sandbox, "/added/api/b").await,
+        (200, Some("added-app".to_owned()))
     );
 
     // SIGHUP with a broken file: refused, logged as file: key: problem, old config kept.
@@ -394,14 +401,9 @@ async fn sighup_adds_an_app_and_refuses_a_broken_file_while_a_connection_stays_o
     .await;
     let logs = p.stderr.lock().unwrap().clone();
     assert!(logs.contains(&format!("{}: ", path.display())), "{logs}");
-    let r = conn
-        .send_request(req("/added/api/c"))
-        .await
-        .expect("the connection survived");
-    assert_eq!(r.status(), 200);
     assert_eq!(
-        sandbox.recorded().pop().unwrap().token_app.as_deref(),
-        Some("added-app")
+        on_conn(&mut conn, &sandbox, "/added/api/c").await,
+        (200, Some("added-app".to_owned()))
     );
 
     p.sigterm();

@@ -284,17 +284,9 @@ async fn past_the_concurrency_limit_requests_get_503_overloaded() {
         .start()
         .await;
     env.ready().await;
-    let url = Arc::new(env.url("/api/x"));
-    let tasks: Vec<_> = (0..6)
-        .map(|_| {
-            let url = url.clone();
-            tokio::spawn(async move { get(&url).await })
-        })
-        .collect();
     let mut ok = 0;
     let mut shed = 0;
-    for t in tasks {
-        let a = t.await.unwrap();
+    for a in get_concurrently(&env.url("/api/x"), 6).await {
         if a.status == 200 {
             ok += 1;
         } else {
@@ -418,14 +410,7 @@ async fn requests_over_upstream_max_connections_wait_their_turn() {
     let url = Arc::new(format!("http://{}/api/x", proxy.addr));
     assert_eq!(get(&url).await.json()["err_code"], 0);
     s.set_api_delay(Duration::from_millis(100));
-    let tasks: Vec<_> = (0..8)
-        .map(|_| {
-            let url = url.clone();
-            tokio::spawn(async move { get(&url).await })
-        })
-        .collect();
-    for t in tasks {
-        let a = t.await.unwrap();
+    for a in get_concurrently(&url, 8).await {
         assert_eq!(a.json()["err_code"], 0, "queued, not refused: {}", a.text());
     }
     // One slot: the token fetch and every call went over one pooled connection.

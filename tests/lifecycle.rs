@@ -127,16 +127,7 @@ async fn thirty_two_concurrent_rejections_of_one_token_cause_one_fetch() {
     env.ready().await;
     let fetches = env.sandbox.token_fetches(APP_KEY);
     env.sandbox.revoke_all();
-    let url = Arc::new(env.url("/api/x"));
-    let c = client(false);
-    let tasks: Vec<_> = (0..32)
-        .map(|_| {
-            let (c, url) = (c.clone(), url.clone());
-            tokio::spawn(async move { send(&c, request(Method::GET, &url, "")).await })
-        })
-        .collect();
-    for t in tasks {
-        let a = t.await.unwrap();
+    for a in get_concurrently(&env.url("/api/x"), 32).await {
         assert_eq!(a.json()["err_code"], 0, "{}", a.text());
     }
     assert_eq!(env.sandbox.token_fetches(APP_KEY), fetches + 1);

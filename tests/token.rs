@@ -3,7 +3,6 @@
 
 mod support;
 
-use std::sync::Arc;
 use std::time::Duration;
 
 use cx_proxy::clock::ManualClock;
@@ -15,30 +14,12 @@ async fn sixty_four_concurrent_first_requests_cause_one_token_fetch() {
     let env = env("").await;
     // A slow token endpoint makes sure all 64 are waiting while the one fetch runs.
     env.sandbox.set_token_delay(Duration::from_millis(300));
-    let c = client(false);
-    let url = Arc::new(env.url("/api/apps/v1/robot/groups?group_id=1"));
-    let tasks: Vec<_> = (0..64)
-        .map(|_| {
-            let (c, url) = (c.clone(), url.clone());
-            tokio::spawn(async move { get_with(&c, &url).await })
-        })
-        .collect();
-    for t in tasks {
-        let a = t.await.unwrap();
+    let url = env.url("/api/apps/v1/robot/groups?group_id=1");
+    for a in get_concurrently(&url, 64).await {
         assert_eq!(a.json()["err_code"], 0, "{}", a.text());
     }
     assert_eq!(env.sandbox.token_fetches(APP_KEY), 1);
     assert_eq!(env.sandbox.recorded().len(), 64);
-}
-
-async fn get_with(
-    c: &hyper_util::client::legacy::Client<
-        hyper_util::client::legacy::connect::HttpConnector,
-        http_body_util::Full<bytes::Bytes>,
-    >,
-    url: &str,
-) -> Answer {
-    send(c, request(http::Method::GET, url, "")).await
 }
 
 #[tokio::test]

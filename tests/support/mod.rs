@@ -402,3 +402,19 @@ pub async fn raw_exchange(addr: SocketAddr, bytes: &[u8]) -> String {
     let _ = tokio::time::timeout(std::time::Duration::from_secs(5), s.read_to_end(&mut out)).await;
     String::from_utf8_lossy(&out).into_owned()
 }
+
+/// `n` GETs of `url` sent at once (each on its own connection); their answers in order.
+pub async fn get_concurrently(url: &str, n: usize) -> Vec<Answer> {
+    let c = client(false);
+    let tasks: Vec<_> = (0..n)
+        .map(|_| {
+            let (c, url) = (c.clone(), url.to_owned());
+            tokio::spawn(async move { send(&c, request(Method::GET, &url, Bytes::new())).await })
+        })
+        .collect();
+    let mut out = Vec::with_capacity(n);
+    for t in tasks {
+        out.push(t.await.expect("request task"));
+    }
+    out
+}
