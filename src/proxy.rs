@@ -369,8 +369,10 @@ impl Proxy {
         }
 
         // A small body with a declared length is read first, so it can be sent twice. A body
-        // without a declared length streams under the size limit (and only such a body
-        // needs the flag that says the limit broke the exchange off).
+        // without a declared length streams under the size limit, with a flag that says the
+        // limit broke the exchange off: over HTTP/2 hyper resets the stream and the error it
+        // returns no longer carries the body's error as a source, so the cause cannot be
+        // read from the error chain.
         let mut tripped = None;
         let body = match declared {
             Some(n) if n <= REPLAY_BODY_MAX => {
