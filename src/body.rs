@@ -13,6 +13,7 @@ use bytes::Bytes;
 use http_body::{Frame, SizeHint};
 use hyper::body::Incoming;
 
+use crate::upstream::Lease;
 use crate::BoxError;
 
 /// A request or response body: nothing, one chunk, or a stream from a peer.
@@ -25,12 +26,14 @@ pub enum Body {
     Full(Option<Bytes>),
     /// Streamed from the other side of the proxy.
     Incoming(Incoming),
-    /// Streamed from the upstream, holding its `max_connections` slot until read or dropped.
-    Held {
+    /// Streamed from the upstream, holding its `max_connections` slot (and an HTTP/1
+    /// connection) until read to the end, which hands the connection back to the pool, or
+    /// dropped.
+    Upstream {
         /// The stream.
         inner: Incoming,
-        /// The slot.
-        permit: tokio::sync::OwnedSemaphorePermit,
+        /// The slot and connection.
+        lease: Lease,
     },
     /// Streamed, but failing once more than `remaining` bytes arrive (bodies without a
     /// declared length); `tripped` tells the proxy why the upstream exchange broke off.
@@ -78,9 +81,20 @@ impl http_body::Body for Body {
         match self.get_mut() {
             Body::Empty => Poll::Ready(None),
             Body::Full(chunk) => Poll::Ready(chunk.take().map(|b| Ok(Frame::data(b)))),
-            Body::Incoming(body) | Body::Held { inner: body, .. } => Pin::new(body)
+            Body::Incoming(body) => Pin::new(body)
                 .poll_frame(cx)
                 .map(|f| f.map(|r| r.map_err(Into::into))),
+            Body::Upstream { inner, lease } => {
+                let polled = Pin::new(&mut *inner).poll_frame(cx);
+                // Released at the last frame rather than at the `None` after it, so the
+                // connection is back in the pool before the response is even written out.
+                match &polled {
+                    Poll::Ready(None) => lease.finish(),
+                    Poll::Ready(Some(Ok(_))) if inner.is_end_stream() => lease.finish(),
+                    _ => {}
+                }
+                polled.map(|f| f.map(|r| r.map_err(Into::into)))
+            }
             Body::Limited {
                 inner,
                 remaining,
@@ -105,7 +119,7 @@ impl http_body::Body for Body {
             Body::Empty => true,
             Body::Full(chunk) => chunk.is_none(),
             Body::Incoming(body)
-            | Body::Held { inner: body, .. }
+            | Body::Upstream { inner: body, .. }
             | Body::Limited { inner: body, .. } => body.is_end_stream(),
         }
     }
@@ -115,7 +129,7 @@ impl http_body::Body for Body {
             Body::Empty => SizeHint::with_exact(0),
             Body::Full(chunk) => SizeHint::with_exact(chunk.as_ref().map_or(0, |b| b.len() as u64)),
             Body::Incoming(body)
-            | Body::Held { inner: body, .. }
+            | Body::Upstream { inner: body, .. }
             | Body::Limited { inner: body, .. } => body.size_hint(),
         }
     }

@@ -1,26 +1,51 @@
 //! The one pooled client to the platform.
 //!
-//! A single hyper-util legacy `Client` over hyper-rustls, cloned nowhere and shared by the
-//! forwarding path and the token fetcher, so both ride the same pooled TLS connections
-//! (ALPN picks h2, multiplexed, or http/1.1 keep-alive). Verification is never off: the
-//! roots are the system's plus `upstream.ca_file`.
+//! A small pool of hyper client connections over tokio-rustls, shared by the forwarding path
+//! and the token fetcher. ALPN picks the protocol per connection: h2 is multiplexed (one
+//! shared sender, cloned per request), http/1.1 connections are kept alive and reused
+//! last-in first-out, so a light load stays on a few warm connections. Verification is never
+//! off: the roots are the system's plus `upstream.ca_file`.
+//!
+//! Why not hyper-util's pooled client: on the hot path it spawns a task per HTTP/1 exchange
+//! to watch the connection become ready again, keys a mutex-guarded map by scheme and
+//! authority, and moves a large future per request; with one destination none of that is
+//! needed. Here an HTTP/1 connection goes back to the pool from the response body itself,
+//! the moment its last byte is read ([`Lease`]).
+//!
+//! `max_connections` is a semaphore of exchanges in flight; a connection is only opened by an
+//! exchange holding a permit and finding no idle one, so open HTTP/1 connections never
+//! outnumber it either.
 
-use std::sync::Arc;
-use std::time::Duration;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
-use tokio::sync::Semaphore;
-
+use http::header::HOST;
 use http::uri::{Authority, PathAndQuery, Scheme};
-use http::{Request, Response, Uri};
-use hyper_rustls::HttpsConnector;
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::client::legacy::Client;
-use hyper_util::rt::{TokioExecutor, TokioTimer};
+use http::{HeaderValue, Request, Response, Uri};
+use hyper::client::conn::{http1, http2};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use rustls::ClientConfig;
+use rustls_pki_types::ServerName;
+use tokio::net::TcpStream;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio_rustls::TlsConnector;
 
 use crate::body::Body;
 use crate::config::UpstreamConfig;
 use crate::error::{chain, ErrorKind, ProxyError, StartupError};
 use crate::tls;
+
+/// An idle HTTP/1 connection older than this is closed rather than reused: servers commonly
+/// drop idle keep-alive connections after 60 s, and a request written into one that is
+/// being closed cannot be safely retried.
+const IDLE_MAX: Duration = Duration::from_secs(50);
+/// How often a request is moved to another connection when the pooled one turned out to be
+/// closed before the request was written (always safe: nothing was sent).
+const STALE_RETRIES: usize = 3;
+/// TCP keep-alive probes on upstream connections.
+const TCP_KEEPALIVE: Duration = Duration::from_secs(60);
+/// HTTP/2 keep-alive pings on upstream connections.
+const H2_KEEPALIVE: Duration = Duration::from_secs(30);
 
 /// Why an upstream exchange failed.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -47,45 +72,129 @@ impl From<UpstreamError> for ProxyError {
 /// The platform, as reached through the pool.
 #[derive(Debug)]
 pub struct Upstream {
-    client: Client<HttpsConnector<HttpConnector>, Body>,
+    tls: Arc<ClientConfig>,
+    /// Host (brackets removed) and port to connect to.
+    host: String,
+    port: u16,
+    server_name: ServerName<'static>,
     scheme: Scheme,
     authority: Authority,
+    /// `Host` for HTTP/1 requests (the default port left out).
+    host_header: HeaderValue,
     base_path: String,
     timeout: Duration,
+    connect_timeout: Duration,
     /// One permit per upstream exchange in flight (`max_connections`).
     slots: Arc<Semaphore>,
+    pool: Arc<Pool>,
+}
+
+/// Idle HTTP/1 senders and the shared HTTP/2 sender.
+#[derive(Debug, Default)]
+pub struct Pool {
+    idle: Mutex<Vec<(http1::SendRequest<Body>, Instant)>>,
+    h2: Mutex<Option<http2::SendRequest<Body>>>,
+}
+
+impl Pool {
+    fn put(&self, sender: http1::SendRequest<Body>) {
+        if sender.is_closed() {
+            return;
+        }
+        if let Ok(mut idle) = self.idle.lock() {
+            idle.push((sender, Instant::now()));
+        }
+    }
+
+    /// The most recently used idle connection that is still open and young enough.
+    fn take(&self) -> Option<http1::SendRequest<Body>> {
+        let mut idle = self.idle.lock().ok()?;
+        while let Some((sender, since)) = idle.pop() {
+            if !sender.is_closed() && since.elapsed() < IDLE_MAX {
+                return Some(sender);
+            }
+        }
+        None
+    }
+
+    fn shared_h2(&self) -> Option<http2::SendRequest<Body>> {
+        let mut h2 = self.h2.lock().ok()?;
+        match &*h2 {
+            Some(s) if !s.is_closed() => Some(s.clone()),
+            Some(_) => {
+                *h2 = None;
+                None
+            }
+            None => None,
+        }
+    }
+
+    fn set_h2(&self, sender: &http2::SendRequest<Body>) {
+        if let Ok(mut h2) = self.h2.lock() {
+            if h2.as_ref().is_none_or(|s| s.is_closed()) {
+                *h2 = Some(sender.clone());
+            }
+        }
+    }
+}
+
+/// What an upstream response body holds until it is read to the end or dropped: the
+/// exchange's `max_connections` slot and, on HTTP/1, the connection, which goes back to the
+/// pool only if the body was read to its end (otherwise hyper closes it).
+#[derive(Debug)]
+pub struct Lease {
+    _permit: Option<OwnedSemaphorePermit>,
+    conn: Option<(http1::SendRequest<Body>, Arc<Pool>)>,
+}
+
+impl Lease {
+    /// The body was read to its end: the connection may serve the next exchange.
+    pub fn finish(&mut self) {
+        if let Some((sender, pool)) = self.conn.take() {
+            pool.put(sender);
+        }
+        self._permit = None;
+    }
+}
+
+enum Conn {
+    H1(http1::SendRequest<Body>),
+    H2(http2::SendRequest<Body>),
 }
 
 impl Upstream {
     /// Builds the pool (no connection is opened yet).
     pub fn new(cfg: &UpstreamConfig) -> Result<Self, StartupError> {
         let roots = tls::upstream_roots(cfg.ca_file.as_deref())?;
-        let tls = tls::client_config(roots)?;
-        let mut http = HttpConnector::new();
-        http.enforce_http(false);
-        http.set_nodelay(true);
-        http.set_connect_timeout(Some(cfg.connect_timeout));
-        http.set_keepalive(Some(Duration::from_secs(60)));
-        let https = hyper_rustls::HttpsConnectorBuilder::new()
-            .with_tls_config(tls)
-            .https_only()
-            .enable_http1()
-            .enable_http2()
-            .wrap_connector(http);
-        let client = Client::builder(TokioExecutor::new())
-            .pool_timer(TokioTimer::new())
-            .timer(TokioTimer::new())
-            .pool_idle_timeout(Duration::from_secs(90))
-            .pool_max_idle_per_host(1024)
-            .http2_keep_alive_interval(Duration::from_secs(30))
-            .build(https);
+        let mut config: ClientConfig = tls::client_config(roots)?;
+        config.alpn_protocols = tls::ALPN.iter().map(|p| p.to_vec()).collect();
+        let host = cfg
+            .authority
+            .host()
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .to_owned();
+        let server_name = ServerName::try_from(host.clone())
+            .map_err(|e| StartupError::Tls(format!("upstream host {host:?}: {e}")))?;
+        let port = cfg.authority.port_u16().unwrap_or(443);
+        let host_header = match cfg.authority.port_u16() {
+            Some(443) => HeaderValue::from_str(cfg.authority.host()),
+            _ => HeaderValue::from_str(cfg.authority.as_str()),
+        }
+        .map_err(|e| StartupError::Other(format!("upstream host: {e}")))?;
         Ok(Upstream {
-            client,
+            tls: Arc::new(config),
+            host,
+            port,
+            server_name,
             scheme: cfg.scheme.clone(),
             authority: cfg.authority.clone(),
+            host_header,
             base_path: cfg.base_path.clone(),
             timeout: cfg.timeout,
+            connect_timeout: cfg.connect_timeout,
             slots: Arc::new(Semaphore::new(cfg.max_connections)),
+            pool: Arc::default(),
         })
     }
 
@@ -99,43 +208,154 @@ impl Upstream {
         self.timeout
     }
 
-    /// An absolute URI on the upstream for a path-and-query that already includes the base path.
+    /// The request target for a path-and-query that already includes the base path
+    /// (origin-form; [`Upstream::send`] adds scheme and authority where HTTP/2 needs them).
     pub fn uri(&self, path_and_query: PathAndQuery) -> Uri {
-        let mut parts = http::uri::Parts::default();
-        parts.scheme = Some(self.scheme.clone());
-        parts.authority = Some(self.authority.clone());
-        parts.path_and_query = Some(path_and_query);
-        // Scheme, authority and path are all present and individually valid.
-        Uri::from_parts(parts).unwrap_or_default()
+        Uri::from(path_and_query)
     }
 
     /// Sends a request (its URI built by [`Upstream::uri`]) and waits for the response head
     /// within `timeout_ms`.
     /// The response body holds a slot of `max_connections` until it is read or dropped.
     pub async fn send(&self, req: Request<Body>) -> Result<Response<Body>, UpstreamError> {
-        let exchange = async {
-            // Waiting for a slot counts against the timeout like the exchange itself.
-            let permit = self.slots.clone().acquire_owned().await;
-            (self.client.request(req).await, permit)
-        };
-        match tokio::time::timeout(self.timeout, exchange).await {
-            Ok((Ok(resp), Ok(permit))) => Ok(resp.map(|inner| Body::Held { inner, permit })),
-            Ok((Ok(resp), Err(_closed))) => Ok(resp.map(Body::Incoming)),
-            Ok((Err(e), _)) => Err(UpstreamError::Unreachable(describe(&e))),
+        match tokio::time::timeout(self.timeout, self.exchange(req)).await {
+            Ok(result) => result,
             Err(_) => Err(UpstreamError::Timeout(self.timeout.as_millis())),
+        }
+    }
+
+    async fn exchange(&self, mut req: Request<Body>) -> Result<Response<Body>, UpstreamError> {
+        // Waiting for a slot counts against the timeout like the exchange itself. The
+        // semaphore is never closed, so a permit always comes.
+        let permit = self.slots.clone().acquire_owned().await.ok();
+        let mut stale = 0;
+        loop {
+            let (conn, pooled) = match self.pool.take().map(Conn::H1) {
+                Some(c) => (c, true),
+                None => match self.pool.shared_h2().map(Conn::H2) {
+                    Some(c) => (c, true),
+                    // Boxed: connecting is rare and its future large.
+                    None => (Box::pin(self.connect()).await?, false),
+                },
+            };
+            let failed = match conn {
+                Conn::H1(mut sender) => {
+                    // A connection back from the pool may still be finishing its last
+                    // exchange; ready() waits for that, or fails if it was closed.
+                    if let Err(e) = sender.ready().await {
+                        if pooled {
+                            continue;
+                        }
+                        return Err(exchange_failed(&e));
+                    }
+                    req.headers_mut().insert(HOST, self.host_header.clone());
+                    match sender.try_send_request(req).await {
+                        Ok(resp) => {
+                            let mut lease = Lease {
+                                _permit: permit,
+                                conn: Some((sender, self.pool.clone())),
+                            };
+                            // No body to read (HEAD, 204, 304, length 0): nobody will poll
+                            // it, so the connection goes back now.
+                            if http_body::Body::is_end_stream(resp.body()) {
+                                lease.finish();
+                            }
+                            return Ok(resp.map(|inner| Body::Upstream { inner, lease }));
+                        }
+                        Err(e) => e,
+                    }
+                }
+                Conn::H2(mut sender) => {
+                    *req.uri_mut() = self.absolute(req.uri());
+                    match sender.try_send_request(req).await {
+                        Ok(resp) => {
+                            let lease = Lease {
+                                _permit: permit,
+                                conn: None,
+                            };
+                            return Ok(resp.map(|inner| Body::Upstream { inner, lease }));
+                        }
+                        Err(e) => e,
+                    }
+                }
+            };
+            let mut failed = failed;
+            match failed.take_message() {
+                // Never written, so safe to move to another connection: the pooled one was
+                // closed under us.
+                Some(back) if pooled && stale < STALE_RETRIES => {
+                    stale += 1;
+                    req = back;
+                }
+                _ => return Err(exchange_failed(failed.error())),
+            }
+        }
+    }
+
+    fn absolute(&self, origin: &Uri) -> Uri {
+        let mut parts = http::uri::Parts::default();
+        parts.scheme = Some(self.scheme.clone());
+        parts.authority = Some(self.authority.clone());
+        parts.path_and_query = origin.path_and_query().cloned();
+        // Scheme, authority and path are all present and individually valid.
+        Uri::from_parts(parts).unwrap_or_default()
+    }
+
+    /// Opens a TCP + TLS connection and starts hyper on it (h2 if the server picked it).
+    async fn connect(&self) -> Result<Conn, UpstreamError> {
+        let fail = |what: String| {
+            UpstreamError::Unreachable(format!("cannot connect to the upstream: {what}"))
+        };
+        let tcp = tokio::time::timeout(
+            self.connect_timeout,
+            TcpStream::connect((self.host.as_str(), self.port)),
+        )
+        .await
+        .map_err(|_| {
+            fail(format!(
+                "no TCP connection within {} ms",
+                self.connect_timeout.as_millis()
+            ))
+        })?
+        .map_err(|e| fail(e.to_string()))?;
+        let _ = tcp.set_nodelay(true);
+        let _ = socket2::SockRef::from(&tcp)
+            .set_tcp_keepalive(&socket2::TcpKeepalive::new().with_time(TCP_KEEPALIVE));
+        let stream = TlsConnector::from(self.tls.clone())
+            .connect(self.server_name.clone(), tcp)
+            .await
+            .map_err(|e| fail(format!("TLS: {}", chain(&e))))?;
+        let h2 = stream.get_ref().1.alpn_protocol() == Some(b"h2");
+        let io = TokioIo::new(stream);
+        if h2 {
+            let (sender, conn) = http2::Builder::new(TokioExecutor::new())
+                .timer(TokioTimer::new())
+                .keep_alive_interval(H2_KEEPALIVE)
+                .handshake(io)
+                .await
+                .map_err(|e| fail(chain(&e)))?;
+            tokio::spawn(async move {
+                if let Err(e) = conn.await {
+                    tracing::debug!(error = %e, "upstream h2 connection ended");
+                }
+            });
+            self.pool.set_h2(&sender);
+            Ok(Conn::H2(sender))
+        } else {
+            let (sender, conn) = http1::Builder::new()
+                .handshake(io)
+                .await
+                .map_err(|e| fail(chain(&e)))?;
+            tokio::spawn(async move {
+                if let Err(e) = conn.await {
+                    tracing::debug!(error = %e, "upstream connection ended");
+                }
+            });
+            Ok(Conn::H1(sender))
         }
     }
 }
 
-/// A client error as one line naming its root cause (never a URI, so never a token).
-fn describe(e: &hyper_util::client::legacy::Error) -> String {
-    let what = if e.is_connect() {
-        "cannot connect to the upstream"
-    } else {
-        "upstream exchange failed"
-    };
-    match std::error::Error::source(e) {
-        Some(cause) => format!("{what}: {}", chain(cause)),
-        None => what.to_owned(),
-    }
+fn exchange_failed(e: &hyper::Error) -> UpstreamError {
+    UpstreamError::Unreachable(format!("upstream exchange failed: {}", chain(e)))
 }

@@ -1,0 +1,156 @@
+//! The upstream connection pool: HTTP/1 connections are reused, also after answers without a
+//! body, stay within `max_connections`, and one the upstream closed while idle is replaced
+//! without the client noticing.
+
+mod support;
+
+use std::convert::Infallible;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use cx_proxy::sandbox::ca::TestCa;
+use cx_proxy::sandbox::SandboxOptions;
+use http::{Method, Request, Response};
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use support::*;
+use tokio::net::TcpListener;
+use tokio_rustls::TlsAcceptor;
+
+fn h1_sandbox() -> SandboxOptions {
+    SandboxOptions {
+        h1_only: true,
+        ..Default::default()
+    }
+}
+
+#[tokio::test]
+async fn http1_connections_are_reused_also_after_answers_without_a_body() {
+    // With no rejection codes to look for, the proxy never reads a body itself.
+    let env = EnvBuilder::new()
+        .sandbox(h1_sandbox())
+        .extra("[token]\ninvalid_codes = []")
+        .start()
+        .await;
+    let client = client(false);
+    for i in 0..30 {
+        // HEAD answers carry a length but no body: nothing reads them, yet the connection
+        // must go back to the pool.
+        let method = if i % 2 == 0 {
+            Method::HEAD
+        } else {
+            Method::GET
+        };
+        let a = send(&client, request(method, &env.url("/api/robot/groups"), "")).await;
+        assert_eq!(a.status, 200, "{}", a.text());
+    }
+    // The token fetch and all 30 calls, one after another: one connection.
+    assert_eq!(env.sandbox.connections_accepted(), 1);
+}
+
+#[tokio::test]
+async fn concurrent_calls_open_no_more_than_max_connections() {
+    let env = EnvBuilder::new()
+        .sandbox(h1_sandbox())
+        // Goes into [upstream].
+        .extra("max_connections = 3")
+        .start()
+        .await;
+    assert_eq!(get(&env.url("/api/warm")).await.status, 200);
+    env.sandbox.set_api_delay(Duration::from_millis(50));
+    for a in get_concurrently(&env.url("/api/x"), 40).await {
+        assert_eq!(a.status, 200, "{}", a.text());
+    }
+    let opened = env.sandbox.connections_accepted();
+    assert!(
+        (1..=3).contains(&opened),
+        "{opened} upstream connections for max_connections = 3"
+    );
+}
+
+/// An HTTPS HTTP/1 upstream that closes a keep-alive connection after `idle` without a
+/// request (no `Connection: close` warning), like servers' keep-alive timeouts. Answers every
+/// request with the platform's success JSON and counts connections.
+async fn closing_upstream(
+    dir: &std::path::Path,
+    idle: Duration,
+) -> (std::net::SocketAddr, Arc<AtomicU64>) {
+    let ca = TestCa::new("pool test CA").unwrap();
+    std::fs::write(dir.join("ca.pem"), ca.pem()).unwrap();
+    let mut tls = (*ca.server_config().unwrap()).clone();
+    tls.alpn_protocols = vec![b"http/1.1".to_vec()];
+    let acceptor = TlsAcceptor::from(Arc::new(tls));
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let accepted = Arc::new(AtomicU64::new(0));
+    let count = accepted.clone();
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            count.fetch_add(1, Ordering::SeqCst);
+            let acceptor = acceptor.clone();
+            tokio::spawn(async move {
+                let Ok(tls) = acceptor.accept(tcp).await else {
+                    return;
+                };
+                let service = hyper::service::service_fn(|req: Request<Incoming>| async move {
+                    let body = if req.uri().path().ends_with("/access-tokens") {
+                        r#"{"err_code":0,"err_msg":"success","access_token":"tok-1","expires_in":7200}"#
+                    } else {
+                        r#"{"err_code":0,"err_msg":"success","data":{}}"#
+                    };
+                    Ok::<_, Infallible>(Response::new(Full::new(Bytes::from_static(
+                        body.as_bytes(),
+                    ))))
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .timer(TokioTimer::new())
+                    .header_read_timeout(idle)
+                    .serve_connection(TokioIo::new(tls), service)
+                    .await;
+            });
+        }
+    });
+    (addr, accepted)
+}
+
+#[tokio::test]
+async fn a_connection_the_upstream_closed_while_idle_is_replaced() {
+    let dir = tempfile::tempdir().unwrap();
+    let (addr, accepted) = closing_upstream(dir.path(), Duration::from_millis(100)).await;
+    std::fs::write(dir.path().join("corp_secret"), SECRET).unwrap();
+    let text = format!(
+        r#"
+[server]
+listen = "127.0.0.1:0"
+
+[upstream]
+url = "https://127.0.0.1:{port}"
+ca_file = "{ca}"
+timeout_ms = 5000
+{app}"#,
+        port = addr.port(),
+        ca = dir.path().join("ca.pem").display(),
+        app = default_app(dir.path()),
+    );
+    let proxy = cx_proxy::ProxyHandle::start(config(&text)).await.unwrap();
+    let url = format!("http://{}/api/x", proxy.addr);
+    for round in 0..3 {
+        let a = get(&url).await;
+        assert_eq!(a.status, 200, "round {round}: {}", a.text());
+        assert_eq!(a.json()["err_code"], 0);
+        // Long enough for the upstream to drop the idle connection.
+        tokio::time::sleep(Duration::from_millis(400)).await;
+    }
+    assert!(
+        accepted.load(Ordering::SeqCst) >= 3,
+        "each round needed a fresh connection"
+    );
+    let metrics = proxy.proxy.metrics().render();
+    assert!(
+        !metrics.contains("cx_proxy_upstream_errors_total{"),
+        "{metrics}"
+    );
+}
