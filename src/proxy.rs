@@ -439,6 +439,11 @@ impl Proxy {
     /// The app's token for a request, waited for no longer than `upstream.timeout_ms`
     /// (a fetch in flight elsewhere could otherwise hold a request past it).
     async fn token(&self, idx: usize, after_rejection: bool) -> Result<Arc<Token>, ProxyError> {
+        if !after_rejection {
+            if let Some(t) = self.tokens.cached(idx) {
+                return Ok(t);
+            }
+        }
         let wait = async {
             if after_rejection {
                 self.tokens.token_for(idx, FetchReason::Rejected).await

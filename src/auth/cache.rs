@@ -1,9 +1,11 @@
 //! One token per app in a moka cache, fetched by a single request however many wait.
 
+use std::collections::HashMap;
 use std::future::Future;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use arc_swap::ArcSwap;
 use moka::future::Cache;
 use moka::ops::compute::Op;
 use moka::Expiry;
@@ -39,9 +41,16 @@ impl Expiry<Arc<str>, Arc<Token>> for TokenExpiry {
 }
 
 /// The per-app token cache.
+///
+/// moka holds the tokens, expires them and makes concurrent misses share one fetch. In front
+/// of it sits `hot`, a copy-on-write map of the tokens moka was given, read without a lock or
+/// a future on every request: a moka `get` is an async call whose future the request would
+/// carry and move. `hot` only ever learns a token where moka is written (never from a read,
+/// which could bring back a token just dropped), and loses it where moka does.
 #[derive(Clone)]
 pub struct TokenCache {
     cache: Cache<Arc<str>, Arc<Token>>,
+    hot: Arc<ArcSwap<HashMap<Arc<str>, Arc<Token>>>>,
     clock: SharedClock,
 }
 
@@ -61,8 +70,36 @@ impl TokenCache {
                 .max_capacity(100_000)
                 .expire_after(TokenExpiry)
                 .build(),
+            hot: Arc::default(),
             clock,
         }
+    }
+
+    /// The app's token if the hot copy holds a usable one: no lock, no await.
+    pub fn cached(&self, app: &str) -> Option<Arc<Token>> {
+        self.hot
+            .load()
+            .get(app)
+            .filter(|t| t.usable_at(self.clock.now()))
+            .cloned()
+    }
+
+    fn set_hot(&self, app: &Arc<str>, token: &Arc<Token>) {
+        self.hot.rcu(|map| {
+            let mut map = HashMap::clone(map);
+            map.insert(app.clone(), token.clone());
+            map
+        });
+    }
+
+    fn drop_hot(&self, app: &str, stale: &Token) {
+        self.hot.rcu(|map| {
+            let mut map = HashMap::clone(map);
+            if map.get(app).is_some_and(|t| t.secret() == stale.secret()) {
+                map.remove(app);
+            }
+            map
+        });
     }
 
     /// The clock expiry is judged by.
@@ -72,6 +109,7 @@ impl TokenCache {
 
     /// Stores `token` as the app's current token.
     pub async fn insert(&self, app: &Arc<str>, token: Arc<Token>) {
+        self.set_hot(app, &token);
         self.cache.insert(app.clone(), token).await;
     }
 
@@ -90,13 +128,35 @@ impl TokenCache {
         F: FnOnce() -> Fut,
         Fut: Future<Output = Result<Arc<Token>, TokenError>>,
     {
+        if let Some(t) = self.cached(app) {
+            return Ok(t);
+        }
+        // Boxed: the fetch and moka's single-flight machinery are many KiB of future state
+        // that a request with a cached token should not carry.
+        Box::pin(self.get_slow(app, fetch)).await
+    }
+
+    async fn get_slow<F, Fut>(
+        &self,
+        app: &Arc<str>,
+        fetch: F,
+    ) -> Result<Arc<Token>, Arc<TokenError>>
+    where
+        F: FnOnce() -> Fut,
+        Fut: Future<Output = Result<Arc<Token>, TokenError>>,
+    {
         if let Some(t) = self.cache.get(app).await {
             if t.usable_at(self.clock.now()) {
                 return Ok(t);
             }
             self.remove_if_current(app, &t).await;
         }
-        let token = self.cache.try_get_with_by_ref(app, fetch()).await?;
+        let fetched = async {
+            let token = fetch().await?;
+            self.set_hot(app, &token);
+            Ok::<_, TokenError>(token)
+        };
+        let token = self.cache.try_get_with_by_ref(app, fetched).await?;
         if token.usable_at(self.clock.now()) {
             Ok(token)
         } else {
@@ -112,6 +172,7 @@ impl TokenCache {
     /// Drops `stale` if it is still the app's cached token (a newer one is left alone).
     /// Compared by value: the same token may have been installed twice (from the store).
     pub async fn remove_if_current(&self, app: &Arc<str>, stale: &Arc<Token>) {
+        self.drop_hot(app, stale);
         self.cache
             .entry_by_ref(app)
             .and_compute_with(|cur| {

@@ -188,6 +188,11 @@ impl TokenManager {
         }
     }
 
+    /// The app's cached token if usable, without waiting or fetching.
+    pub fn cached(&self, idx: usize) -> Option<Arc<Token>> {
+        self.cache.cached(&self.apps[idx].key)
+    }
+
     /// The app's usable token, fetching (once, shared) if there is none.
     pub async fn token(&self, idx: usize) -> Result<Arc<Token>, Arc<TokenError>> {
         let app = &self.apps[idx];
