@@ -264,7 +264,9 @@ impl Proxy {
     pub async fn handle(&self, peer: &Peer, req: Request<Incoming>) -> Response<Body> {
         let started = Instant::now();
         let method = req.method().clone();
-        let uri = req.uri().clone();
+        // The access log's fields are only gathered when it is on.
+        let logged = tracing::enabled!(target: "cx_proxy::access", tracing::Level::INFO)
+            .then(|| req.uri().clone());
         let mut access = Access::default();
         let resp = match self.forward(peer, req, &mut access).await {
             Ok(resp) => resp,
@@ -281,23 +283,25 @@ impl Proxy {
         if let Some(name) = client {
             self.metrics.client_request(name);
         }
-        let bytes = resp
-            .headers()
-            .get(CONTENT_LENGTH)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.parse::<u64>().ok());
-        tracing::info!(
-            target: "cx_proxy::access",
-            peer = %peer,
-            client = client.unwrap_or("-"),
-            app = access.app.map_or("-", |i| &*self.routes[i].name),
-            method = %method,
-            path = %Redacted::new(uri.path(), uri.query(), &self.token_param),
-            status,
-            bytes,
-            total_ms = total.as_secs_f64() * 1000.0,
-            upstream_ms = access.upstream.map(|d| d.as_secs_f64() * 1000.0),
-        );
+        if let Some(uri) = logged {
+            let bytes = resp
+                .headers()
+                .get(CONTENT_LENGTH)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.parse::<u64>().ok());
+            tracing::info!(
+                target: "cx_proxy::access",
+                peer = %peer,
+                client = client.unwrap_or("-"),
+                app = access.app.map_or("-", |i| &*self.routes[i].name),
+                method = %method,
+                path = %Redacted::new(uri.path(), uri.query(), &self.token_param),
+                status,
+                bytes,
+                total_ms = total.as_secs_f64() * 1000.0,
+                upstream_ms = access.upstream.map(|d| d.as_secs_f64() * 1000.0),
+            );
+        }
         resp
     }
 

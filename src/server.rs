@@ -10,6 +10,7 @@
 use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -21,13 +22,11 @@ use hyper::service::Service;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
-use hyper_util::service::TowerToHyperService;
 use rustls::ServerConfig;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{oneshot, watch, Semaphore};
 use tokio::task::JoinHandle;
 use tokio_rustls::TlsAcceptor;
-use tower::ServiceBuilder;
 
 use crate::body::Body;
 use crate::config::Config;
@@ -217,20 +216,42 @@ impl Listeners {
     }
 }
 
-/// Answers a request the tower stack refused (load shedding) instead of dropping the
-/// connection.
-fn rescue(result: Result<Response<Body>, BoxError>) -> Result<Response<Body>, BoxError> {
-    Ok(result.unwrap_or_else(|e| {
-        if e.is::<tower::load_shed::error::Overloaded>() {
-            ProxyError::new(
+/// The proxy port's service: the request limit, then the proxy in force.
+///
+/// Written out rather than stacked from tower layers: the stack cloned itself per request,
+/// wrapped the call in a oneshot and a load-shed poll_ready, where one `try_acquire` does.
+#[derive(Clone)]
+struct ProxyService {
+    gateway: Arc<Gateway>,
+    peer: Peer,
+    limit: Arc<Semaphore>,
+}
+
+type ResponseFuture = Pin<Box<dyn Future<Output = Result<Response<Body>, Infallible>> + Send>>;
+
+impl Service<Request<Incoming>> for ProxyService {
+    type Response = Response<Body>;
+    type Error = Infallible;
+    type Future = ResponseFuture;
+
+    fn call(&self, req: Request<Incoming>) -> ResponseFuture {
+        // Load shedding: past the limit a request is answered 503 at once instead of queueing.
+        let Ok(permit) = self.limit.clone().try_acquire_owned() else {
+            let resp = ProxyError::new(
                 ErrorKind::Overloaded,
                 "too many requests in flight; retry shortly",
             )
-            .into_response()
-        } else {
-            ProxyError::new(ErrorKind::BadRequest, e.to_string()).into_response()
-        }
-    }))
+            .into_response();
+            return Box::pin(std::future::ready(Ok(resp)));
+        };
+        let (gateway, peer) = (self.gateway.clone(), self.peer.clone());
+        // Boxed once here: the request's future is a few KiB.
+        Box::pin(async move {
+            let resp = gateway.proxy().handle(&peer, req).await;
+            drop(permit);
+            Ok(resp)
+        })
+    }
 }
 
 /// Runs the gateway (proxy port, admin port, token refreshers) until `shutdown` resolves,
@@ -254,7 +275,7 @@ pub async fn run(
     let first = gateway.proxy();
     first.tokens().start();
     let grace = first.config().server.shutdown_grace;
-    // Load shedding: past the limit a request is answered 503 at once instead of queueing.
+    // Requests in flight at once (`server.max_concurrent_requests`).
     let limit = Arc::new(Semaphore::new(
         first.config().server.max_concurrent_requests,
     ));
@@ -276,23 +297,10 @@ pub async fn run(
         });
 
     let g = gateway.clone();
-    let make = move |peer: Peer| {
-        let g = g.clone();
-        let inner = tower::service_fn(move |req: Request<Incoming>| {
-            let (g, peer) = (g.clone(), peer.clone());
-            // Boxed once here: the request's future is several KiB, and every layer above
-            // would otherwise move it by value.
-            Box::pin(async move { Ok::<_, Infallible>(g.proxy().handle(&peer, req).await) })
-        });
-        TowerToHyperService::new(
-            ServiceBuilder::new()
-                .map_result(rescue)
-                .load_shed()
-                .layer(tower::limit::GlobalConcurrencyLimitLayer::with_semaphore(
-                    limit.clone(),
-                ))
-                .service(inner),
-        )
+    let make = move |peer: Peer| ProxyService {
+        gateway: g.clone(),
+        peer,
+        limit: limit.clone(),
     };
     serve::<_, _, Body>(listeners.proxy, gateway.tls(), make, stopped(), grace).await;
     if let Some(admin) = admin {
