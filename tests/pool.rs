@@ -1,6 +1,6 @@
 //! The upstream connection pool: HTTP/1 connections are reused, also after answers without a
 //! body, stay within `max_connections`, and one the upstream closed while idle is replaced
-//! without the client noticing.
+//! without the client noticing; an h2 upstream multiplexes calls on one connection.
 
 mod support;
 
@@ -153,4 +153,16 @@ timeout_ms = 5000
         !metrics.contains("cx_proxy_upstream_errors_total{"),
         "{metrics}"
     );
+}
+
+#[tokio::test]
+async fn an_h2_upstream_carries_concurrent_calls_on_one_connection() {
+    let env = EnvBuilder::new().start().await;
+    assert_eq!(get(&env.url("/api/warm")).await.status, 200);
+    env.sandbox.set_api_delay(Duration::from_millis(50));
+    for a in get_concurrently(&env.url("/api/x"), 40).await {
+        assert_eq!(a.status, 200, "{}", a.text());
+    }
+    // The sandbox speaks h2: the token fetch and 40 overlapping calls share one connection.
+    assert_eq!(env.sandbox.connections_accepted(), 1);
 }
