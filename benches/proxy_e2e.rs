@@ -4,7 +4,7 @@
 //! is one GET over a kept-alive client connection.
 //!
 //! Run: `cargo bench --bench proxy_e2e`. Recorded on a 2 vCPU AMD EPYC KVM guest,
-//! 2026-11-24: `h2_upstream` ~190 µs, `h1_upstream` ~160 µs per sequential round trip
+//! 2026-11-24: `h2_upstream` ~190 µs, `h1_upstream` ~155 µs per sequential round trip
 //! (thread wake-ups on a shared VM dominate). Loopback numbers on a shared VM drift; compare
 //! the two variants within one run, and use `../shared/bench` for the side-by-side with
 //! nginx and haproxy.

@@ -2,8 +2,9 @@
 //! injection, the header sanitising, and a cached-token lookup.
 //!
 //! Run: `cargo bench --bench rewrite`. Recorded on a 2 vCPU AMD EPYC KVM guest, 2026-11-24:
-//! `upstream_target/query_inject` ~115 ns, `sanitize_request_headers/typical` ~160 ns,
-//! `token_cache/hit` ~180 ns.
+//! `upstream_target/query_inject` ~88 ns, `sanitize_request_headers/typical` ~125 ns,
+//! `token_cache/hot` ~52 ns, `token_cache/hit` ~52 ns (~180 ns while every lookup awaited
+//! moka; the hot copy in front of it is what a request reads).
 
 use std::hint::black_box;
 use std::sync::Arc;

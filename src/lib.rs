@@ -32,8 +32,9 @@
 //! 4. Token: the app's cached token, or one fetch shared by every waiting request; a failed
 //!    fetch answers 502 with the platform's code and message.
 //! 5. Rewrite: the client's `access_token` (and the configured header) dropped, ours
-//!    injected, hop-by-hop and forwarding headers stripped, `Host` set by the client pool.
-//! 6. Forward over the pooled TLS connection (h2 or http/1.1 by ALPN); stream both bodies.
+//!    injected, hop-by-hop and forwarding headers stripped, `Host` set by the upstream pool.
+//! 6. [`upstream`]: forward over a pooled TLS connection (h2 or http/1.1 by ALPN); stream
+//!    both bodies; an HTTP/1 connection returns to the pool when its answer is read.
 //! 7. One access-log line, query secrets shown as `***`.
 
 #![forbid(unsafe_code)]
