@@ -12,10 +12,15 @@
 //! needed. Here an HTTP/1 connection goes back to the pool from the response body itself,
 //! the moment its last byte is read ([`Lease`]).
 //!
+//! Once the upstream has been seen to speak h2, a lost h2 connection is replaced by one
+//! exchange while the others wait for it, so a dropped connection does not turn into a
+//! reconnect storm against the platform.
+//!
 //! `max_connections` is a semaphore of exchanges in flight; a connection is only opened by an
 //! exchange holding a permit and finding no idle one, so open HTTP/1 connections never
 //! outnumber it either.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -94,6 +99,11 @@ pub struct Upstream {
 pub struct Pool {
     idle: Mutex<Vec<(http1::SendRequest<Body>, Instant)>>,
     h2: Mutex<Option<http2::SendRequest<Body>>>,
+    /// The upstream has answered ALPN with h2 before: when its connection is gone, one
+    /// exchange reconnects and the others wait for it (`h2_connecting`) instead of every
+    /// exchange in flight opening a connection of its own.
+    h2_seen: AtomicBool,
+    h2_connecting: tokio::sync::Mutex<()>,
 }
 
 impl Pool {
@@ -130,6 +140,7 @@ impl Pool {
     }
 
     fn set_h2(&self, sender: &http2::SendRequest<Body>) {
+        self.h2_seen.store(true, Ordering::Relaxed);
         if let Ok(mut h2) = self.h2.lock() {
             if h2.as_ref().is_none_or(|s| s.is_closed()) {
                 *h2 = Some(sender.clone());
@@ -235,7 +246,7 @@ impl Upstream {
                 None => match self.pool.shared_h2().map(Conn::H2) {
                     Some(c) => (c, true),
                     // Boxed: connecting is rare and its future large.
-                    None => (Box::pin(self.connect()).await?, false),
+                    None => Box::pin(self.connect_once()).await?,
                 },
             };
             let failed = match conn {
@@ -299,6 +310,19 @@ impl Upstream {
         parts.path_and_query = origin.path_and_query().cloned();
         // Scheme, authority and path are all present and individually valid.
         Uri::from_parts(parts).unwrap_or_default()
+    }
+
+    /// A new connection, or, for an h2 upstream, the one another exchange just opened
+    /// (`true`: shared, not opened here).
+    async fn connect_once(&self) -> Result<(Conn, bool), UpstreamError> {
+        if !self.pool.h2_seen.load(Ordering::Relaxed) {
+            return Ok((self.connect().await?, false));
+        }
+        let _turn = self.pool.h2_connecting.lock().await;
+        match self.pool.shared_h2() {
+            Some(sender) => Ok((Conn::H2(sender), true)),
+            None => Ok((self.connect().await?, false)),
+        }
     }
 
     /// Opens a TCP + TLS connection and starts hyper on it (h2 if the server picked it).

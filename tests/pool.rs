@@ -15,7 +15,7 @@ use cx_proxy::sandbox::SandboxOptions;
 use http::{Method, Request, Response};
 use http_body_util::Full;
 use hyper::body::Incoming;
-use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use support::*;
 use tokio::net::TcpListener;
 use tokio_rustls::TlsAcceptor;
@@ -71,17 +71,29 @@ async fn concurrent_calls_open_no_more_than_max_connections() {
     );
 }
 
-/// An HTTPS HTTP/1 upstream that closes a keep-alive connection after `idle` without a
-/// request (no `Connection: close` warning), like servers' keep-alive timeouts. Answers every
-/// request with the platform's success JSON and counts connections.
+/// How the test upstream drops connections.
+#[derive(Clone, Copy)]
+enum Closing {
+    /// HTTP/1.1, closed after this long without a request (no `Connection: close` warning),
+    /// like servers' keep-alive timeouts.
+    Http1Idle(Duration),
+    /// h2, cut this long after it was accepted, whatever is in flight.
+    H2After(Duration),
+}
+
+/// An HTTPS upstream that drops connections as `closing` says, answers every request with
+/// the platform's success JSON and counts connections.
 async fn closing_upstream(
     dir: &std::path::Path,
-    idle: Duration,
+    closing: Closing,
 ) -> (std::net::SocketAddr, Arc<AtomicU64>) {
     let ca = TestCa::new("pool test CA").unwrap();
     std::fs::write(dir.join("ca.pem"), ca.pem()).unwrap();
     let mut tls = (*ca.server_config().unwrap()).clone();
-    tls.alpn_protocols = vec![b"http/1.1".to_vec()];
+    tls.alpn_protocols = match closing {
+        Closing::Http1Idle(_) => vec![b"http/1.1".to_vec()],
+        Closing::H2After(_) => vec![b"h2".to_vec()],
+    };
     let acceptor = TlsAcceptor::from(Arc::new(tls));
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
@@ -105,11 +117,20 @@ async fn closing_upstream(
                         body.as_bytes(),
                     ))))
                 });
-                let _ = hyper::server::conn::http1::Builder::new()
-                    .timer(TokioTimer::new())
-                    .header_read_timeout(idle)
-                    .serve_connection(TokioIo::new(tls), service)
-                    .await;
+                match closing {
+                    Closing::Http1Idle(idle) => {
+                        let _ = hyper::server::conn::http1::Builder::new()
+                            .timer(TokioTimer::new())
+                            .header_read_timeout(idle)
+                            .serve_connection(TokioIo::new(tls), service)
+                            .await;
+                    }
+                    Closing::H2After(after) => {
+                        let conn = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                            .serve_connection(TokioIo::new(tls), service);
+                        let _ = tokio::time::timeout(after, conn).await;
+                    }
+                }
             });
         }
     });
@@ -119,23 +140,9 @@ async fn closing_upstream(
 #[tokio::test]
 async fn a_connection_the_upstream_closed_while_idle_is_replaced() {
     let dir = tempfile::tempdir().unwrap();
-    let (addr, accepted) = closing_upstream(dir.path(), Duration::from_millis(100)).await;
-    std::fs::write(dir.path().join("corp_secret"), SECRET).unwrap();
-    let text = format!(
-        r#"
-[server]
-listen = "127.0.0.1:0"
-
-[upstream]
-url = "https://127.0.0.1:{port}"
-ca_file = "{ca}"
-timeout_ms = 5000
-{app}"#,
-        port = addr.port(),
-        ca = dir.path().join("ca.pem").display(),
-        app = default_app(dir.path()),
-    );
-    let proxy = cx_proxy::ProxyHandle::start(config(&text)).await.unwrap();
+    let (addr, accepted) =
+        closing_upstream(dir.path(), Closing::Http1Idle(Duration::from_millis(100))).await;
+    let proxy = proxy_for(dir.path(), addr).await;
     let url = format!("http://{}/api/x", proxy.addr);
     for round in 0..3 {
         let a = get(&url).await;
@@ -153,6 +160,47 @@ timeout_ms = 5000
         !metrics.contains("cx_proxy_upstream_errors_total{"),
         "{metrics}"
     );
+}
+
+#[tokio::test]
+async fn when_an_h2_upstream_drops_its_connection_one_reconnect_serves_a_burst() {
+    let dir = tempfile::tempdir().unwrap();
+    let (addr, accepted) =
+        closing_upstream(dir.path(), Closing::H2After(Duration::from_millis(300))).await;
+    let proxy = proxy_for(dir.path(), addr).await;
+    let url = format!("http://{}/api/x", proxy.addr);
+    assert_eq!(get(&url).await.status, 200);
+    // The upstream has cut that connection; 30 calls arrive at once.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let before = accepted.load(Ordering::SeqCst);
+    for a in get_concurrently(&url, 30).await {
+        assert_eq!(a.status, 200, "{}", a.text());
+    }
+    assert_eq!(
+        accepted.load(Ordering::SeqCst) - before,
+        1,
+        "one new connection for the whole burst"
+    );
+}
+
+/// A proxy with the default app in front of the test upstream at `addr` (CA in `dir`).
+async fn proxy_for(dir: &std::path::Path, addr: std::net::SocketAddr) -> cx_proxy::ProxyHandle {
+    std::fs::write(dir.join("corp_secret"), SECRET).unwrap();
+    let text = format!(
+        r#"
+[server]
+listen = "127.0.0.1:0"
+
+[upstream]
+url = "https://127.0.0.1:{port}"
+ca_file = "{ca}"
+timeout_ms = 5000
+{app}"#,
+        port = addr.port(),
+        ca = dir.join("ca.pem").display(),
+        app = default_app(dir),
+    );
+    cx_proxy::ProxyHandle::start(config(&text)).await.unwrap()
 }
 
 #[tokio::test]
