@@ -154,7 +154,7 @@ impl Pool {
 /// pool only if the body was read to its end (otherwise hyper closes it).
 #[derive(Debug)]
 pub struct Lease {
-    _permit: Option<OwnedSemaphorePermit>,
+    permit: Option<OwnedSemaphorePermit>,
     conn: Option<(http1::SendRequest<Body>, Arc<Pool>)>,
 }
 
@@ -164,7 +164,7 @@ impl Lease {
         if let Some((sender, pool)) = self.conn.take() {
             pool.put(sender);
         }
-        self._permit = None;
+        self.permit = None;
     }
 }
 
@@ -263,7 +263,7 @@ impl Upstream {
                     match sender.try_send_request(req).await {
                         Ok(resp) => {
                             let mut lease = Lease {
-                                _permit: permit,
+                                permit,
                                 conn: Some((sender, self.pool.clone())),
                             };
                             // No body to read (HEAD, 204, 304, length 0): nobody will poll
@@ -280,10 +280,7 @@ impl Upstream {
                     *req.uri_mut() = self.absolute(req.uri());
                     match sender.try_send_request(req).await {
                         Ok(resp) => {
-                            let lease = Lease {
-                                _permit: permit,
-                                conn: None,
-                            };
+                            let lease = Lease { permit, conn: None };
                             return Ok(resp.map(|inner| Body::Upstream { inner, lease }));
                         }
                         Err(e) => e,
