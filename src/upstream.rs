@@ -249,7 +249,7 @@ impl Upstream {
                     None => Box::pin(self.connect_once()).await?,
                 },
             };
-            let failed = match conn {
+            let mut failed = match conn {
                 Conn::H1(mut sender) => {
                     // A connection back from the pool may still be finishing its last
                     // exchange; ready() waits for that, or fails if it was closed.
@@ -287,7 +287,6 @@ impl Upstream {
                     }
                 }
             };
-            let mut failed = failed;
             match failed.take_message() {
                 // Never written, so safe to move to another connection: the pooled one was
                 // closed under us.
