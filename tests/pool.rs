@@ -1,6 +1,7 @@
 //! The upstream connection pool: HTTP/1 connections are reused, also after answers without a
 //! body, stay within `max_connections`, and one the upstream closed while idle is replaced
-//! without the client noticing; an h2 upstream multiplexes calls on one connection.
+//! without the client noticing; an h2 upstream multiplexes calls on one connection, and when
+//! it cuts that connection a burst of calls opens one new one.
 
 mod support;
 
