@@ -21,8 +21,9 @@ use hyper::body::Incoming;
 use hyper::service::Service;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::GracefulShutdown;
+use hyper_util::server::graceful::{GracefulShutdown, Watcher};
 use rustls::ServerConfig;
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{oneshot, watch, Semaphore};
 use tokio::task::JoinHandle;
@@ -110,13 +111,7 @@ pub async fn serve<M, S, B>(
             let result = match tls {
                 None => {
                     let service = make_service(Peer::from_addr(addr));
-                    watcher
-                        .watch(
-                            builder
-                                .serve_connection(TokioIo::new(stream), service)
-                                .into_owned(),
-                        )
-                        .await
+                    serve_io(&builder, watcher, stream, service).await
                 }
                 Some(acceptor) => {
                     let Some((io, cert_names)) = handshake(acceptor, stream).await else {
@@ -126,13 +121,7 @@ pub async fn serve<M, S, B>(
                         addr: Some(addr),
                         cert_names,
                     });
-                    watcher
-                        .watch(
-                            builder
-                                .serve_connection(TokioIo::new(io), service)
-                                .into_owned(),
-                        )
-                        .await
+                    serve_io(&builder, watcher, io, service).await
                 }
             };
             if let Err(e) = result {
@@ -153,6 +142,30 @@ pub async fn serve<M, S, B>(
         () = graceful.shutdown() => {}
         () = tokio::time::sleep(grace) => tracing::warn!("grace period over; closing the remaining connections"),
     }
+}
+
+/// Serves one accepted connection, plain or TLS, until it ends or the drain cuts it.
+async fn serve_io<I, S, B>(
+    builder: &auto::Builder<TokioExecutor>,
+    watcher: Watcher,
+    io: I,
+    service: S,
+) -> Result<(), BoxError>
+where
+    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    S: Service<Request<Incoming>, Response = Response<B>> + Send + 'static,
+    S::Error: Into<BoxError>,
+    S::Future: Send + 'static,
+    B: http_body::Body<Data = Bytes> + Send + 'static,
+    B::Error: Into<BoxError>,
+{
+    watcher
+        .watch(
+            builder
+                .serve_connection(TokioIo::new(io), service)
+                .into_owned(),
+        )
+        .await
 }
 
 type TlsIo = tokio_rustls::server::TlsStream<TcpStream>;
