@@ -354,11 +354,7 @@ impl Upstream {
                 .handshake(io)
                 .await
                 .map_err(|e| fail(chain(&e)))?;
-            tokio::spawn(async move {
-                if let Err(e) = conn.await {
-                    tracing::debug!(error = %e, "upstream h2 connection ended");
-                }
-            });
+            drive(conn);
             self.pool.set_h2(&sender);
             Ok(Conn::H2(sender))
         } else {
@@ -366,14 +362,19 @@ impl Upstream {
                 .handshake(io)
                 .await
                 .map_err(|e| fail(chain(&e)))?;
-            tokio::spawn(async move {
-                if let Err(e) = conn.await {
-                    tracing::debug!(error = %e, "upstream connection ended");
-                }
-            });
+            drive(conn);
             Ok(Conn::H1(sender))
         }
     }
+}
+
+/// Runs a client connection on its own task until it closes.
+fn drive(conn: impl std::future::Future<Output = hyper::Result<()>> + Send + 'static) {
+    tokio::spawn(async move {
+        if let Err(e) = conn.await {
+            tracing::debug!(error = %e, "upstream connection ended");
+        }
+    });
 }
 
 fn exchange_failed(e: &hyper::Error) -> UpstreamError {
