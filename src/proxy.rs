@@ -443,10 +443,10 @@ impl Proxy {
     /// The app's token for a request, waited for no longer than `upstream.timeout_ms`
     /// (a fetch in flight elsewhere could otherwise hold a request past it).
     async fn token(&self, idx: usize, after_rejection: bool) -> Result<Arc<Token>, ProxyError> {
-        if !after_rejection {
-            if let Some(t) = self.tokens.cached(idx) {
-                return Ok(t);
-            }
+        // The token cache answers from its hot copy first either way (a rejected token has
+        // already left it); asking here too spares a cached request the timer.
+        if let Some(t) = self.tokens.cached(idx) {
+            return Ok(t);
         }
         let wait = async {
             if after_rejection {
