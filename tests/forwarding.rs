@@ -140,15 +140,11 @@ async fn hop_by_hop_forwarding_and_host_headers_never_reach_the_platform() {
 #[tokio::test]
 async fn absolute_form_targets_are_refused_and_connect_is_405() {
     let env = env("").await;
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut s = tokio::net::TcpStream::connect(env.proxy.addr)
-        .await
-        .unwrap();
-    s.write_all(b"GET http://evil.example/api/x HTTP/1.1\r\nHost: evil.example\r\nConnection: close\r\n\r\n")
-        .await
-        .unwrap();
-    let mut out = String::new();
-    s.read_to_string(&mut out).await.unwrap();
+    let out = raw_exchange(
+        env.proxy.addr,
+        b"GET http://evil.example/api/x HTTP/1.1\r\nHost: evil.example\r\nConnection: close\r\n\r\n",
+    )
+    .await;
     assert!(out.starts_with("HTTP/1.1 400"), "{out}");
     assert!(out.contains("x-cx-proxy-error: bad_request"), "{out}");
 
