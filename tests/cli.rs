@@ -341,13 +341,7 @@ async fn sighup_adds_an_app_and_refuses_a_broken_file_while_a_connection_stays_o
     );
     let addr = p.wait_for("the listening line", listening).await;
 
-    let stream = tokio::net::TcpStream::connect(&addr).await.unwrap();
-    let (mut conn, driver) = hyper::client::conn::http1::handshake::<_, Full<Bytes>>(
-        hyper_util::rt::TokioIo::new(stream),
-    )
-    .await
-    .unwrap();
-    tokio::spawn(driver);
+    let mut conn = kept_open_connection(&addr).await;
     // A GET on the one kept-open connection (it must survive every reload); the status
     // and the app whose token the platform saw.
     async fn on_conn(
@@ -355,11 +349,7 @@ async fn sighup_adds_an_app_and_refuses_a_broken_file_while_a_connection_stays_o
         sandbox: &cx_proxy::sandbox::Sandbox,
         path: &str,
     ) -> (u16, Option<String>) {
-        let req = http::Request::builder()
-            .uri(path)
-            .header("host", "proxy")
-            .body(Full::new(Bytes::new()))
-            .unwrap();
+        let req = get_on_connection(path);
         let status = conn
             .send_request(req)
             .await

@@ -172,10 +172,10 @@ paths = ["/api/apps/v1/robot/"]
         .body(Full::new(Bytes::new()))
         .unwrap();
     assert_proxy_error(&send(&client(false), req).await, 403, "forbidden");
-    let metrics = env.proxy.proxy.metrics().render();
-    assert!(
-        metrics.contains("cx_proxy_client_requests_total{client=\"ops\"} 4"),
-        "{metrics}"
+    assert_metrics(
+        &env.proxy,
+        "cx_proxy_client_requests_total{client=\"ops\"} 4",
+        true,
     );
 }
 
@@ -330,22 +330,8 @@ async fn a_reload_keeps_unchanged_tokens_and_open_connections() {
     env.ready().await;
     let token_before = env.sandbox.issued_tokens();
     // One connection kept open across the reload.
-    let stream = tokio::net::TcpStream::connect(env.proxy.addr)
-        .await
-        .unwrap();
-    let (mut send_req, conn) = hyper::client::conn::http1::handshake::<_, Full<Bytes>>(
-        hyper_util::rt::TokioIo::new(stream),
-    )
-    .await
-    .unwrap();
-    tokio::spawn(conn);
-    let on_conn = |path: &str| {
-        Request::builder()
-            .uri(path)
-            .header("host", "proxy")
-            .body(Full::new(Bytes::new()))
-            .unwrap()
-    };
+    let mut send_req = kept_open_connection(env.proxy.addr).await;
+    let on_conn = get_on_connection;
     let r = send_req.send_request(on_conn("/api/a")).await.unwrap();
     assert_eq!(r.status(), 200);
     let r = send_req
@@ -415,9 +401,5 @@ async fn requests_over_upstream_max_connections_wait_their_turn() {
     }
     // One slot: the token fetch and every call went over one pooled connection.
     assert_eq!(s.connections_accepted(), 1);
-    let metrics = proxy.proxy.metrics().render();
-    assert!(
-        !metrics.contains("cx_proxy_upstream_errors_total{"),
-        "{metrics}"
-    );
+    assert_metrics(&proxy, "cx_proxy_upstream_errors_total{", false);
 }

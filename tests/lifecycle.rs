@@ -114,10 +114,10 @@ async fn a_revoked_token_is_replaced_through_one_replay_with_the_body_intact() {
             "the body arrived intact both times"
         );
     }
-    let metrics = env.proxy.proxy.metrics().render();
-    assert!(
-        metrics.contains("cx_proxy_replays_total{app=\"default\"} 1"),
-        "{metrics}"
+    assert_metrics(
+        &env.proxy,
+        "cx_proxy_replays_total{app=\"default\"} 1",
+        true,
     );
 }
 

@@ -156,11 +156,7 @@ async fn a_connection_the_upstream_closed_while_idle_is_replaced() {
         accepted.load(Ordering::SeqCst) >= 3,
         "each round needed a fresh connection"
     );
-    let metrics = proxy.proxy.metrics().render();
-    assert!(
-        !metrics.contains("cx_proxy_upstream_errors_total{"),
-        "{metrics}"
-    );
+    assert_metrics(&proxy, "cx_proxy_upstream_errors_total{", false);
 }
 
 #[tokio::test]

@@ -418,3 +418,32 @@ pub async fn get_concurrently(url: &str, n: usize) -> Vec<Answer> {
     }
     out
 }
+
+/// One HTTP/1.1 connection to `addr`, kept open for as many requests as the test sends.
+pub async fn kept_open_connection(
+    addr: impl tokio::net::ToSocketAddrs,
+) -> hyper::client::conn::http1::SendRequest<Full<Bytes>> {
+    let stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let (sender, conn) = hyper::client::conn::http1::handshake::<_, Full<Bytes>>(
+        hyper_util::rt::TokioIo::new(stream),
+    )
+    .await
+    .unwrap();
+    tokio::spawn(conn);
+    sender
+}
+
+/// A GET of `path` for [`kept_open_connection`] (origin-form, any `Host`).
+pub fn get_on_connection(path: &str) -> Request<Full<Bytes>> {
+    Request::builder()
+        .uri(path)
+        .header("host", "proxy")
+        .body(Full::new(Bytes::new()))
+        .unwrap()
+}
+
+/// Asserts that the proxy's /metrics text has (or has not) `needle`.
+pub fn assert_metrics(proxy: &ProxyHandle, needle: &str, present: bool) {
+    let metrics = proxy.proxy.metrics().render();
+    assert_eq!(metrics.contains(needle), present, "{needle}:\n{metrics}");
+}
