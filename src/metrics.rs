@@ -234,9 +234,9 @@ impl Metrics {
         self.upstream_errors.with_label_values(&[kind]).inc();
     }
 
-    /// Counts a request by an identified client.
-    pub fn client_request(&self, client: &str) {
-        self.by_client.with_label_values(&[client]).inc();
+    /// The request counter of an identified client (count with `inc`).
+    pub fn client_counter(&self, client: &str) -> IntCounter {
+        self.by_client.with_label_values(&[client])
     }
 
     /// Sets the seconds-left gauge (done at scrape time).

@@ -23,6 +23,7 @@ use http::uri::PathAndQuery;
 use http::{HeaderValue, Method, Request, Response, Version};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
+use prometheus::IntCounter;
 use subtle::ConstantTimeEq;
 
 pub use rewrite::{
@@ -60,6 +61,9 @@ pub struct Proxy {
     upstream: Arc<Upstream>,
     tokens: Arc<TokenManager>,
     metrics: Arc<Metrics>,
+    /// `cx_proxy_client_requests_total` per `[[client]]`, by index: resolved once here so a
+    /// request does not hash the client's name into the counter family.
+    client_requests: Vec<IntCounter>,
     clock: SharedClock,
     /// The query parameter stripped from client requests (and, in query mode, injected).
     token_param: String,
@@ -191,12 +195,18 @@ impl Proxy {
             metrics.clone(),
             previous,
         ));
+        let client_requests = config
+            .clients
+            .iter()
+            .map(|c| metrics.client_counter(&c.name))
+            .collect();
         Proxy {
             routes,
             by_prefix,
             upstream,
             tokens,
             metrics,
+            client_requests,
             clock,
             token_param,
             token_header,
@@ -279,10 +289,10 @@ impl Proxy {
         let status = resp.status().as_u16();
         self.metrics
             .request(access.app, status, &method, total, access.upstream);
-        let client = access.client.map(|i| self.config.clients[i].name.as_str());
-        if let Some(name) = client {
-            self.metrics.client_request(name);
+        if let Some(counter) = access.client.and_then(|i| self.client_requests.get(i)) {
+            counter.inc();
         }
+        let client = access.client.map(|i| self.config.clients[i].name.as_str());
         if let Some(uri) = logged {
             let bytes = resp
                 .headers()
