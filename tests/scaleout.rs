@@ -147,16 +147,6 @@ fn all_ok(answers: &[Answer]) {
     }
 }
 
-async fn ready(p: &ProxyHandle) {
-    for _ in 0..500 {
-        if p.proxy.tokens().status().await.iter().all(|a| a.ready) {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    panic!("not ready");
-}
-
 #[tokio::test]
 async fn three_instances_and_300_first_requests_make_one_fetch() {
     let Some(redis) = Redis::start() else { return };
@@ -207,7 +197,7 @@ async fn an_older_fetch_that_finishes_last_never_replaces_a_newer_token() {
         cluster(&redis, 3, "lease_ms = 300", SandboxOptions::default()).await;
     sandbox.set_token_delay(Duration::ZERO);
     for p in &proxies {
-        ready(p).await;
+        wait_ready(p).await;
     }
     // A starts a fetch that the platform answers 1.5 s after issuing (its token is the older).
     sandbox.set_token_answer_delay(Duration::from_millis(1500));

@@ -244,24 +244,7 @@ impl Env {
 
     /// Waits (at most 10 s) until the proxy holds a token for every app.
     pub async fn ready(&self) {
-        for _ in 0..500 {
-            if self
-                .proxy
-                .proxy
-                .tokens()
-                .status()
-                .await
-                .iter()
-                .all(|a| a.ready)
-            {
-                return;
-            }
-            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-        }
-        panic!(
-            "the proxy never became ready: {:?}",
-            self.proxy.proxy.tokens().status().await
-        );
+        wait_ready(&self.proxy).await;
     }
 }
 
@@ -446,4 +429,18 @@ pub fn get_on_connection(path: &str) -> Request<Full<Bytes>> {
 pub fn assert_metrics(proxy: &ProxyHandle, needle: &str, present: bool) {
     let metrics = proxy.proxy.metrics().render();
     assert_eq!(metrics.contains(needle), present, "{needle}:\n{metrics}");
+}
+
+/// Waits until every app of `proxy` has a token (10 s at most, then panics with why not).
+pub async fn wait_ready(proxy: &ProxyHandle) {
+    for _ in 0..500 {
+        if proxy.proxy.tokens().status().await.iter().all(|a| a.ready) {
+            return;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    panic!(
+        "the proxy never became ready: {:?}",
+        proxy.proxy.tokens().status().await
+    );
 }
