@@ -82,7 +82,6 @@ pub struct Upstream {
     host: String,
     port: u16,
     server_name: ServerName<'static>,
-    scheme: Scheme,
     authority: Authority,
     /// `Host` for HTTP/1 requests (the default port left out).
     host_header: HeaderValue,
@@ -198,7 +197,6 @@ impl Upstream {
             host,
             port,
             server_name,
-            scheme: cfg.scheme.clone(),
             authority: cfg.authority.clone(),
             host_header,
             base_path: cfg.base_path.clone(),
@@ -301,7 +299,8 @@ impl Upstream {
 
     fn absolute(&self, origin: &Uri) -> Uri {
         let mut parts = http::uri::Parts::default();
-        parts.scheme = Some(self.scheme.clone());
+        // `upstream.url` is always https (the config refuses anything else).
+        parts.scheme = Some(Scheme::HTTPS);
         parts.authority = Some(self.authority.clone());
         parts.path_and_query = origin.path_and_query().cloned();
         // Scheme, authority and path are all present and individually valid.
