@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 use http::HeaderValue;
 
 pub use cache::TokenCache;
-pub use fetch::{fetch, TokenError};
+pub use fetch::{as_code, fetch, platform_get, TokenError};
 pub use manager::{AppStatus, TokenManager};
 
 use crate::config::Inject;
@@ -79,6 +79,9 @@ impl Token {
                 Injection::Header(v)
             }
         };
+        // Defence in depth beside the fetch's own clamp: a lifetime read from a shared store
+        // or a platform must never overflow the clock (`Instant + Duration` panics).
+        let lifetime = lifetime.min(Duration::from_secs(crate::platform::MAX_EXPIRES_IN_S));
         Ok(Token {
             value: Secret::new(value),
             injection,
@@ -101,7 +104,10 @@ impl Token {
         version: u64,
     ) -> Result<Self, TokenError> {
         let mut t = Token::new(value, lifetime, now, inject, refresh_ahead)?;
-        let issued = now + remaining.min(lifetime) - lifetime;
+        let lifetime = t.lifetime;
+        let issued = (now + remaining.min(lifetime))
+            .checked_sub(lifetime)
+            .unwrap_or(now);
         t.fetched_at = issued;
         t.expires_at = now + remaining.min(lifetime);
         t.refresh_at = issued + lifetime.saturating_sub(refresh_ahead).max(lifetime / 2);

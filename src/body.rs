@@ -4,6 +4,7 @@
 //! is, and the proxy's own answers are a single `Bytes` chunk, so neither needs an allocation
 //! to be type-erased.
 
+use std::collections::VecDeque;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -44,6 +45,14 @@ pub enum Body {
         remaining: u64,
         /// Set when the limit was passed.
         tripped: Arc<AtomicBool>,
+    },
+    /// A stream whose first chunks were read ahead (the rejection probe's hold): those
+    /// chunks, then the rest of the stream.
+    Held {
+        /// Chunks read ahead, in order.
+        held: VecDeque<Bytes>,
+        /// The stream they came from, going on where they stopped.
+        rest: Box<Body>,
     },
 }
 
@@ -111,6 +120,10 @@ impl http_body::Body for Body {
                 }
                 other => other.map(|f| f.map(|r| r.map_err(Into::into))),
             },
+            Body::Held { held, rest } => match held.pop_front() {
+                Some(chunk) => Poll::Ready(Some(Ok(Frame::data(chunk)))),
+                None => Pin::new(&mut **rest).poll_frame(cx),
+            },
         }
     }
 
@@ -121,6 +134,7 @@ impl http_body::Body for Body {
             Body::Incoming(body)
             | Body::Upstream { inner: body, .. }
             | Body::Limited { inner: body, .. } => body.is_end_stream(),
+            Body::Held { held, rest } => held.is_empty() && rest.is_end_stream(),
         }
     }
 
@@ -131,6 +145,16 @@ impl http_body::Body for Body {
             Body::Incoming(body)
             | Body::Upstream { inner: body, .. }
             | Body::Limited { inner: body, .. } => body.size_hint(),
+            Body::Held { held, rest } => {
+                let ahead: u64 = held.iter().map(|b| b.len() as u64).sum();
+                let rest = rest.size_hint();
+                let mut hint = SizeHint::new();
+                hint.set_lower(rest.lower() + ahead);
+                if let Some(upper) = rest.upper() {
+                    hint.set_upper(upper + ahead);
+                }
+                hint
+            }
         }
     }
 }

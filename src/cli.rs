@@ -1,4 +1,4 @@
-//! The command line (SPEC section 2): `run`, `check`, `sandbox`, `demo`.
+//! The command line (SPEC section 2): `run`, `check`, `sandbox`, `demo`, `corp-secret`.
 //!
 //! `main.rs` only parses [`Cli`] and calls [`main`]; everything here is in the library so the
 //! commands can be tested.
@@ -16,8 +16,9 @@ use crate::config::{Config, Loaded};
 use crate::error::StartupError;
 use crate::gateway::Gateway;
 use crate::logging::{self, LogFormat};
+use crate::platform;
 use crate::proxy::Proxy;
-use crate::sandbox::{ParamApp, Reissue, Sandbox, SandboxApp, SandboxOptions};
+use crate::sandbox::{ParamApp, Reissue, Sandbox, SandboxApp, SandboxCorp, SandboxOptions};
 use crate::server::{run, Listeners, ProxyHandle};
 
 /// Exit code for a configuration the proxy cannot run with (`EX_USAGE`).
@@ -58,6 +59,35 @@ pub enum Command {
     Sandbox(SandboxArgs),
     /// Run the sandbox and the proxy wired together on loopback, and print curl lines to try.
     Demo(DemoArgs),
+    /// Exchange an organisation's 24-hour temp_corp_secret for its permanent corp_secret, once,
+    /// and write it to a new file (mode 0600); the secret is never printed.
+    CorpSecret(CorpSecretArgs),
+}
+
+/// `cx-proxy corp-secret`.
+#[derive(Debug, Args)]
+pub struct CorpSecretArgs {
+    /// The organisation's corp_id.
+    #[arg(long)]
+    pub corp_id: String,
+    /// Environment variable holding corp_authorization.
+    #[arg(long, value_name = "VAR")]
+    pub corp_authorization_env: String,
+    /// Environment variable holding the 24-hour temp_corp_secret.
+    #[arg(long = "temp-secret-env", value_name = "VAR")]
+    pub temp_secret_env: String,
+    /// File the permanent corp_secret is written to (must not exist yet).
+    #[arg(long, value_name = "FILE")]
+    pub out: PathBuf,
+}
+
+/// Whether the sandbox enforces the documented rate limits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum OnOff {
+    /// Enforced.
+    On,
+    /// Not enforced (load tests).
+    Off,
 }
 
 /// `cx-proxy sandbox`.
@@ -72,8 +102,13 @@ pub struct SandboxArgs {
     /// An app as KEY:CORP_ID:SECRET (repeatable; default demo-app:10001:demo-secret).
     #[arg(long = "app")]
     pub apps: Vec<SandboxApp>,
-    /// An organisation-service app as NAME@/token/path?key=value&... (repeatable): a fetch at
-    /// that path with exactly those parameters gets a token.
+    /// An organisation-service corp as CORP_ID:SECRET[:TEMP_SECRET] (repeatable; default
+    /// 20002:demo-corp-secret:demo-temp-secret): SECRET is its permanent corp_secret, TEMP_SECRET
+    /// (default temp-CORP_ID) the 24-hour one exchanged for it once.
+    #[arg(long = "corp")]
+    pub corps: Vec<SandboxCorp>,
+    /// An app with any other token request shape, as NAME@/token/path?key=value&...
+    /// (repeatable): a fetch at that path with exactly those parameters gets a token.
     #[arg(long = "param-app")]
     pub param_apps: Vec<ParamApp>,
     /// Lifetime of issued tokens, seconds.
@@ -85,9 +120,12 @@ pub struct SandboxArgs {
     /// With --reissue new: seconds the previous token stays valid.
     #[arg(long, default_value_t = 0)]
     pub overlap_s: u64,
-    /// Successful token fetches allowed per app before err_code 45009 (0 = no limit).
+    /// Successful token fetches allowed per app before err_code 49001 (0 = no limit).
     #[arg(long, default_value_t = 0)]
     pub daily_quota: u32,
+    /// Enforce the platform's documented rate limits (49001 / 55001); off for load tests.
+    #[arg(long, value_enum, default_value_t = OnOff::On)]
+    pub rate_limits: OnOff,
     /// Header checked for the token when the query carries none.
     #[arg(long, default_value = "authorization")]
     pub token_header: String,
@@ -134,6 +172,7 @@ pub fn main(cli: Cli) -> ExitCode {
         }
         Command::Sandbox(args) => with_runtime(0, sandbox(args)),
         Command::Demo(args) => with_runtime(0, demo(args)),
+        Command::CorpSecret(args) => with_runtime(1, corp_secret(&cli.config, args)),
     }
 }
 
@@ -298,7 +337,13 @@ async fn sandbox(args: SandboxArgs) -> ExitCode {
         } else {
             args.apps
         },
+        corps: if args.corps.is_empty() {
+            vec![SandboxCorp::demo()]
+        } else {
+            args.corps
+        },
         param_apps: args.param_apps,
+        rate_limits: args.rate_limits == OnOff::On,
         expires_in: Duration::from_secs(args.expires_in),
         reissue: args.reissue,
         overlap: Duration::from_secs(args.overlap_s),
@@ -309,7 +354,12 @@ async fn sandbox(args: SandboxArgs) -> ExitCode {
     let apps: Vec<String> = opts
         .apps
         .iter()
-        .map(|a| format!("{} (corp {})", a.app_key, a.corp_id))
+        .map(|a| format!("app {} (corp {})", a.app_key, a.corp_id))
+        .chain(
+            opts.corps
+                .iter()
+                .map(|c| format!("corp-service corp {}", c.corp_id)),
+        )
         .collect();
     let sandbox = match Sandbox::start(opts).await {
         Ok(s) => s,
@@ -329,19 +379,58 @@ async fn sandbox(args: SandboxArgs) -> ExitCode {
     ExitCode::SUCCESS
 }
 
-/// The config `demo` runs the proxy with (also written to `DIR/proxy.toml` for reading).
+/// The config `demo` runs the proxy with (also written to `DIR/proxy.toml` for reading): the
+/// sandbox's demo app on every path, its demo corp under `/corp`.
 fn demo_config(listen: SocketAddr, sandbox_url: &str, dir: &Path) -> String {
     let q = |s: &str| toml::Value::String(s.to_owned()).to_string();
     format!(
         "# Written by `cx-proxy demo`: the proxy in front of the offline sandbox.\n\
          [server]\nlisten = {listen}\n\n\
          [upstream]\nurl = {url}\nca_file = {ca}\n\n\
-         [[app]]\nname = \"demo\"\napp_key = \"demo-app\"\ncorp_id = 10001\ncorp_secret_file = {secret}\nprefix = \"/\"\n",
+         [[app]]\nname = \"demo\"\napp_key = \"demo-app\"\ncorp_id = 10001\ncorp_secret_file = {secret}\nprefix = \"/\"\n\n\
+         [[app]]\nname = \"demo-corp\"\nkind = \"corp-service\"\ncorp_id = 20002\ncorp_secret_file = {corp_secret}\nprefix = \"/corp\"\n",
         listen = q(&listen.to_string()),
         url = q(sandbox_url),
         ca = q(&dir.join("ca.pem").display().to_string()),
         secret = q(&dir.join("corp_secret").display().to_string()),
+        corp_secret = q(&dir.join("corp_secret_20002").display().to_string()),
     )
+}
+
+/// The calls `demo` prints, on the platform's documented paths (PLATFORM.md section 1):
+/// method, path and JSON body.
+pub const DEMO_CALLS: [(&str, &str, &str); 5] = [
+    (
+        "GET",
+        "/api/apps/v1/robot/chats?page_count=30&page_index=0",
+        "",
+    ),
+    (
+        "POST",
+        "/api/apps/message/v1/push",
+        r#"{"type":"text","recipients":["staff-001"],"message":{"content":"hello from a legacy app"}}"#,
+    ),
+    (
+        "PUT",
+        "/api/apps/v1/to-do/todo-001",
+        r#"{"title":"Approve the invoice","status":"done"}"#,
+    ),
+    (
+        "PUT",
+        "/api/apps/v1/card/templates",
+        r#"{"name":"sales-board","fields":[{"key":"total","type":"number"}]}"#,
+    ),
+    ("GET", "/corp/api/corp-service/v1/address-book", ""),
+];
+
+/// One printed curl line for a [`DEMO_CALLS`] entry.
+fn curl_line(base: &str, (method, path, body): (&str, &str, &str)) -> String {
+    match method {
+        "GET" => format!("curl -s '{base}{path}'"),
+        m => {
+            format!("curl -s -X {m} '{base}{path}' -H 'Content-Type: application/json' -d '{body}'")
+        }
+    }
 }
 
 async fn demo(args: DemoArgs) -> ExitCode {
@@ -369,6 +458,7 @@ async fn demo_inner(args: DemoArgs) -> Result<(), StartupError> {
             .map_err(|e| StartupError::Other(format!("{}: {e}", dir.join(name).display())))
     };
     write("corp_secret", &SandboxApp::demo().secret)?;
+    write("corp_secret_20002", &SandboxCorp::demo().secret)?;
     let text = demo_config(args.listen, &sandbox.url(), &dir);
     write("proxy.toml", &text)?;
     let config = Config::from_toml(&text, &dir.join("proxy.toml").display().to_string(), None)
@@ -387,13 +477,111 @@ async fn demo_inner(args: DemoArgs) -> Result<(), StartupError> {
     println!(
         "The proxy fetches the token and injects it; the calls below carry no credentials. Try:"
     );
-    println!("  curl -s '{base}/api/apps/v1/robot/groups?group_id=1'");
+    for call in DEMO_CALLS {
+        println!("  {}", curl_line(&base, call));
+    }
     println!(
-        "  curl -s -X POST '{base}/api/apps/v1/robot/groups/messages' -H 'Content-Type: application/json' -d '{{\"group_id\":\"1\",\"msg_type\":\"text\",\"text\":{{\"content\":\"hello\"}}}}'"
+        "(the last one goes through the organisation-service app \"demo-corp\", prefix /corp)"
     );
     println!("Ctrl-C stops both.");
     shutdown_signal().await;
     proxy.shutdown().await?;
     sandbox.shutdown().await;
     Ok(())
+}
+
+/// `cx-proxy corp-secret`: the one-time exchange of a `temp_corp_secret` (SPEC section 2).
+async fn corp_secret(config: &Path, args: CorpSecretArgs) -> ExitCode {
+    match corp_secret_inner(config, &args).await {
+        Ok(()) => {
+            println!(
+                "wrote the permanent corp_secret of corp {} to {} (mode 0600); point the corp's \
+                 [[app]] at it with corp_secret_file",
+                args.corp_id,
+                args.out.display()
+            );
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("cx-proxy corp-secret: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn corp_secret_inner(config: &Path, args: &CorpSecretArgs) -> Result<(), String> {
+    // Refused before the exchange, so the one-time code is not spent on a file that cannot
+    // be written.
+    if args.out.exists() || args.out.is_symlink() {
+        return Err(format!(
+            "{} exists; refusing to overwrite it (the temp_corp_secret was not used)",
+            args.out.display()
+        ));
+    }
+    let upstream = Config::load_upstream(config).map_err(|e| e.to_string())?;
+    let env = |var: &str, what: &str| match std::env::var(var) {
+        Ok(v) if !v.is_empty() => Ok(crate::secret::Secret::new(v)),
+        _ => Err(format!(
+            "{what}: environment variable {var} is not set or empty"
+        )),
+    };
+    let authorization = env(&args.corp_authorization_env, "--corp-authorization-env")?;
+    let temp = env(&args.temp_secret_env, "--temp-secret-env")?;
+    let pool = crate::upstream::Upstream::new(&upstream).map_err(|e| e.to_string())?;
+    let params = [
+        ("corp_id", args.corp_id.as_str()),
+        ("corp_authorization", authorization.expose()),
+        ("temp_corp_secret", temp.expose()),
+    ];
+    let scrub = |text: &str| temp.scrub(&authorization.scrub(text));
+    let answer = crate::auth::platform_get(&pool, platform::CORP_SECRETS_PATH, &params)
+        .await
+        .map_err(|e| scrub(&e))?;
+    let code = answer
+        .get("err_code")
+        .and_then(crate::auth::as_code)
+        .unwrap_or(platform::code::SUCCESS);
+    if code != platform::code::SUCCESS {
+        let msg = answer.get("err_msg").and_then(|m| m.as_str()).unwrap_or("");
+        let hint = match code {
+            platform::code::TEMP_SECRET_EXPIRED => {
+                ": the temp_corp_secret is valid 24 hours; get a new one from the platform"
+            }
+            platform::code::PERMANENT_CODE_EXISTS => {
+                ": this temp_corp_secret was exchanged before; the permanent corp_secret is \
+                 where that exchange wrote it"
+            }
+            _ => "",
+        };
+        return Err(format!(
+            "the platform refused the exchange: err_code {code}, err_msg {:?}{hint}",
+            scrub(msg)
+        ));
+    }
+    let permanent = ["corp_secret", "permanent_code"]
+        .iter()
+        .find_map(|k| {
+            answer
+                .get(k)
+                .or_else(|| answer.get("data").and_then(|d| d.get(k)))
+        })
+        .and_then(|v| v.as_str())
+        .filter(|v| !v.is_empty())
+        .ok_or("the platform's answer carries no corp_secret")?;
+    write_private(&args.out, permanent)
+        .map_err(|e| format!("cannot write {}: {e}", args.out.display()))
+}
+
+/// Writes `secret` to a new file readable by its owner only.
+fn write_private(path: &Path, secret: &str) -> std::io::Result<()> {
+    use std::io::Write as _;
+    use std::os::unix::fs::OpenOptionsExt as _;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)?;
+    f.write_all(secret.as_bytes())?;
+    f.write_all(b"\n")?;
+    f.sync_all()
 }

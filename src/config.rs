@@ -18,12 +18,13 @@ use http::Uri;
 use ipnet::IpNet;
 use toml::{Table, Value};
 
+use crate::platform::{self, AppKind};
 use crate::secret::Secret;
 
 /// The platform's production endpoint.
 pub const DEFAULT_UPSTREAM: &str = "https://service.cheng-xun.cn";
-/// The documented token endpoint.
-pub const DEFAULT_TOKEN_PATH: &str = "/api/apps/v1/access-tokens";
+/// The documented token endpoint of self-built apps (`[token] path` by default).
+pub const DEFAULT_TOKEN_PATH: &str = platform::APP_TOKEN_PATH;
 
 /// A validated configuration.
 #[derive(Debug, Clone)]
@@ -130,8 +131,9 @@ pub struct TokenConfig {
     pub refresh_ahead: Duration,
     /// How the token is injected.
     pub inject: Inject,
-    /// `err_code`s meaning "token rejected".
-    pub invalid_codes: Vec<i64>,
+    /// `err_code`s meaning "token rejected" for every app, when set; else each app's kind
+    /// decides (see [`AppConfig::invalid_codes`]).
+    pub invalid_codes: Option<Vec<i64>>,
     /// Fetch cap per app in any 60 s window.
     pub max_fetches_per_minute: u32,
     /// Shared store, for scale-out.
@@ -201,6 +203,18 @@ pub enum Credentials {
         /// Where the secret came from.
         source: SecretSource,
     },
+    /// An organisation-service app: `corp_id`, the permanent `corp_secret` and, when set,
+    /// `corp_authorization`.
+    Corp {
+        /// `corp_id`, as written (number or string).
+        corp_id: String,
+        /// The permanent `corp_secret`.
+        corp_secret: Secret,
+        /// Where the secret came from.
+        source: SecretSource,
+        /// `corp_authorization`, sent when set (a secret too).
+        authorization: Option<(Secret, SecretSource)>,
+    },
     /// `[app.token_params]`: these parameters instead.
     Params(Vec<(String, ParamValue)>),
 }
@@ -208,12 +222,46 @@ pub enum Credentials {
 impl Credentials {
     /// Every secret value in these credentials.
     pub fn secrets(&self) -> Vec<&Secret> {
+        self.secret_params().into_iter().map(|(_, s)| s).collect()
+    }
+
+    /// The token request's parameters that name the app (nothing secret), in order: what a
+    /// legacy token request must carry for the proxy to answer it.
+    pub fn naming(&self) -> Vec<(&str, &str)> {
         match self {
-            Credentials::Standard { corp_secret, .. } => vec![corp_secret],
+            Credentials::Standard {
+                app_key, corp_id, ..
+            } => vec![("app_key", app_key), ("corp_id", corp_id)],
+            Credentials::Corp { corp_id, .. } => vec![("corp_id", corp_id)],
             Credentials::Params(params) => params
                 .iter()
-                .filter_map(|(_, v)| match v {
-                    ParamValue::Secret(s, _) => Some(s),
+                .filter_map(|(k, v)| match v {
+                    ParamValue::Plain(v) => Some((k.as_str(), v.as_str())),
+                    ParamValue::Secret(..) => None,
+                })
+                .collect(),
+        }
+    }
+
+    /// The token request's secret parameters, by name.
+    pub fn secret_params(&self) -> Vec<(&str, &Secret)> {
+        match self {
+            Credentials::Standard { corp_secret, .. } => vec![("corp_secret", corp_secret)],
+            Credentials::Corp {
+                corp_secret,
+                authorization,
+                ..
+            } => {
+                let mut v = vec![("corp_secret", corp_secret)];
+                if let Some((a, _)) = authorization {
+                    v.push(("corp_authorization", a));
+                }
+                v
+            }
+            Credentials::Params(params) => params
+                .iter()
+                .filter_map(|(k, v)| match v {
+                    ParamValue::Secret(s, _) => Some((k.as_str(), s)),
                     ParamValue::Plain(_) => None,
                 })
                 .collect(),
@@ -233,6 +281,15 @@ impl Credentials {
                 ("corp_id", corp_id),
                 ("corp_secret", corp_secret.expose()),
             ],
+            Credentials::Corp { corp_id, .. } => {
+                let mut v = vec![("corp_id", corp_id.as_str())];
+                v.extend(
+                    self.secret_params()
+                        .into_iter()
+                        .map(|(k, s)| (k, s.expose())),
+                );
+                v
+            }
             Credentials::Params(params) => params
                 .iter()
                 .map(|(k, v)| (k.as_str(), v.expose()))
@@ -248,10 +305,16 @@ pub struct AppConfig {
     pub name: String,
     /// Path prefix selecting this app; `None` = only by `X-CX-App`.
     pub prefix: Option<String>,
+    /// Which token flow the app uses (`kind`).
+    pub kind: AppKind,
     /// Token endpoint path for this app.
     pub token_path: String,
     /// What the token request sends.
     pub credentials: Credentials,
+    /// `err_code`s meaning "token rejected" for this app: its own `invalid_codes`, else
+    /// `[token] invalid_codes`, else its kind's documented codes (49000 for apps; 40004 and
+    /// 40005 for corp-service apps; PLATFORM.md section 2).
+    pub invalid_codes: Vec<i64>,
 }
 
 /// `[[client]]`.
@@ -305,6 +368,31 @@ impl Config {
         }
     }
 
+    /// Reads only the `[upstream]` table of a config file (`cx-proxy corp-secret`, which runs
+    /// before the corp's `[[app]]` can read the secret it is about to write).
+    pub fn load_upstream(path: &Path) -> Result<UpstreamConfig, ConfigError> {
+        let name = path.display().to_string();
+        let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
+            problems: vec![format!("{name}: cannot read the file: {e}")],
+        })?;
+        let mut table = parse_table(&text, &name)?;
+        let mut p = Parser {
+            file: name,
+            dir: path.parent().map(Path::to_path_buf),
+            errors: Vec::new(),
+            warnings: Vec::new(),
+        };
+        let upstream = table
+            .remove("upstream")
+            .unwrap_or(Value::Table(Table::new()));
+        let mut root = Section::new("", Table::from_iter([("upstream".to_owned(), upstream)]));
+        let upstream = p.upstream(&mut root);
+        match upstream {
+            Some(u) if p.errors.is_empty() => Ok(u),
+            _ => Err(ConfigError { problems: p.errors }),
+        }
+    }
+
     /// Validates TOML text; `name` prefixes messages, relative paths resolve against `dir`.
     pub fn from_toml(text: &str, name: &str, dir: Option<&Path>) -> Result<Loaded, ConfigError> {
         let mut p = Parser {
@@ -313,20 +401,7 @@ impl Config {
             errors: Vec::new(),
             warnings: Vec::new(),
         };
-        let table: Table = match text.parse() {
-            Ok(t) => t,
-            Err(e) => {
-                let e: toml::de::Error = e;
-                let at = e
-                    .span()
-                    .map(|s| line_col(text, s.start))
-                    .map(|(l, c)| format!("line {l}, column {c}"))
-                    .unwrap_or_else(|| "syntax".into());
-                return Err(ConfigError {
-                    problems: vec![format!("{name}: {at}: {}", e.message().trim())],
-                });
-            }
-        };
+        let table = parse_table(text, name)?;
         let config = p.config(table);
         if p.errors.is_empty() {
             if let Some(config) = config {
@@ -403,8 +478,13 @@ impl Config {
                 );
             }
         }
-        let codes: Vec<String> = t.invalid_codes.iter().map(ToString::to_string).collect();
-        let _ = writeln!(o, "invalid_codes = [{}]", codes.join(", "));
+        let codes = |c: &[i64]| {
+            let c: Vec<String> = c.iter().map(ToString::to_string).collect();
+            format!("[{}]", c.join(", "))
+        };
+        if let Some(c) = &t.invalid_codes {
+            let _ = writeln!(o, "invalid_codes = {}", codes(c));
+        }
         let _ = writeln!(o, "max_fetches_per_minute = {}", t.max_fetches_per_minute);
         if let Some(store) = &t.store {
             let _ = writeln!(o, "\n[token.store]\nredis_url = \"***\"");
@@ -417,7 +497,13 @@ impl Config {
             if let Some(prefix) = &app.prefix {
                 let _ = writeln!(o, "prefix = {}", q(prefix));
             }
+            let _ = writeln!(o, "kind = {}", q(app.kind.as_str()));
             let _ = writeln!(o, "token_path = {}", q(&app.token_path));
+            let _ = writeln!(
+                o,
+                "invalid_codes = {}   # in force for this app",
+                codes(&app.invalid_codes)
+            );
             match &app.credentials {
                 Credentials::Standard {
                     app_key,
@@ -427,6 +513,18 @@ impl Config {
                 } => {
                     let _ = writeln!(o, "app_key = {}\ncorp_id = {}", q(app_key), q(corp_id));
                     let _ = writeln!(o, "corp_secret = \"***\"   # {source}");
+                }
+                Credentials::Corp {
+                    corp_id,
+                    source,
+                    authorization,
+                    ..
+                } => {
+                    let _ = writeln!(o, "corp_id = {}", q(corp_id));
+                    let _ = writeln!(o, "corp_secret = \"***\"   # {source}");
+                    if let Some((_, source)) = authorization {
+                        let _ = writeln!(o, "corp_authorization = \"***\"   # {source}");
+                    }
                 }
                 Credentials::Params(params) => {
                     let _ = writeln!(o, "[app.token_params]");
@@ -458,6 +556,20 @@ impl Config {
         }
         o
     }
+}
+
+/// The file as a TOML table, or its syntax error with line and column.
+fn parse_table(text: &str, name: &str) -> Result<Table, ConfigError> {
+    text.parse().map_err(|e: toml::de::Error| {
+        let at = e
+            .span()
+            .map(|s| line_col(text, s.start))
+            .map(|(l, c)| format!("line {l}, column {c}"))
+            .unwrap_or_else(|| "syntax".into());
+        ConfigError {
+            problems: vec![format!("{name}: {at}: {}", e.message().trim())],
+        }
+    })
 }
 
 fn line_col(text: &str, offset: usize) -> (usize, usize) {
@@ -637,6 +749,42 @@ impl Parser {
         Some(out)
     }
 
+    /// An `invalid_codes` list: integers, none of them a code that never means "token
+    /// rejected" (success, the rate limits).
+    fn codes(&mut self, s: &mut Section, k: &str) -> Option<Vec<i64>> {
+        let key = s.key(k);
+        match s.table.remove(k)? {
+            Value::Array(items) => {
+                let mut out = Vec::with_capacity(items.len());
+                for (i, v) in items.into_iter().enumerate() {
+                    match v {
+                        Value::Integer(c) if platform::code::NEVER_REJECTION.contains(&c) => self
+                            .err(
+                                &format!("{key}[{i}]"),
+                                format!(
+                                    "{c} is never a token rejection (success or the platform's \
+                                     rate limit: a new token would not help)"
+                                ),
+                            ),
+                        Value::Integer(c) => out.push(c),
+                        other => self.err(
+                            &format!("{key}[{i}]"),
+                            format!("expected an integer, found {}", other.type_str()),
+                        ),
+                    }
+                }
+                Some(out)
+            }
+            other => {
+                self.err(
+                    &key,
+                    format!("expected an array of integers, found {}", other.type_str()),
+                );
+                None
+            }
+        }
+    }
+
     /// Reads a secret given as `{base}_env`, `{base}_file` or `{base}` (inline).
     fn secret(
         &mut self,
@@ -724,7 +872,7 @@ impl Parser {
         let admin = self.admin(&mut root);
         let upstream = self.upstream(&mut root);
         let token = self.token(&mut root);
-        let apps = self.apps(&mut root, token.as_ref().map(|t| t.path.as_str()));
+        let apps = self.apps(&mut root, token.as_ref());
         let clients = self.clients(&mut root, &apps);
         self.finish(root);
         Some(Config {
@@ -873,31 +1021,7 @@ impl Parser {
         let format = self
             .string(&mut s, "header_format")
             .unwrap_or_else(|| "Bearer {token}".into());
-        let codes_key = s.key("invalid_codes");
-        let invalid_codes = match s.table.remove("invalid_codes") {
-            None => vec![40001, 40014, 42001],
-            Some(Value::Array(items)) => items
-                .into_iter()
-                .enumerate()
-                .filter_map(|(i, v)| match v {
-                    Value::Integer(c) => Some(c),
-                    other => {
-                        self.err(
-                            &format!("{codes_key}[{i}]"),
-                            format!("expected an integer, found {}", other.type_str()),
-                        );
-                        None
-                    }
-                })
-                .collect(),
-            Some(other) => {
-                self.err(
-                    &codes_key,
-                    format!("expected an array of integers, found {}", other.type_str()),
-                );
-                Vec::new()
-            }
-        };
+        let invalid_codes = self.codes(&mut s, "invalid_codes");
         let max_fetches = self
             .int(&mut s, "max_fetches_per_minute", 1, 10_000)
             .unwrap_or(6);
@@ -1006,7 +1130,7 @@ impl Parser {
         }
     }
 
-    fn apps(&mut self, root: &mut Section, default_token_path: Option<&str>) -> Vec<AppConfig> {
+    fn apps(&mut self, root: &mut Section, token: Option<&TokenConfig>) -> Vec<AppConfig> {
         let sections = self.tables(root, "app");
         if sections.is_empty() {
             self.err("app", "missing: configure at least one [[app]]");
@@ -1064,6 +1188,20 @@ impl Parser {
                     self.err(&token_path_key, format!("{tp:?} must start with /"));
                 }
             }
+            let kind_key = s.key("kind");
+            let kind = match self.string(&mut s, "kind").as_deref() {
+                None | Some("app") => AppKind::App,
+                Some("corp-service") => AppKind::CorpService,
+                Some(other) => {
+                    self.err(
+                        &kind_key,
+                        format!("{other:?} is not \"app\" or \"corp-service\""),
+                    );
+                    AppKind::App
+                }
+            };
+            let codes_key = s.key("invalid_codes");
+            let own_codes = self.codes(&mut s, "invalid_codes");
             let credentials = if s.table.contains_key("token_params") {
                 for k in [
                     "app_key",
@@ -1071,6 +1209,9 @@ impl Parser {
                     "corp_secret",
                     "corp_secret_env",
                     "corp_secret_file",
+                    "corp_authorization",
+                    "corp_authorization_env",
+                    "corp_authorization_file",
                 ] {
                     if s.table.remove(k).is_some() {
                         self.err(
@@ -1082,19 +1223,36 @@ impl Parser {
                 let params = self.section(&mut s, "token_params");
                 self.token_params(params)
             } else {
-                let app_key_key = s.key("app_key");
-                let app_key = self.string(&mut s, "app_key");
-                if app_key.is_none() {
-                    self.err(&app_key_key, "missing");
-                }
+                let app_key = match kind {
+                    AppKind::App => {
+                        let app_key = self.string(&mut s, "app_key");
+                        if app_key.is_none() {
+                            self.err(&s.key("app_key"), "missing");
+                        }
+                        app_key
+                    }
+                    AppKind::CorpService => {
+                        if s.table.remove("app_key").is_some() {
+                            self.err(
+                                &s.key("app_key"),
+                                "not used by kind = \"corp-service\" apps (their token is \
+                                 asked for with corp_id and corp_secret)",
+                            );
+                        }
+                        None
+                    }
+                };
                 let corp_id_key = s.key("corp_id");
                 let corp_id = match s.table.remove("corp_id") {
-                    Some(Value::String(v)) => Some(v),
+                    Some(Value::String(v)) if !v.is_empty() => Some(v),
                     Some(Value::Integer(v)) => Some(v.to_string()),
                     Some(other) => {
                         self.err(
                             &corp_id_key,
-                            format!("expected a number or string, found {}", other.type_str()),
+                            format!(
+                                "expected a number or non-empty string, found {}",
+                                other.type_str()
+                            ),
                         );
                         None
                     }
@@ -1104,27 +1262,79 @@ impl Parser {
                     }
                 };
                 let secret = self.secret(&mut s, "corp_secret", true);
-                match (app_key, corp_id, secret) {
-                    (Some(app_key), Some(corp_id), Some((corp_secret, source))) => {
-                        Some(Credentials::Standard {
-                            app_key,
-                            corp_id,
-                            corp_secret,
-                            source,
-                        })
+                match kind {
+                    AppKind::App => match (app_key, corp_id, secret) {
+                        (Some(app_key), Some(corp_id), Some((corp_secret, source))) => {
+                            Some(Credentials::Standard {
+                                app_key,
+                                corp_id,
+                                corp_secret,
+                                source,
+                            })
+                        }
+                        _ => None,
+                    },
+                    AppKind::CorpService => {
+                        let authorization = self.secret(&mut s, "corp_authorization", false);
+                        match (corp_id, secret) {
+                            (Some(corp_id), Some((corp_secret, source))) => {
+                                Some(Credentials::Corp {
+                                    corp_id,
+                                    corp_secret,
+                                    source,
+                                    authorization,
+                                })
+                            }
+                            _ => None,
+                        }
                     }
-                    _ => None,
                 }
             };
             self.finish(s);
+            let own_given = own_codes.is_some();
+            let invalid_codes = own_codes
+                .or_else(|| token.and_then(|t| t.invalid_codes.clone()))
+                .unwrap_or_else(|| kind.invalid_codes().to_vec());
+            if kind == AppKind::CorpService
+                && invalid_codes.contains(&platform::code::BAD_CREDENTIALS)
+            {
+                let key = if own_given {
+                    codes_key.clone()
+                } else {
+                    "token.invalid_codes".to_owned()
+                };
+                self.err(
+                    &key,
+                    "40001 means bad credentials on organisation-service APIs, never a \
+                     rejected token: replaying on it would fetch in a loop",
+                );
+            }
             if let (Some(name), Some(credentials)) = (name, credentials) {
+                let token_path = token_path.unwrap_or_else(|| match kind {
+                    AppKind::App => token
+                        .map_or(DEFAULT_TOKEN_PATH, |t| t.path.as_str())
+                        .to_owned(),
+                    AppKind::CorpService => platform::CORP_TOKEN_PATH.to_owned(),
+                });
+                if let Some(other) = apps.iter().find(|a: &&AppConfig| {
+                    a.token_path == token_path && a.credentials.naming() == credentials.naming()
+                }) {
+                    self.err(
+                        &name_key,
+                        format!(
+                            "app {name:?} has the same credentials as app {:?}: each fetch \
+                             would invalidate the other's token",
+                            other.name
+                        ),
+                    );
+                }
                 apps.push(AppConfig {
                     name,
                     prefix,
-                    token_path: token_path.unwrap_or_else(|| {
-                        default_token_path.unwrap_or(DEFAULT_TOKEN_PATH).to_owned()
-                    }),
+                    kind,
+                    token_path,
                     credentials,
+                    invalid_codes,
                 });
             }
         }
@@ -1279,7 +1489,9 @@ prefix = "/"
                 param: "access_token".into()
             }
         );
-        assert_eq!(c.token.invalid_codes, vec![40001, 40014, 42001]);
+        assert_eq!(c.token.invalid_codes, None);
+        assert_eq!(c.apps[0].kind, AppKind::App);
+        assert_eq!(c.apps[0].invalid_codes, vec![49000]);
         assert_eq!(c.server.max_body_bytes, 10 * 1024 * 1024);
         assert!(c.admin.is_none());
         match &c.apps[0].credentials {

@@ -19,6 +19,7 @@
 //! | [`admin`], [`metrics`] | `/healthz`, `/readyz`, `/metrics`, forced refreshes |
 //! | [`error`] | the proxy's own JSON errors (SPEC section 5) and startup errors |
 //! | [`body`] | the body type that crosses the proxy |
+//! | [`platform`] | what the platform documents: token endpoints, error codes, APIs and their rate limits |
 //! | [`sandbox`] | the offline platform emulator (SPEC section 7) |
 //! | [`tls`], [`secret`], [`clock`], [`logging`] | support |
 //!
@@ -50,6 +51,7 @@ pub mod error;
 pub mod gateway;
 pub mod logging;
 pub mod metrics;
+pub mod platform;
 pub mod proxy;
 pub mod sandbox;
 pub mod secret;

@@ -5,6 +5,7 @@
 //! Labels never carry a secret: apps and clients by configured name, nothing from requests.
 //! The `expect`s below are on metric definitions fixed at compile time, which cannot fail.
 
+use std::borrow::Cow;
 use std::time::Duration;
 
 use http::Method;
@@ -67,6 +68,7 @@ pub struct Metrics {
     token_seconds_left: GaugeVec,
     replays: IntCounterVec,
     rejections: IntCounterVec,
+    platform_errors: IntCounterVec,
     upstream_errors: IntCounterVec,
     by_client: IntCounterVec,
     redis_up: Gauge,
@@ -145,6 +147,12 @@ impl Metrics {
             "Responses whose err_code said the token was rejected",
             &["app"],
         );
+        let platform_errors = counters(
+            "platform_errors_total",
+            "Platform answers with a non-zero err_code, by app and code (codes the platform \
+             does not document count as \"other\")",
+            &["app", "code"],
+        );
         let upstream_errors = counters(
             "upstream_errors_total",
             "Upstream exchanges that failed, by kind",
@@ -177,6 +185,7 @@ impl Metrics {
             token_seconds_left,
             replays,
             rejections,
+            platform_errors,
             upstream_errors,
             by_client,
             redis_up,
@@ -222,6 +231,16 @@ impl Metrics {
     /// Counts a rejected token.
     pub fn rejection(&self, app: &str) {
         self.rejections.with_label_values(&[app]).inc();
+    }
+
+    /// Counts a platform answer with a non-zero `err_code`.
+    pub fn platform_error(&self, app: &str, code: i64) {
+        let label = if crate::platform::code::DOCUMENTED.contains(&code) {
+            Cow::Owned(code.to_string())
+        } else {
+            Cow::Borrowed("other")
+        };
+        self.platform_errors.with_label_values(&[app, &label]).inc();
     }
 
     /// Counts a replay.

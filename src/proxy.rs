@@ -9,6 +9,7 @@
 //! to see whether the platform rejected the token (then the token is dropped and the request
 //! replayed once). Everything else streams.
 
+pub mod probe;
 mod rewrite;
 
 use std::net::{IpAddr, SocketAddr};
@@ -34,15 +35,13 @@ pub use rewrite::{
 use crate::auth::{Injection, Token, TokenManager};
 use crate::body::{Body, BodyTooLarge};
 use crate::clock::{SharedClock, SystemClock};
-use crate::config::{Config, Credentials, Inject};
+use crate::config::{Config, Inject};
 use crate::error::{ErrorKind, ProxyError, StartupError};
 use crate::metrics::{FetchReason, Metrics};
 use crate::upstream::{Upstream, UpstreamError};
 
 /// Request bodies up to this size (with a declared length) are kept for one replay.
 pub const REPLAY_BODY_MAX: u64 = 1024 * 1024;
-/// JSON responses up to this size are checked for a rejected token.
-pub const CHECK_RESPONSE_MAX: u64 = 64 * 1024;
 
 /// Routing data of one configured app (its index is the app's index everywhere).
 #[derive(Debug)]
@@ -69,6 +68,10 @@ pub struct Proxy {
     token_param: String,
     /// The header stripped from client requests and, in header mode, injected.
     token_header: Option<HeaderName>,
+    /// Every token endpoint path (`token.path`, the corp-service one, each app's
+    /// `token_path`), deduplicated: requests to them are answered locally when they name a
+    /// configured app (SPEC section 4.3).
+    token_paths: Vec<String>,
 }
 
 /// Who is on the other end of a connection.
@@ -195,6 +198,15 @@ impl Proxy {
             metrics.clone(),
             previous,
         ));
+        let mut token_paths: Vec<String> = Vec::new();
+        let paths = [config.token.path.as_str(), crate::platform::CORP_TOKEN_PATH]
+            .into_iter()
+            .chain(config.apps.iter().map(|a| a.token_path.as_str()));
+        for p in paths {
+            if !token_paths.iter().any(|t| t == p) {
+                token_paths.push(p.to_owned());
+            }
+        }
         let client_requests = config
             .clients
             .iter()
@@ -210,6 +222,7 @@ impl Proxy {
             clock,
             token_param,
             token_header,
+            token_paths,
             config,
         }
     }
@@ -367,8 +380,11 @@ impl Proxy {
             rest => rest,
         };
 
-        if parts.method == Method::GET && path == self.config.token.path {
-            if let Some(resp) = self.local_token(parts.uri.query()).await? {
+        if self.token_paths.iter().any(|p| p == path) {
+            if let Some(resp) = self
+                .local_token(&parts.method, path, parts.uri.query())
+                .await?
+            {
                 return Ok(resp);
             }
             // Not one of ours: the platform answers, with the client's own credentials.
@@ -434,7 +450,7 @@ impl Proxy {
                 }
                 other => other?,
             };
-            let (resp, rejected) = self.check_rejection(resp).await?;
+            let (resp, rejected) = self.check_rejection(resp, idx).await?;
             if !rejected {
                 return Ok(resp);
             }
@@ -536,73 +552,76 @@ impl Proxy {
         Ok(Response::from_parts(parts, body))
     }
 
-    /// Reads a small JSON response to see whether its `err_code` says the token was rejected.
-    /// Returns the response (re-assembled if read) and whether it was a rejection.
+    /// Probes a response (see [`probe`]) for an `err_code`: counts a non-zero one, and says
+    /// whether it is one of the app's `invalid_codes`. Returns the response, re-assembled
+    /// or resumed if read.
     async fn check_rejection(
         &self,
         resp: Response<Body>,
+        idx: usize,
     ) -> Result<(Response<Body>, bool), ProxyError> {
-        let small_json = resp.headers().get(CONTENT_TYPE).is_none_or(|ct| {
-            ct.as_bytes()
-                .windows(4)
-                .any(|w| w.eq_ignore_ascii_case(b"json"))
-        }) && declared_length(resp.headers())
-            .ok()
-            .flatten()
-            .is_some_and(|n| n > 0 && n <= CHECK_RESPONSE_MAX);
-        if !small_json || self.config.token.invalid_codes.is_empty() {
+        let (resp, code) = probe::probe(resp, self.upstream.timeout()).await?;
+        let Some(code) = code.filter(|&c| c != crate::platform::code::SUCCESS) else {
             return Ok((resp, false));
-        }
-        let (parts, body) = resp.into_parts();
-        let bytes = match tokio::time::timeout(self.upstream.timeout(), collect(body)).await {
-            Ok(Ok(b)) => b,
-            Ok(Err(e)) => {
-                return Err(ProxyError::new(
-                    ErrorKind::UpstreamUnreachable,
-                    format!("upstream response broke off: {e}"),
-                ))
-            }
-            Err(_) => {
-                return Err(ProxyError::new(
-                    ErrorKind::UpstreamTimeout,
-                    "upstream response body timed out",
-                ))
-            }
         };
-        let rejected =
-            err_code(&bytes).is_some_and(|c| self.config.token.invalid_codes.contains(&c));
-        Ok((Response::from_parts(parts, Body::full(bytes)), rejected))
+        self.metrics.platform_error(&self.routes[idx].name, code);
+        Ok((resp, self.config.apps[idx].invalid_codes.contains(&code)))
     }
 
-    /// Answers the token endpoint from the cache when the request names a configured app.
-    /// `Ok(None)`: not one of ours, forward it.
-    async fn local_token(&self, query: Option<&str>) -> Result<Option<Response<Body>>, ProxyError> {
-        let (mut app_key, mut corp_id, mut secret) = (None, None, None);
-        for pair in query.unwrap_or("").split('&') {
-            let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
-            let v = percent_encoding::percent_decode_str(v).decode_utf8_lossy();
-            match k {
-                "app_key" => app_key = Some(v),
-                "corp_id" => corp_id = Some(v),
-                "corp_secret" => secret = Some(v),
-                _ => {}
-            }
-        }
+    /// Answers a request to a token endpoint from the cache when its query names a configured
+    /// app whose token is asked for at `path` (SPEC section 4.3): `app_key` and `corp_id` for
+    /// a self-built app, `corp_id` for a corp-service app, the plain `token_params` for any
+    /// other. Its secret must match (compared in constant time; `corp_authorization` is not
+    /// asked for), else 401; a method other than GET is 405, so no client can make the proxy
+    /// fetch (and, on a platform that reissues, invalidate) the app's token.
+    /// `Ok(None)`: no configured app is named, forward it unchanged.
+    async fn local_token(
+        &self,
+        method: &Method,
+        path: &str,
+        query: Option<&str>,
+    ) -> Result<Option<Response<Body>>, ProxyError> {
+        let params: Vec<_> = crate::platform::query_pairs(query.unwrap_or("")).collect();
+        let given = |name: &str| {
+            params
+                .iter()
+                .find(|(k, _)| k == name)
+                .map(|(_, v)| v.as_ref())
+        };
         let found = self.config.apps.iter().position(|a| {
-            matches!(&a.credentials, Credentials::Standard { app_key: k, corp_id: c, .. }
-                if Some(k.as_str()) == app_key.as_deref() && Some(c.as_str()) == corp_id.as_deref())
+            a.token_path == path
+                && a.credentials
+                    .naming()
+                    .iter()
+                    .all(|(k, v)| given(k) == Some(*v))
         });
         let Some(idx) = found else { return Ok(None) };
-        let Credentials::Standard { corp_secret, .. } = &self.config.apps[idx].credentials else {
-            return Ok(None);
-        };
-        let given = secret.as_deref().unwrap_or("");
-        if !bool::from(corp_secret.expose().as_bytes().ct_eq(given.as_bytes())) {
+        let app = &self.config.apps[idx];
+        if method != Method::GET {
+            return Err(ProxyError::new(
+                ErrorKind::MethodNotAllowed,
+                format!(
+                    "{method} to the token endpoint naming app {}: the token is fetched with \
+                     GET, and only by the proxy",
+                    app.name
+                ),
+            ));
+        }
+        let proven = app
+            .credentials
+            .secret_params()
+            .into_iter()
+            .filter(|(k, _)| *k != "corp_authorization")
+            .all(|(k, secret)| {
+                let g = given(k).unwrap_or("");
+                bool::from(secret.expose().as_bytes().ct_eq(g.as_bytes()))
+            });
+        if !proven {
             return Err(ProxyError::new(
                 ErrorKind::BadCredentials,
                 format!(
-                    "corp_secret does not match the one configured for app {}",
-                    self.routes[idx].name
+                    "the secret does not match the one configured for app {}",
+                    app.name
                 ),
             ));
         }
@@ -719,7 +738,7 @@ async fn read_whole(body: Incoming, timeout: Duration) -> Result<Bytes, ProxyErr
 
 /// Reads a whole (small) body. A body that arrives in one chunk, as small ones do, is
 /// returned as that chunk without copying or allocating.
-async fn collect<B>(mut body: B) -> Result<Bytes, B::Error>
+pub(crate) async fn collect<B>(mut body: B) -> Result<Bytes, B::Error>
 where
     B: http_body::Body<Data = Bytes> + Unpin,
 {
@@ -744,61 +763,4 @@ where
         .map(bytes::BytesMut::freeze)
         .or(first)
         .unwrap_or_default())
-}
-
-/// The `err_code` of a JSON object, if it has one (a number or a numeric string). The
-/// platform's answers start with it (`{"err_code":0,...`), which is read without a parser.
-fn err_code(body: &[u8]) -> Option<i64> {
-    if let Some(rest) = body.trim_ascii_start().strip_prefix(b"{\"err_code\":") {
-        let rest = rest.trim_ascii_start();
-        let end = rest
-            .iter()
-            .position(|b| !(b.is_ascii_digit() || *b == b'-'))
-            .unwrap_or(rest.len());
-        if end > 0
-            && matches!(
-                rest.get(end),
-                Some(b',' | b'}' | b' ' | b'\n' | b'\r' | b'\t')
-            )
-        {
-            if let Some(code) = std::str::from_utf8(&rest[..end])
-                .ok()
-                .and_then(|s| s.parse().ok())
-            {
-                return Some(code);
-            }
-        }
-    }
-    #[derive(serde::Deserialize)]
-    struct Probe {
-        err_code: Option<serde_json::Value>,
-    }
-    match serde_json::from_slice::<Probe>(body).ok()?.err_code? {
-        serde_json::Value::Number(n) => n.as_i64(),
-        serde_json::Value::String(s) => s.trim().parse().ok(),
-        _ => None,
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn err_code_is_read_from_numbers_and_strings_only() {
-        assert_eq!(
-            err_code(br#"{"err_code":40014,"err_msg":"invalid"}"#),
-            Some(40014)
-        );
-        assert_eq!(
-            err_code(br#"{"data":{"x":[1,2]},"err_code":"42001"}"#),
-            Some(42001)
-        );
-        assert_eq!(err_code(br#"{"err_msg":"no code"}"#), None);
-        assert_eq!(err_code(b"[1,2]"), None);
-        assert_eq!(err_code(b"not json"), None);
-        assert_eq!(err_code(br#"{"err_code":0,"err_msg":"success"}"#), Some(0));
-        assert_eq!(err_code(br#" {"err_code": -1 }"#), Some(-1));
-        assert_eq!(err_code(br#"{"err_code":4x}"#), None);
-    }
 }

@@ -1,28 +1,47 @@
 //! The offline Cheng-Xun emulator (SPEC section 7): `cx-proxy sandbox`, half of `cx-proxy
-//! demo`, and the upstream of the integration tests.
+//! demo`, and the upstream of the integration tests. It behaves as `PLATFORM.md` describes
+//! the platform ([`crate::platform`] holds those facts):
 //!
-//! It speaks HTTPS with a CA generated at startup (written to `DIR/ca.pem`), issues random
-//! tokens at the token endpoint, checks them on every other `/api/...` path, and answers
-//! `200 {"err_code":0,"err_msg":"success","data":{method, path, query, body_len,
-//! body_sha256}}`. Faults are injected through `/__sandbox/` control endpoints or the same
-//! methods on [`Sandbox`] (tests):
+//! - HTTPS with a CA generated at startup (written to `DIR/ca.pem`).
+//! - Both token flows: self-built apps at `GET /api/apps/v1/access-tokens?app_key=&corp_id=&corp_secret=`,
+//!   organisation-service corps at `GET /api/corp-service/v1/access-tokens?corp_id=&corp_secret=`
+//!   (the permanent secret; `corp_authorization` is accepted and recorded). Answers are
+//!   `{"err_code":0,"err_msg":"Susccess","access_token":…,"expires_in":…}` (the platform's
+//!   own spelling); wrong credentials are 40001 (the organisation service's documented code; the
+//!   self-built app's is cut off in our copy of the documentation).
+//! - The one-time exchange at `GET /api/corp-service/v1/corp-secrets?corp_id=&corp_authorization=&temp_corp_secret=`:
+//!   the 24-hour `temp_corp_secret` gives the permanent `corp_secret` once (answer field
+//!   `corp_secret`, assumed), then 40007; after 24 hours 40006.
+//! - Every other `/api/...` path checks the token (query `access_token`, else the configured
+//!   header): valid answers `200 {"err_code":0,"err_msg":"success","data":{method, path,
+//!   query, body_len, body_sha256, api}}` (`api` names the documented call, or is null);
+//!   missing, unknown or revoked is 49000, and on `/api/corp-service/` paths 40004 (40005
+//!   when expired). The documented rate limits are enforced per app in sliding windows
+//!   (49001, 55001 on `/api/corp-service/`) unless turned off.
+//!
+//! Faults and shapes are set through `/__sandbox/` control endpoints or the same methods on
+//! [`Sandbox`] (tests):
 //!
 //! | endpoint | does |
 //! | --- | --- |
-//! | `GET /__sandbox/stats` | token fetches per app, requests seen, tokens issued |
+//! | `GET /__sandbox/stats` | token fetches per app (corps as `corp:ID`), requests seen, tokens issued |
 //! | `GET /__sandbox/requests` | the last API requests as received (token removed) |
 //! | `POST /__sandbox/revoke` | invalidates every token issued so far |
 //! | `POST /__sandbox/fail-token-fetches?n=N[&code=C&msg=M]` | the next N token fetches fail |
 //! | `POST /__sandbox/delay?token_ms=T&token_answer_ms=L&api_ms=A` | delays token answers (before / after issuing) and API answers |
-//! | `POST /__sandbox/quota?n=N` | daily token quota per app (0 = none); resets the count |
-//! | `POST /__sandbox/reject-tokens?on=1` | every API call answers 40014 until `on=0` |
+//! | `POST /__sandbox/quota?n=N` | daily token quota per app (0 = none; past it 49001); resets the count |
+//! | `POST /__sandbox/reject-tokens?on=1` | every API call is answered as with a dead token until `on=0` |
+//! | `POST /__sandbox/rate-limits?on=0` | turns the documented rate limits off (`on=1`: on again) |
+//! | `POST /__sandbox/answers?encoding=E&content_type=T&chunked=1` | shapes API answers: `Content-Encoding` gzip, deflate or br (when the request accepts it), another `Content-Type`, no `Content-Length`; no parameters: plain again |
+//! | `POST /__sandbox/temp-secrets/expire` | every `temp_corp_secret` is past its 24 hours |
 //!
 //! An API call with `sandbox_echo=1` in its query answers with its own request body, streamed
-//! (to test large bodies in both directions).
+//! as `application/octet-stream` (`sandbox_echo=json`: as `application/json`), to test large
+//! bodies in both directions.
 
 pub mod ca;
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -30,7 +49,8 @@ use std::str::FromStr;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use http::header::{HeaderMap, HeaderName, CONTENT_TYPE};
+use bytes::Bytes;
+use http::header::{HeaderMap, HeaderName, ACCEPT_ENCODING, CONTENT_ENCODING, CONTENT_TYPE};
 use http::{HeaderValue, Method, Request, Response, StatusCode};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
@@ -41,12 +61,14 @@ use tokio::net::TcpListener;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
-use crate::body::Body;
-use crate::config::DEFAULT_TOKEN_PATH;
 use crate::error::StartupError;
+use crate::platform::{self, code, CORP_SECRETS_PATH, CORP_SERVICE_PREFIX, CORP_TOKEN_PATH};
+use crate::BoxError;
 
 /// Recorded API requests kept for inspection.
 const RECORD_LIMIT: usize = 1000;
+/// How long a `temp_corp_secret` can be exchanged (PLATFORM.md section 1: 24 hours).
+const TEMP_SECRET_LIFETIME: Duration = Duration::from_secs(24 * 3600);
 
 /// An app the sandbox knows.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -119,6 +141,66 @@ impl FromStr for ParamApp {
     }
 }
 
+/// An organisation-service corp the sandbox knows: its permanent `corp_secret` and the
+/// 24-hour `temp_corp_secret` that is exchanged for it once.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SandboxCorp {
+    /// `corp_id`.
+    pub corp_id: String,
+    /// The permanent `corp_secret`.
+    pub secret: String,
+    /// The temporary secret exchanged at `/api/corp-service/v1/corp-secrets`.
+    pub temp_secret: String,
+}
+
+impl SandboxCorp {
+    /// The demo corp, `20002:demo-corp-secret:demo-temp-secret`.
+    pub fn demo() -> Self {
+        SandboxCorp {
+            corp_id: "20002".into(),
+            secret: "demo-corp-secret".into(),
+            temp_secret: "demo-temp-secret".into(),
+        }
+    }
+
+    /// The key its token fetches are counted under (beside the apps' `app_key`s).
+    pub fn fetch_key(&self) -> String {
+        format!("corp:{}", self.corp_id)
+    }
+}
+
+impl FromStr for SandboxCorp {
+    type Err = String;
+
+    /// `CORP_ID:SECRET[:TEMP_SECRET]`; without a temporary secret it is `temp-CORP_ID`.
+    fn from_str(s: &str) -> Result<Self, String> {
+        let mut it = s.splitn(3, ':');
+        match (it.next(), it.next(), it.next()) {
+            (Some(c), Some(sec), temp) if !c.is_empty() && !sec.is_empty() => Ok(SandboxCorp {
+                corp_id: c.into(),
+                secret: sec.into(),
+                temp_secret: temp
+                    .filter(|t| !t.is_empty())
+                    .map_or_else(|| format!("temp-{c}"), str::to_owned),
+            }),
+            _ => Err(format!("{s:?} is not CORP_ID:SECRET[:TEMP_SECRET]")),
+        }
+    }
+}
+
+/// How the sandbox shapes its API answers (to show the proxy the forms a platform answer can
+/// take on the wire).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct AnswerShape {
+    /// `Content-Encoding` to apply (`gzip`, `deflate` or `br`) when the request's
+    /// `Accept-Encoding` names it.
+    pub encoding: Option<String>,
+    /// `Content-Type` instead of `application/json`.
+    pub content_type: Option<String>,
+    /// Sent without `Content-Length` (chunked on HTTP/1.1), in two pieces.
+    pub chunked: bool,
+}
+
 /// How a new fetch treats the previous token.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum Reissue {
@@ -137,6 +219,8 @@ pub struct SandboxOptions {
     pub state_dir: Option<PathBuf>,
     /// Known apps.
     pub apps: Vec<SandboxApp>,
+    /// Known organisation-service corps.
+    pub corps: Vec<SandboxCorp>,
     /// Known apps with their own token parameters.
     pub param_apps: Vec<ParamApp>,
     /// Lifetime of issued tokens.
@@ -149,10 +233,12 @@ pub struct SandboxOptions {
     pub token_path: String,
     /// Header checked for the token when the query has none (`Bearer ` prefix optional).
     pub token_header: HeaderName,
-    /// Successful fetches allowed per app (0 = unlimited) before `45009`.
+    /// Successful fetches allowed per app (0 = unlimited) before `49001`.
     pub daily_quota: u32,
     /// Offer only HTTP/1.1 by ALPN (like an upstream without HTTP/2).
     pub h1_only: bool,
+    /// Enforce the documented rate limits (49001 / 55001).
+    pub rate_limits: bool,
 }
 
 impl Default for SandboxOptions {
@@ -161,14 +247,16 @@ impl Default for SandboxOptions {
             listen: SocketAddr::from(([127, 0, 0, 1], 0)),
             state_dir: None,
             apps: vec![SandboxApp::demo()],
+            corps: vec![SandboxCorp::demo()],
             param_apps: Vec::new(),
             expires_in: Duration::from_secs(7200),
             reissue: Reissue::New,
             overlap: Duration::ZERO,
-            token_path: DEFAULT_TOKEN_PATH.into(),
+            token_path: platform::APP_TOKEN_PATH.into(),
             token_header: http::header::AUTHORIZATION,
             daily_quota: 0,
             h1_only: false,
+            rate_limits: true,
         }
     }
 }
@@ -225,6 +313,15 @@ struct State {
     reject_all: bool,
     recorded: VecDeque<Recorded>,
     token_requests: VecDeque<(String, BTreeMap<String, String>)>,
+    /// Rate limits on (starts as `SandboxOptions::rate_limits`).
+    rate_limits: bool,
+    /// Calls admitted per (app, documented API), in the API's window.
+    windows: HashMap<(String, usize), VecDeque<Instant>>,
+    /// Corps whose temporary secret was exchanged.
+    exchanged: HashSet<String>,
+    /// When the temporary secrets were handed out (the sandbox's start, or moved back).
+    temp_issued_at: Option<Instant>,
+    shape: AnswerShape,
 }
 
 #[derive(Debug)]
@@ -284,6 +381,8 @@ impl Sandbox {
         let shared = Arc::new(Shared {
             state: Mutex::new(State {
                 quota: opts.daily_quota,
+                rate_limits: opts.rate_limits,
+                temp_issued_at: Some(Instant::now()),
                 ..State::default()
             }),
             opts,
@@ -301,7 +400,7 @@ impl Sandbox {
                 async move { Ok::<_, Infallible>(handle(&shared, req).await) }
             })
         };
-        let task = tokio::spawn(crate::server::serve::<_, _, Body>(
+        let task = tokio::spawn(crate::server::serve::<_, _, SandboxBody>(
             listener,
             Some(tls),
             make,
@@ -332,6 +431,28 @@ impl Sandbox {
     /// The CA certificate (PEM) that signed the sandbox's server certificate.
     pub fn ca_pem(&self) -> &str {
         &self.ca_pem
+    }
+
+    /// Token endpoint requests seen for corp `corp_id` (successful or not).
+    pub fn corp_token_fetches(&self, corp_id: &str) -> u64 {
+        self.token_fetches(&format!("corp:{corp_id}"))
+    }
+
+    /// Turns the documented rate limits on or off.
+    pub fn set_rate_limits(&self, on: bool) {
+        let mut st = self.shared.lock();
+        st.rate_limits = on;
+        st.windows.clear();
+    }
+
+    /// Shapes every API answer from now on.
+    pub fn shape_answers(&self, shape: AnswerShape) {
+        self.shared.lock().shape = shape;
+    }
+
+    /// Moves every `temp_corp_secret` past its 24 hours.
+    pub fn expire_temp_secrets(&self) {
+        self.shared.lock().temp_issued_at = None;
     }
 
     /// Token endpoint requests seen for `app_key` (successful or not).
@@ -366,7 +487,8 @@ impl Sandbox {
         self.shared.lock().token_requests.iter().cloned().collect()
     }
 
-    /// While on, every API call is answered `40014` whatever its token.
+    /// While on, every API call is answered as with a dead token (49000; 40004 on
+    /// organisation-service paths) whatever its token.
     pub fn reject_all_tokens(&self, on: bool) {
         self.shared.lock().reject_all = on;
     }
@@ -429,32 +551,78 @@ fn revoke_all(st: &mut State) -> usize {
     n
 }
 
-fn json_response(status: StatusCode, value: &serde_json::Value) -> Response<Body> {
-    let mut resp = Response::new(Body::full(value.to_string()));
+/// What the sandbox answers with: one chunk with its length, chunks without a declared
+/// length, or the request's own body streamed back (echo).
+#[derive(Debug)]
+pub enum SandboxBody {
+    /// One chunk (`Content-Length` set by hyper).
+    Full(Option<Bytes>),
+    /// Chunks sent without a declared length.
+    Chunks(VecDeque<Bytes>),
+    /// The request body, streamed back.
+    Echo(Incoming),
+}
+
+impl http_body::Body for SandboxBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, BoxError>>> {
+        use std::task::Poll;
+        match self.get_mut() {
+            SandboxBody::Full(chunk) => {
+                Poll::Ready(chunk.take().map(|b| Ok(http_body::Frame::data(b))))
+            }
+            SandboxBody::Chunks(chunks) => {
+                Poll::Ready(chunks.pop_front().map(|b| Ok(http_body::Frame::data(b))))
+            }
+            SandboxBody::Echo(body) => std::pin::Pin::new(body)
+                .poll_frame(cx)
+                .map(|f| f.map(|r| r.map_err(Into::into))),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            SandboxBody::Full(chunk) => chunk.is_none(),
+            SandboxBody::Chunks(chunks) => chunks.is_empty(),
+            SandboxBody::Echo(body) => body.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        match self {
+            SandboxBody::Full(chunk) => {
+                http_body::SizeHint::with_exact(chunk.as_ref().map_or(0, |b| b.len() as u64))
+            }
+            // Unknown on purpose: hyper then sends it chunked (HTTP/1.1) or unsized (h2).
+            SandboxBody::Chunks(_) => http_body::SizeHint::new(),
+            SandboxBody::Echo(body) => body.size_hint(),
+        }
+    }
+}
+
+type Answer = Response<SandboxBody>;
+
+fn json_response(status: StatusCode, value: &serde_json::Value) -> Answer {
+    let mut resp = Response::new(SandboxBody::Full(Some(Bytes::from(value.to_string()))));
     *resp.status_mut() = status;
     resp.headers_mut()
         .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
     resp
 }
 
-fn platform_error(code: i64, msg: &str) -> Response<Body> {
+fn platform_error(code: i64, msg: &str) -> Answer {
     json_response(StatusCode::OK, &json!({"err_code": code, "err_msg": msg}))
 }
 
+/// The query's pairs, decoded as the platform reads them.
 fn query_pairs(query: Option<&str>) -> Vec<(String, String)> {
-    query
-        .unwrap_or("")
-        .split('&')
-        .filter(|p| !p.is_empty())
-        .map(|p| {
-            let (k, v) = p.split_once('=').unwrap_or((p, ""));
-            let dec = |s: &str| {
-                percent_decode_str(&s.replace('+', " "))
-                    .decode_utf8_lossy()
-                    .into_owned()
-            };
-            (dec(k), dec(v))
-        })
+    platform::query_pairs(query.unwrap_or(""))
+        .map(|(k, v)| (k.into_owned(), v.into_owned()))
         .collect()
 }
 
@@ -481,15 +649,21 @@ pub fn hex(bytes: &[u8]) -> String {
     s
 }
 
-async fn handle(shared: &Shared, req: Request<Incoming>) -> Response<Body> {
+async fn handle(shared: &Shared, req: Request<Incoming>) -> Answer {
     let path = req.uri().path().to_owned();
     if let Some(control) = path.strip_prefix("/__sandbox/") {
         return control_endpoint(shared, req.method(), control, req.uri().query());
     }
     shared.lock().requests += 1;
-    if path == shared.opts.token_path || shared.opts.param_apps.iter().any(|a| a.token_path == path)
+    let opts = &shared.opts;
+    if path == opts.token_path
+        || path == CORP_TOKEN_PATH
+        || opts.param_apps.iter().any(|a| a.token_path == path)
     {
         return token_endpoint(shared, &path, req.uri().query()).await;
+    }
+    if path == CORP_SECRETS_PATH {
+        return exchange(shared, req.uri().query());
     }
     if path.starts_with("/api/") {
         return api(shared, req).await;
@@ -500,12 +674,7 @@ async fn handle(shared: &Shared, req: Request<Incoming>) -> Response<Body> {
     )
 }
 
-fn control_endpoint(
-    shared: &Shared,
-    method: &Method,
-    what: &str,
-    query: Option<&str>,
-) -> Response<Body> {
+fn control_endpoint(shared: &Shared, method: &Method, what: &str, query: Option<&str>) -> Answer {
     let params: HashMap<String, String> = query_pairs(query).into_iter().collect();
     let num = |k: &str| params.get(k).and_then(|v| v.parse::<u64>().ok());
     let mut st = shared.lock();
@@ -538,7 +707,7 @@ fn control_endpoint(
             st.fail_code = params
                 .get("code")
                 .and_then(|c| c.parse().ok())
-                .unwrap_or(-1);
+                .unwrap_or(code::SERVER_ERROR);
             st.fail_msg = params
                 .get("msg")
                 .cloned()
@@ -564,6 +733,27 @@ fn control_endpoint(
             st.reject_all = num("on").unwrap_or(1) != 0;
             json_response(StatusCode::OK, &json!({ "reject_all": st.reject_all }))
         }
+        (&Method::POST, "rate-limits") => {
+            st.rate_limits = num("on").unwrap_or(1) != 0;
+            st.windows.clear();
+            json_response(StatusCode::OK, &json!({ "rate_limits": st.rate_limits }))
+        }
+        (&Method::POST, "answers") => {
+            st.shape = AnswerShape {
+                encoding: params.get("encoding").cloned(),
+                content_type: params.get("content_type").cloned(),
+                chunked: num("chunked").unwrap_or(0) != 0,
+            };
+            json_response(
+                StatusCode::OK,
+                &json!({"encoding": st.shape.encoding, "content_type": st.shape.content_type,
+                        "chunked": st.shape.chunked}),
+            )
+        }
+        (&Method::POST, "temp-secrets/expire") => {
+            st.temp_issued_at = None;
+            json_response(StatusCode::OK, &json!({ "expired": true }))
+        }
         (&Method::POST, "quota") => {
             st.quota = num("n").unwrap_or(0) as u32;
             st.issued.clear();
@@ -576,21 +766,65 @@ fn control_endpoint(
     }
 }
 
-async fn token_endpoint(shared: &Shared, path: &str, query: Option<&str>) -> Response<Body> {
-    let params: BTreeMap<String, String> = query_pairs(query).into_iter().collect();
+/// Who a token request is for, once its credentials are checked.
+enum Requester {
+    /// Issue a token counted under this key (an `app_key`, `corp:ID` or a param app's name).
+    Known(String),
+    /// Refuse with this platform error.
+    Refused(i64, &'static str),
+}
+
+/// Checks a token request's credentials against the known apps, corps and param apps.
+fn requester(opts: &SandboxOptions, path: &str, params: &BTreeMap<String, String>) -> Requester {
     let get = |k: &str| params.get(k).map(String::as_str).unwrap_or("");
-    let param_app = shared
-        .opts
+    if let Some(a) = opts
         .param_apps
         .iter()
-        .find(|a| a.token_path == path && a.params == params);
-    let app_key = match param_app {
-        Some(a) => a.name.as_str(),
-        None => get("app_key"),
+        .find(|a| a.token_path == path && a.params == *params)
+    {
+        return Requester::Known(a.name.clone());
+    }
+    if path == CORP_TOKEN_PATH {
+        return match opts.corps.iter().find(|c| c.corp_id == get("corp_id")) {
+            Some(c) if c.secret == get("corp_secret") => Requester::Known(c.fetch_key()),
+            Some(_) => {
+                Requester::Refused(code::BAD_CREDENTIALS, "invalid authentication: corp_secret")
+            }
+            None => Requester::Refused(code::BAD_CREDENTIALS, "invalid authentication: corp_id"),
+        };
+    }
+    if path != opts.token_path {
+        return Requester::Refused(
+            code::BAD_CREDENTIALS,
+            "invalid authentication for this token endpoint",
+        );
+    }
+    match opts.apps.iter().find(|a| a.app_key == get("app_key")) {
+        None => Requester::Refused(code::BAD_CREDENTIALS, "invalid authentication: app_key"),
+        Some(a) if a.corp_id != get("corp_id") => {
+            Requester::Refused(code::BAD_CREDENTIALS, "invalid authentication: corp_id")
+        }
+        Some(a) if a.secret != get("corp_secret") => {
+            Requester::Refused(code::BAD_CREDENTIALS, "invalid authentication: corp_secret")
+        }
+        Some(a) => Requester::Known(a.app_key.clone()),
+    }
+}
+
+async fn token_endpoint(shared: &Shared, path: &str, query: Option<&str>) -> Answer {
+    let params: BTreeMap<String, String> = query_pairs(query).into_iter().collect();
+    let who = requester(&shared.opts, path, &params);
+    // Fetches are counted under the key the request names, known or not.
+    let counted = match &who {
+        Requester::Known(k) => k.clone(),
+        Requester::Refused(..) if path == CORP_TOKEN_PATH => {
+            format!("corp:{}", params.get("corp_id").map_or("", String::as_str))
+        }
+        Requester::Refused(..) => params.get("app_key").cloned().unwrap_or_default(),
     };
     let delay = {
         let mut st = shared.lock();
-        *st.fetches.entry(app_key.to_owned()).or_default() += 1;
+        *st.fetches.entry(counted).or_default() += 1;
         if st.token_requests.len() == RECORD_LIMIT {
             st.token_requests.pop_front();
         }
@@ -601,7 +835,7 @@ async fn token_endpoint(shared: &Shared, path: &str, query: Option<&str>) -> Res
     if !delay.is_zero() {
         tokio::time::sleep(delay).await;
     }
-    let answer = issue(shared, path, &params, app_key, param_app.is_some());
+    let answer = issue(shared, who);
     // A delay after issuing: the token exists (and superseded ones are invalid) before the
     // fetcher learns it, as on a platform that is slow to answer.
     let late = shared.lock().token_answer_delay;
@@ -611,14 +845,7 @@ async fn token_endpoint(shared: &Shared, path: &str, query: Option<&str>) -> Res
     answer
 }
 
-fn issue(
-    shared: &Shared,
-    path: &str,
-    params: &BTreeMap<String, String>,
-    app_key: &str,
-    param_app: bool,
-) -> Response<Body> {
-    let get = |k: &str| params.get(k).map(String::as_str).unwrap_or("");
+fn issue(shared: &Shared, who: Requester) -> Answer {
     let opts = &shared.opts;
     let mut st = shared.lock();
     if st.fail_next > 0 {
@@ -626,28 +853,21 @@ fn issue(
         let (code, msg) = (st.fail_code, st.fail_msg.clone());
         return platform_error(code, &msg);
     }
-    if !param_app {
-        if path != opts.token_path {
-            return platform_error(40001, "invalid credentials for this token endpoint");
-        }
-        let Some(app) = opts.apps.iter().find(|a| a.app_key == app_key) else {
-            return platform_error(40089, "invalid app_key");
-        };
-        if app.corp_id != get("corp_id") {
-            return platform_error(40013, "invalid corp_id");
-        }
-        if app.secret != get("corp_secret") {
-            return platform_error(40001, "invalid corp_secret");
-        }
-    }
-    let issued = st.issued.get(app_key).copied().unwrap_or(0);
+    let owner = match who {
+        Requester::Known(k) => k,
+        Requester::Refused(code, msg) => return platform_error(code, msg),
+    };
+    let issued = st.issued.get(&owner).copied().unwrap_or(0);
     if st.quota > 0 && issued >= st.quota {
-        return platform_error(45009, "api freq out of limit: daily token quota reached");
+        return platform_error(
+            code::RATE_LIMITED,
+            "rate limit exceeded: daily token quota reached",
+        );
     }
-    *st.issued.entry(app_key.to_owned()).or_default() += 1;
+    *st.issued.entry(owner.clone()).or_default() += 1;
     let now = Instant::now();
     if opts.reissue == Reissue::Same {
-        if let Some(tok) = st.current.get(app_key).cloned() {
+        if let Some(tok) = st.current.get(&owner).cloned() {
             if let Some(t) = st.tokens.get(&tok) {
                 if t.expires_at > now && t.invalid_from.is_none() {
                     let left = t.expires_at.duration_since(now).as_secs();
@@ -657,7 +877,7 @@ fn issue(
         }
     }
     // Superseded tokens stay valid for the overlap (0 = invalid at once).
-    if let Some(prev) = st.current.get(app_key).cloned() {
+    if let Some(prev) = st.current.get(&owner).cloned() {
         if let Some(t) = st.tokens.get_mut(&prev) {
             let cut = now + opts.overlap;
             t.invalid_from = Some(t.invalid_from.map_or(cut, |at| at.min(cut)));
@@ -671,23 +891,106 @@ fn issue(
     st.tokens.insert(
         token.clone(),
         Issued {
-            app_key: app_key.to_owned(),
+            app_key: owner.clone(),
             expires_at: now + opts.expires_in,
             invalid_from: None,
         },
     );
-    st.current.insert(app_key.to_owned(), token.clone());
+    st.current.insert(owner, token.clone());
     token_answer(&token, opts.expires_in.as_secs())
 }
 
-fn token_answer(token: &str, expires_in: u64) -> Response<Body> {
+fn token_answer(token: &str, expires_in: u64) -> Answer {
     json_response(
         StatusCode::OK,
         &json!({"err_code": 0, "err_msg": "Susccess", "access_token": token, "expires_in": expires_in}),
     )
 }
 
-async fn api(shared: &Shared, req: Request<Incoming>) -> Response<Body> {
+/// `GET /api/corp-service/v1/corp-secrets`: the one-time exchange of a corp's temporary
+/// secret for its permanent one.
+fn exchange(shared: &Shared, query: Option<&str>) -> Answer {
+    let params: BTreeMap<String, String> = query_pairs(query).into_iter().collect();
+    let get = |k: &str| params.get(k).map(String::as_str).unwrap_or("");
+    let mut st = shared.lock();
+    if st.token_requests.len() == RECORD_LIMIT {
+        st.token_requests.pop_front();
+    }
+    st.token_requests
+        .push_back((CORP_SECRETS_PATH.to_owned(), params.clone()));
+    let Some(corp) = shared
+        .opts
+        .corps
+        .iter()
+        .find(|c| c.corp_id == get("corp_id"))
+    else {
+        return platform_error(code::BAD_CREDENTIALS, "invalid authentication: corp_id");
+    };
+    if get("corp_authorization").is_empty() {
+        return platform_error(
+            code::INVALID_REQUEST,
+            "invalid request: corp_authorization is required",
+        );
+    }
+    if corp.temp_secret != get("temp_corp_secret") {
+        return platform_error(
+            code::BAD_CREDENTIALS,
+            "invalid authentication: temp_corp_secret",
+        );
+    }
+    if st.exchanged.contains(&corp.corp_id) {
+        return platform_error(
+            code::PERMANENT_CODE_EXISTS,
+            "the permanent code already exists",
+        );
+    }
+    if st
+        .temp_issued_at
+        .is_none_or(|at| at.elapsed() >= TEMP_SECRET_LIFETIME)
+    {
+        return platform_error(
+            code::TEMP_SECRET_EXPIRED,
+            "the pre-authorization code has expired",
+        );
+    }
+    st.exchanged.insert(corp.corp_id.clone());
+    json_response(
+        StatusCode::OK,
+        &json!({"err_code": 0, "err_msg": "success", "corp_id": corp.corp_id, "corp_secret": corp.secret}),
+    )
+}
+
+/// The answer for a dead token on `path`: 49000 for self-built apps' APIs, 40004 (40005 when
+/// expired) on organisation-service APIs.
+fn dead_token(path: &str, expired: bool) -> serde_json::Value {
+    if path.starts_with(CORP_SERVICE_PREFIX) {
+        if expired {
+            json!({"err_code": code::CORP_TOKEN_EXPIRED, "err_msg": "access_token expired"})
+        } else {
+            json!({"err_code": code::CORP_TOKEN_INVALID, "err_msg": "invalid access_token"})
+        }
+    } else {
+        json!({"err_code": code::TOKEN_REJECTED, "err_msg": "access_token is invalid or expired"})
+    }
+}
+
+/// Takes a slot in the documented window of (`owner`, `api`), or says it is full.
+fn admit(st: &mut State, owner: &str, api: usize, rate: platform::Rate, now: Instant) -> bool {
+    let window = st.windows.entry((owner.to_owned(), api)).or_default();
+    while window
+        .front()
+        .is_some_and(|&t| now.saturating_duration_since(t) >= rate.per)
+    {
+        window.pop_front();
+    }
+    if window.len() >= rate.n as usize {
+        return false;
+    }
+    window.push_back(now);
+    true
+}
+
+async fn api(shared: &Shared, req: Request<Incoming>) -> Answer {
     let (parts, body) = req.into_parts();
     let pairs: Vec<&str> = parts
         .uri
@@ -698,7 +1001,7 @@ async fn api(shared: &Shared, req: Request<Incoming>) -> Response<Body> {
         .collect();
     let mut token = None;
     let mut kept = Vec::with_capacity(pairs.len());
-    let mut echo = false;
+    let mut echo = None;
     for p in pairs {
         match p.split_once('=') {
             Some(("access_token", v)) => {
@@ -707,8 +1010,10 @@ async fn api(shared: &Shared, req: Request<Incoming>) -> Response<Body> {
                 }
             }
             _ => {
-                if p == "sandbox_echo=1" {
-                    echo = true;
+                match p {
+                    "sandbox_echo=1" => echo = Some("application/octet-stream"),
+                    "sandbox_echo=json" => echo = Some("application/json"),
+                    _ => {}
                 }
                 kept.push(p);
             }
@@ -721,9 +1026,13 @@ async fn api(shared: &Shared, req: Request<Incoming>) -> Response<Body> {
             .and_then(|v| v.to_str().ok())
             .map(|v| v.strip_prefix("Bearer ").unwrap_or(v).to_owned());
     }
+    let path = parts.uri.path();
+    let documented = platform::APIS
+        .iter()
+        .position(|a| a.method == parts.method.as_str() && platform::path_matches(a.path, path));
     let now = Instant::now();
-    let (status, token_app, delay) = {
-        let st = shared.lock();
+    let (status, token_app, delay, limited, shape) = {
+        let mut st = shared.lock();
         let issued = token.as_deref().and_then(|t| st.tokens.get(t));
         let status = match (&token, issued) {
             (None, _) => "missing",
@@ -737,14 +1046,21 @@ async fn api(shared: &Shared, req: Request<Incoming>) -> Response<Body> {
         } else {
             status
         };
-        (status, issued.map(|t| t.app_key.clone()), st.api_delay)
+        let owner = issued.map(|t| t.app_key.clone());
+        let limited = match (status, &owner, documented) {
+            ("valid", Some(owner), Some(i)) if st.rate_limits => platform::APIS[i]
+                .rate
+                .is_some_and(|rate| !admit(&mut st, owner, i, rate, now)),
+            _ => false,
+        };
+        (status, owner, st.api_delay, limited, st.shape.clone())
     };
     if !delay.is_zero() {
         tokio::time::sleep(delay).await;
     }
     let mut recorded = Recorded {
         method: parts.method.clone(),
-        path: parts.uri.path().to_owned(),
+        path: path.to_owned(),
         authority: parts
             .uri
             .authority()
@@ -766,13 +1082,11 @@ async fn api(shared: &Shared, req: Request<Incoming>) -> Response<Body> {
         token_app,
         token_status: status,
     };
-    if echo && status == "valid" {
+    if let Some(content_type) = echo.filter(|_| status == "valid" && !limited) {
         record(shared, recorded);
-        let mut resp = Response::new(Body::Incoming(body));
-        resp.headers_mut().insert(
-            CONTENT_TYPE,
-            HeaderValue::from_static("application/octet-stream"),
-        );
+        let mut resp = Response::new(SandboxBody::Echo(body));
+        resp.headers_mut()
+            .insert(CONTENT_TYPE, HeaderValue::from_static(content_type));
         return resp;
     }
     // Hash the body as it streams in; it is never held whole.
@@ -787,12 +1101,16 @@ async fn api(shared: &Shared, req: Request<Incoming>) -> Response<Body> {
                     ctx.update(data);
                 }
             }
-            Err(_) => return platform_error(400, "request body broken off"),
+            Err(_) => return platform_error(code::INVALID_REQUEST, "request body broken off"),
         }
     }
     recorded.body_len = len;
     recorded.body_sha256 = hex(ctx.finish().as_ref());
     let answer = match status {
+        "valid" if limited => json!({
+            "err_code": platform::rate_limited_code(path),
+            "err_msg": "rate limit exceeded",
+        }),
         "valid" => json!({
             "err_code": 0,
             "err_msg": "success",
@@ -802,13 +1120,85 @@ async fn api(shared: &Shared, req: Request<Incoming>) -> Response<Body> {
                 "query": recorded.query,
                 "body_len": recorded.body_len,
                 "body_sha256": recorded.body_sha256,
+                "api": documented.map(|i| platform::APIS[i].name),
             }
         }),
-        "expired" => json!({"err_code": 42001, "err_msg": "access_token expired"}),
-        _ => json!({"err_code": 40014, "err_msg": "invalid access_token"}),
+        "expired" => dead_token(path, true),
+        _ => dead_token(path, false),
     };
+    let accepts = parts.headers.get(ACCEPT_ENCODING).cloned();
     record(shared, recorded);
-    json_response(StatusCode::OK, &answer)
+    shaped(
+        json_response(StatusCode::OK, &answer),
+        &shape,
+        accepts.as_ref(),
+    )
+}
+
+/// Applies `shape` to a JSON answer: another type, a content coding the request accepts,
+/// no declared length.
+fn shaped(resp: Answer, shape: &AnswerShape, accepts: Option<&HeaderValue>) -> Answer {
+    if *shape == AnswerShape::default() {
+        return resp;
+    }
+    let (mut parts, body) = resp.into_parts();
+    let SandboxBody::Full(Some(mut bytes)) = body else {
+        return Response::from_parts(parts, body);
+    };
+    if let Some(ct) = shape
+        .content_type
+        .as_deref()
+        .and_then(|ct| HeaderValue::from_str(ct).ok())
+    {
+        parts.headers.insert(CONTENT_TYPE, ct);
+    }
+    let accepted = |coding: &str| {
+        accepts
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| v.split(',').any(|c| c.trim().starts_with(coding)))
+    };
+    if let Some(coding) = shape.encoding.as_deref().filter(|c| accepted(c)) {
+        if let Some(encoded) = encode(coding, &bytes) {
+            bytes = Bytes::from(encoded);
+            if let Ok(v) = HeaderValue::from_str(coding) {
+                parts.headers.insert(CONTENT_ENCODING, v);
+            }
+        }
+    }
+    let body = if shape.chunked {
+        let mid = bytes.len() / 2;
+        SandboxBody::Chunks(VecDeque::from([bytes.slice(..mid), bytes.slice(mid..)]))
+    } else {
+        SandboxBody::Full(Some(bytes))
+    };
+    Response::from_parts(parts, body)
+}
+
+/// `bytes` compressed with `coding` (`gzip`, `deflate` as zlib per RFC 9110 section 8.4.1.2,
+/// or `br`); `None` for another coding.
+fn encode(coding: &str, bytes: &[u8]) -> Option<Vec<u8>> {
+    use std::io::Write as _;
+    match coding {
+        "gzip" => {
+            let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+            e.write_all(bytes).ok()?;
+            e.finish().ok()
+        }
+        "deflate" => {
+            let mut e = flate2::write::ZlibEncoder::new(Vec::new(), flate2::Compression::default());
+            e.write_all(bytes).ok()?;
+            e.finish().ok()
+        }
+        "br" => {
+            let mut out = Vec::new();
+            {
+                let mut e = brotli::CompressorWriter::new(&mut out, 4096, 5, 22);
+                e.write_all(bytes).ok()?;
+            }
+            Some(out)
+        }
+        _ => None,
+    }
 }
 
 fn record(shared: &Shared, r: Recorded) {

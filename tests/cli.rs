@@ -290,26 +290,57 @@ async fn debug_logs_never_carry_the_secret_or_a_token_and_sigterm_drains() {
 }
 
 #[tokio::test]
-async fn demo_prints_a_curl_line_that_works() {
+async fn demo_prints_curl_lines_that_all_work_on_documented_paths() {
     let dir = tempfile::tempdir().unwrap();
     let mut p = Proc::spawn(
         Command::new(bin())
             .args(["demo", "--listen", "127.0.0.1:0", "--state-dir"])
             .arg(dir.path()),
     );
-    let url = p
-        .wait_for("a curl line", |out, _| {
-            out.lines()
-                .find_map(|l| l.trim().strip_prefix("curl -s '"))
-                .and_then(|rest| rest.split('\'').next())
-                .map(str::to_owned)
+    let lines = p
+        .wait_for("the curl lines", |out, _| {
+            out.contains("Ctrl-C stops both").then(|| {
+                out.lines()
+                    .filter_map(|l| l.trim().strip_prefix("curl -s ").map(str::to_owned))
+                    .collect::<Vec<_>>()
+            })
         })
         .await;
-    let a = get(&url).await;
-    let v = a.json();
-    assert_eq!(v["err_code"], 0, "{v}");
-    assert_eq!(v["err_msg"], "success");
-    assert_eq!(v["data"]["path"], "/api/apps/v1/robot/groups");
+    assert!(lines.len() >= 4, "{lines:?}");
+    let mut corp_service = false;
+    for line in &lines {
+        // `[-X METHOD] 'URL' [-H 'Content-Type: application/json' -d 'BODY']`
+        let method = line
+            .strip_prefix("-X ")
+            .and_then(|r| r.split(' ').next())
+            .unwrap_or("GET");
+        let url = line.split('\'').nth(1).unwrap();
+        let body = line
+            .split_once(" -d '")
+            .map(|(_, b)| b.trim_end_matches('\'').to_owned())
+            .unwrap_or_default();
+        let req = http::Request::builder()
+            .method(method)
+            .uri(url)
+            .header("content-type", "application/json")
+            .body(http_body_util::Full::new(bytes::Bytes::from(body.clone())))
+            .unwrap();
+        let a = send(&client(false), req).await;
+        let v = a.json();
+        assert_eq!(v["err_code"], 0, "{line}: {v}");
+        assert_eq!(v["err_msg"], "success", "{line}");
+        assert!(
+            v["data"]["api"].is_string(),
+            "{line} is not a documented call: {v}"
+        );
+        assert_eq!(v["data"]["method"], method, "{line}");
+        assert_eq!(v["data"]["body_sha256"], sha256(body.as_bytes()), "{line}");
+        corp_service |= v["data"]["path"]
+            .as_str()
+            .unwrap()
+            .starts_with("/api/corp-service/");
+    }
+    assert!(corp_service, "one line goes through the corp-service app");
     p.sigterm();
     assert_eq!(p.wait().await.code(), Some(0));
 }

@@ -97,7 +97,11 @@ paths = ["/api/apps/v1/robot/"]
     let billing = tls_client(ca.pem(), Some(&ca.client_cert("billing.internal").unwrap()));
     let a = send(
         &billing,
-        request(Method::GET, &format!("{base}/api/apps/v1/robot/groups"), ""),
+        request(
+            Method::GET,
+            &format!("{base}/api/apps/v1/robot/chats/c-1"),
+            "",
+        ),
     )
     .await;
     assert_eq!(a.json()["err_code"], 0, "{}", a.text());
@@ -116,7 +120,11 @@ paths = ["/api/apps/v1/robot/"]
     );
     let a = send(
         &other,
-        request(Method::GET, &format!("{base}/api/apps/v1/robot/groups"), ""),
+        request(
+            Method::GET,
+            &format!("{base}/api/apps/v1/robot/chats/c-1"),
+            "",
+        ),
     )
     .await;
     assert_proxy_error(&a, 403, "forbidden");
@@ -145,9 +153,9 @@ prefix = "/"
 
 [[app]]
 name = "other"
-app_key = "demo-app"
-corp_id = 10001
-corp_secret_file = "{dir}/corp_secret"
+kind = "corp-service"
+corp_id = 20002
+corp_secret_file = "{dir}/corp_secret_20002"
 
 [[client]]
 name = "ops"
@@ -155,19 +163,27 @@ networks = ["127.0.0.1/32", "::1"]
 apps = ["default"]
 paths = ["/api/apps/v1/robot/"]
 "#;
-    let env = EnvBuilder::new().apps(second_app).start().await;
+    let env = EnvBuilder::new()
+        .apps(second_app)
+        .file("corp_secret_20002", "demo-corp-secret")
+        .start()
+        .await;
     assert_eq!(
-        get(&env.url("/api/apps/v1/robot/groups")).await.json()["err_code"],
+        get(&env.url("/api/apps/v1/robot/chats/c-1")).await.json()["err_code"],
         0
     );
-    assert_proxy_error(&get(&env.url("/api/todo/v1/tasks")).await, 403, "forbidden");
     assert_proxy_error(
-        &get(&env.url("/api/apps/v1/robot/%2e%2e/%2e%2e/%2e%2e/todo/v1/tasks")).await,
+        &get(&env.url("/api/apps/v1/to-do/t-1")).await,
+        403,
+        "forbidden",
+    );
+    assert_proxy_error(
+        &get(&env.url("/api/apps/v1/robot/%2e%2e/%2e%2e/%2e%2e/apps/v1/to-do/t-1")).await,
         403,
         "forbidden",
     );
     let req = Request::builder()
-        .uri(env.url("/api/apps/v1/robot/groups"))
+        .uri(env.url("/api/apps/v1/robot/chats/c-1"))
         .header("x-cx-app", "other")
         .body(Full::new(Bytes::new()))
         .unwrap();

@@ -21,20 +21,20 @@ async fn every_method_path_query_and_body_arrives_intact_with_the_token() {
     let cases = [
         (
             Method::GET,
-            "/api/apps/v1/robot/groups",
-            "group_id=1&name=%E6%A9%99%E8%AE%AF&q=a%26b",
+            "/api/apps/v1/robot/chats",
+            "page_count=30&page_index=0&name=%E6%A9%99%E8%AE%AF&q=a%26b",
             "",
         ),
         (
             Method::POST,
-            "/api/apps/v1/robot/groups/messages",
+            "/api/apps/message/v1/push",
             "",
-            r#"{"group_id":"1","text":{"content":"你好"}}"#,
+            r#"{"type":"text","recipients":["s1"],"message":{"content":"你好"}}"#,
         ),
-        (Method::PUT, "/api/todo/v1/tasks/42", "x=1", "put body"),
-        (Method::PATCH, "/api/workbench/v1/cards/7", "", "patch"),
-        (Method::DELETE, "/api/todo/v1/tasks/42", "hard=true", ""),
-        (Method::OPTIONS, "/api/contacts/v1/export", "", ""),
+        (Method::PUT, "/api/apps/v1/to-do/42", "x=1", "put body"),
+        (Method::PATCH, "/api/apps/v1/card/templates/7", "", "patch"),
+        (Method::DELETE, "/api/apps/v1/to-read/42", "hard=true", ""),
+        (Method::OPTIONS, "/api/apps/address-book/v1.0/all", "", ""),
     ];
     let n = cases.len();
     for (method, path, query, body) in cases {

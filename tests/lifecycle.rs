@@ -34,7 +34,7 @@ async fn steady_traffic_across_refreshes_never_fails_and_never_waits_on_a_fetch(
         .map(|w| {
             let (c, url) = (
                 client(false),
-                env.url(&format!("/api/apps/v1/robot/groups?worker={w}")),
+                env.url(&format!("/api/apps/v1/sso/user?oauth_code=worker-{w}")),
             );
             let (failures, slowest_us, done) = (failures.clone(), slowest_us.clone(), done.clone());
             tokio::spawn(async move {
@@ -85,8 +85,8 @@ async fn steady_traffic_across_refreshes_never_fails_and_never_waits_on_a_fetch(
 async fn a_revoked_token_is_replaced_through_one_replay_with_the_body_intact() {
     let env = env("").await;
     env.ready().await;
-    let body = r#"{"group_id":"g1","msg_type":"text","text":{"content":"replayed once"}}"#;
-    let url = env.url("/api/apps/v1/robot/groups/messages?x=1");
+    let body = r#"{"staff_ids":["s1"],"msg_type":"text","text":{"content":"replayed once"}}"#;
+    let url = env.url("/api/apps/v1/robot/staffs/message?x=1");
     let a = send(&client(false), request(Method::POST, &url, body)).await;
     assert_eq!(a.json()["err_code"], 0);
     let fetches = env.sandbox.token_fetches(APP_KEY);
@@ -195,6 +195,6 @@ async fn legacy_token_requests_are_answered_from_the_cache() {
     // An app the proxy does not know goes to the platform unchanged.
     let other = env.url("/api/apps/v1/access-tokens?app_key=someone-else&corp_id=1&corp_secret=x");
     let a = get(&other).await;
-    assert_eq!(a.json()["err_code"], 40089, "{}", a.text());
+    assert_eq!(a.json()["err_code"], 40001, "{}", a.text());
     assert_eq!(env.sandbox.token_fetches("someone-else"), 1);
 }

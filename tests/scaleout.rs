@@ -151,7 +151,7 @@ fn all_ok(answers: &[Answer]) {
 async fn three_instances_and_300_first_requests_make_one_fetch() {
     let Some(redis) = Redis::start() else { return };
     let (sandbox, proxies, _dir) = cluster(&redis, 3, "", SandboxOptions::default()).await;
-    let answers = spread(&proxies, 300, "/api/apps/v1/robot/groups").await;
+    let answers = spread(&proxies, 300, "/api/apps/v1/sso/user?oauth_code=c1").await;
     all_ok(&answers);
     assert_eq!(
         sandbox.token_fetches(APP_KEY),

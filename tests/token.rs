@@ -14,7 +14,7 @@ async fn sixty_four_concurrent_first_requests_cause_one_token_fetch() {
     let env = env("").await;
     // A slow token endpoint makes sure all 64 are waiting while the one fetch runs.
     env.sandbox.set_token_delay(Duration::from_millis(300));
-    let url = env.url("/api/apps/v1/robot/groups?group_id=1");
+    let url = env.url("/api/apps/v1/sso/user?oauth_code=c1");
     for a in get_concurrently(&url, 64).await {
         assert_eq!(a.json()["err_code"], 0, "{}", a.text());
     }

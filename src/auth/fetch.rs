@@ -14,6 +14,7 @@ use crate::body::Body;
 use crate::clock::Clock;
 use crate::config::{AppConfig, Inject};
 use crate::error::{ErrorKind, ProxyError};
+use crate::platform;
 use crate::proxy::QUERY_VALUE;
 use crate::upstream::{Upstream, UpstreamError};
 
@@ -79,7 +80,8 @@ struct Answer {
     expires_in: Option<serde_json::Value>,
 }
 
-fn as_i64(v: &serde_json::Value) -> Option<i64> {
+/// An `err_code` value as a number (the platform sends numbers; a numeric string is read too).
+pub fn as_code(v: &serde_json::Value) -> Option<i64> {
     match v {
         serde_json::Value::Number(n) => n.as_i64(),
         serde_json::Value::String(s) => s.trim().parse().ok(),
@@ -87,18 +89,57 @@ fn as_i64(v: &serde_json::Value) -> Option<i64> {
     }
 }
 
-/// Fetches a new token for `app` from the upstream.
-pub async fn fetch(
-    upstream: &Upstream,
+/// The token's lifetime from the answer's `expires_in` (SPEC section 4.5): missing is the
+/// documented "usually 2 hours" (with a warning), zero or negative fails the fetch, over 30
+/// days (or past what an integer holds) is clamped to 30 days. Never a panic.
+fn lifetime(
+    expires_in: Option<&serde_json::Value>,
     app: &AppConfig,
-    inject: &Inject,
-    refresh_ahead: Duration,
-    clock: &dyn Clock,
-) -> Result<Token, TokenError> {
+) -> Result<Duration, TokenError> {
+    let Some(v) = expires_in else {
+        tracing::warn!(
+            app = %app.name,
+            assumed_s = platform::DEFAULT_EXPIRES_IN_S,
+            "the token answer has no expires_in; taking the documented two hours"
+        );
+        return Ok(Duration::from_secs(platform::DEFAULT_EXPIRES_IN_S));
+    };
+    let secs = match v {
+        serde_json::Value::Number(n) => n.as_f64(),
+        serde_json::Value::String(s) => s.trim().parse::<f64>().ok(),
+        _ => None,
+    }
+    .filter(|s| !s.is_nan())
+    .ok_or_else(|| TokenError::BadAnswer(format!("expires_in {v} is not a number")))?;
+    if secs < 1.0 {
+        return Err(TokenError::BadAnswer(format!(
+            "expires_in {v} is not a lifetime"
+        )));
+    }
+    if secs > platform::MAX_EXPIRES_IN_S as f64 {
+        tracing::warn!(
+            app = %app.name,
+            expires_in = %v,
+            clamped_s = platform::MAX_EXPIRES_IN_S,
+            "the token answer's expires_in is over 30 days; clamped"
+        );
+        return Ok(Duration::from_secs(platform::MAX_EXPIRES_IN_S));
+    }
+    Ok(Duration::from_secs(secs as u64))
+}
+
+/// `GET path?params` at the platform with the documented headers; the status and the body
+/// (at most 64 KiB), read within `upstream.timeout_ms`. Errors are scrubbed with `scrub`.
+async fn get(
+    upstream: &Upstream,
+    path: &str,
+    params: &[(&str, &str)],
+    scrub: &(dyn Fn(&str) -> String + Sync),
+) -> Result<(http::StatusCode, Bytes), TokenError> {
     let mut pq = String::with_capacity(128);
     pq.push_str(upstream.base_path());
-    pq.push_str(&app.token_path);
-    for (i, (k, v)) in app.credentials.query_pairs().into_iter().enumerate() {
+    pq.push_str(path);
+    for (i, (k, v)) in params.iter().enumerate() {
         pq.push(if i == 0 { '?' } else { '&' });
         let _ = write!(
             pq,
@@ -108,22 +149,15 @@ pub async fn fetch(
         );
     }
     let pq = PathAndQuery::from_maybe_shared(Bytes::from(pq)).map_err(|_| {
-        TokenError::BadAnswer("token_path does not form a valid request target".into())
+        TokenError::BadAnswer("the path does not form a valid request target".into())
     })?;
     let mut req = Request::new(Body::Empty);
     *req.method_mut() = Method::GET;
     *req.uri_mut() = upstream.uri(pq);
     req.headers_mut()
-        .insert(USER_AGENT, HeaderValue::from_static("CX"));
+        .insert(USER_AGENT, HeaderValue::from_static(platform::USER_AGENT));
     req.headers_mut()
         .insert(ACCEPT, HeaderValue::from_static("application/json"));
-
-    let scrub = |text: &str| {
-        app.credentials
-            .secrets()
-            .iter()
-            .fold(text.to_owned(), |t, s| s.scrub(&t))
-    };
     let deadline = tokio::time::Instant::now() + upstream.timeout();
     let resp = upstream.send(req).await.map_err(|e| match e {
         UpstreamError::Timeout(ms) => TokenError::Timeout(ms),
@@ -138,6 +172,60 @@ pub async fn fetch(
     .map_err(|_| TokenError::Timeout(upstream.timeout().as_millis()))?
     .map_err(|e| TokenError::BadAnswer(format!("cannot read the body: {e}")))?
     .to_bytes();
+    Ok((status, body))
+}
+
+/// `GET path?params` at the platform, its answer as JSON (`cx-proxy corp-secret`). The
+/// error text carries no parameter value.
+///
+/// # Errors
+/// The upstream could not be reached or timed out, or the answer is not JSON.
+pub async fn platform_get(
+    upstream: &Upstream,
+    path: &str,
+    params: &[(&str, &str)],
+) -> Result<serde_json::Value, String> {
+    let scrub = |text: &str| {
+        params.iter().fold(text.to_owned(), |t, (_, v)| {
+            if v.is_empty() {
+                t
+            } else {
+                t.replace(v, "***")
+            }
+        })
+    };
+    let (status, body) = get(upstream, path, params, &scrub)
+        .await
+        .map_err(|e| e.to_string())?;
+    serde_json::from_slice(&body).map_err(|_| {
+        format!(
+            "the platform answered HTTP {} without the documented JSON",
+            status.as_u16()
+        )
+    })
+}
+
+/// Fetches a new token for `app` from the upstream.
+pub async fn fetch(
+    upstream: &Upstream,
+    app: &AppConfig,
+    inject: &Inject,
+    refresh_ahead: Duration,
+    clock: &dyn Clock,
+) -> Result<Token, TokenError> {
+    let scrub = |text: &str| {
+        app.credentials
+            .secrets()
+            .iter()
+            .fold(text.to_owned(), |t, s| s.scrub(&t))
+    };
+    let (status, body) = get(
+        upstream,
+        &app.token_path,
+        &app.credentials.query_pairs(),
+        &scrub,
+    )
+    .await?;
     let answer: Answer = match serde_json::from_slice(&body) {
         Ok(a) => a,
         Err(_) if !status.is_success() => return Err(TokenError::Status(status.as_u16())),
@@ -150,7 +238,7 @@ pub async fn fetch(
     let code = answer
         .err_code
         .as_ref()
-        .map_or(Some(0), as_i64)
+        .map_or(Some(0), as_code)
         .unwrap_or(-1);
     if code != 0 {
         return Err(TokenError::Platform {
@@ -165,21 +253,6 @@ pub async fn fetch(
         .access_token
         .filter(|t| !t.is_empty())
         .ok_or_else(|| TokenError::BadAnswer("no access_token in the answer".into()))?;
-    let expires_in = answer
-        .expires_in
-        .as_ref()
-        .map_or(Some(7200), as_i64)
-        .unwrap_or(-1);
-    if expires_in <= 0 {
-        return Err(TokenError::BadAnswer(format!(
-            "expires_in {expires_in} is not a lifetime"
-        )));
-    }
-    Token::new(
-        token,
-        Duration::from_secs(expires_in as u64),
-        clock.now(),
-        inject,
-        refresh_ahead,
-    )
+    let lifetime = lifetime(answer.expires_in.as_ref(), app)?;
+    Token::new(token, lifetime, clock.now(), inject, refresh_ahead)
 }

@@ -109,6 +109,12 @@ pub fn app_key(app: &AppConfig) -> String {
                 ctx.update(part.as_bytes());
             }
         }
+        Credentials::Corp { corp_id, .. } => {
+            for part in ["corp", corp_id.as_str()] {
+                ctx.update(b"\0");
+                ctx.update(part.as_bytes());
+            }
+        }
         Credentials::Params(params) => {
             for (k, v) in params {
                 ctx.update(b"\0");

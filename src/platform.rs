@@ -1,0 +1,427 @@
+//! What the Cheng-Xun platform documents, in one place: its token endpoints, its error codes
+//! and its API families with their documented call rates (`PLATFORM.md` sections 1-3).
+//!
+//! The proxy reads the token codes and endpoints from here; the sandbox reads all of it to
+//! behave as the platform does. Nothing here is guessed silently: where the documentation is
+//! silent or cut off, the entry says so and the proxy makes it configurable.
+
+use std::borrow::Cow;
+use std::time::Duration;
+
+use percent_encoding::percent_decode_str;
+
+/// The self-built app (组织自建应用) token endpoint: `GET ?app_key=&corp_id=&corp_secret=`.
+pub const APP_TOKEN_PATH: &str = "/api/apps/v1/access-tokens";
+/// The organisation-service (组织服务) token endpoint: `GET ?corp_id=&corp_secret=` (with
+/// the permanent `corp_secret`).
+pub const CORP_TOKEN_PATH: &str = "/api/corp-service/v1/access-tokens";
+/// The one-time exchange of a 24-hour `temp_corp_secret` for the permanent `corp_secret`:
+/// `GET ?corp_id=&corp_authorization=&temp_corp_secret=`.
+pub const CORP_SECRETS_PATH: &str = "/api/corp-service/v1/corp-secrets";
+/// Paths under this prefix are organisation-service APIs (their own error codes).
+pub const CORP_SERVICE_PREFIX: &str = "/api/corp-service/";
+/// The documented `User-Agent` default.
+pub const USER_AGENT: &str = "CX";
+/// What a token answer without `expires_in` is taken to mean ("usually 2 hours").
+pub const DEFAULT_EXPIRES_IN_S: u64 = 7200;
+/// The longest token lifetime believed (SPEC section 4.5): anything longer is clamped.
+pub const MAX_EXPIRES_IN_S: u64 = 30 * 86_400;
+
+/// The platform's `err_code` values (PLATFORM.md section 2).
+pub mod code {
+    /// Success.
+    pub const SUCCESS: i64 = 0;
+    /// Invalid request (both kinds).
+    pub const INVALID_REQUEST: i64 = 40000;
+    /// Organisation service: invalid authentication (bad credentials); never a reason to
+    /// fetch a new token and replay.
+    pub const BAD_CREDENTIALS: i64 = 40001;
+    /// Organisation service: the access token is invalid.
+    pub const CORP_TOKEN_INVALID: i64 = 40004;
+    /// Organisation service: the access token has expired.
+    pub const CORP_TOKEN_EXPIRED: i64 = 40005;
+    /// Organisation service: the pre-authorisation (temporary) code has expired.
+    pub const TEMP_SECRET_EXPIRED: i64 = 40006;
+    /// Organisation service: the permanent code already exists (the temporary one was used).
+    pub const PERMANENT_CODE_EXISTS: i64 = 40007;
+    /// Organisation service: no permission to read contacts.
+    pub const NO_CONTACTS_READ: i64 = 40008;
+    /// Organisation service: no permission to write contacts.
+    pub const NO_CONTACTS_WRITE: i64 = 40009;
+    /// Self-built app: the token is invalid or expired (also: app disabled or deleted, org
+    /// disabled).
+    pub const TOKEN_REJECTED: i64 = 49000;
+    /// Self-built app: call rate exceeded.
+    pub const RATE_LIMITED: i64 = 49001;
+    /// Server error.
+    pub const SERVER_ERROR: i64 = 50000;
+    /// Encryption failure.
+    pub const ENCRYPTION_FAILED: i64 = 50001;
+    /// Organisation id invalid.
+    pub const ORG_INVALID: i64 = 50100;
+    /// Organisation disabled.
+    pub const ORG_DISABLED: i64 = 50101;
+    /// Contacts: nothing new since that version.
+    pub const NOTHING_NEW: i64 = 50701;
+    /// Contacts: too many changes, do a full sync.
+    pub const TOO_MANY_CHANGES: i64 = 50702;
+    /// Organisation service: bad update parameters.
+    pub const BAD_UPDATE: i64 = 50790;
+    /// Organisation service: call rate exceeded.
+    pub const CORP_RATE_LIMITED: i64 = 55001;
+
+    /// Every documented non-zero code: the label values `/metrics` counts answers by (any
+    /// other code is counted as `other`, so the label set stays bounded).
+    pub const DOCUMENTED: [i64; 18] = [
+        INVALID_REQUEST,
+        BAD_CREDENTIALS,
+        CORP_TOKEN_INVALID,
+        CORP_TOKEN_EXPIRED,
+        TEMP_SECRET_EXPIRED,
+        PERMANENT_CODE_EXISTS,
+        NO_CONTACTS_READ,
+        NO_CONTACTS_WRITE,
+        TOKEN_REJECTED,
+        RATE_LIMITED,
+        SERVER_ERROR,
+        ENCRYPTION_FAILED,
+        ORG_INVALID,
+        ORG_DISABLED,
+        NOTHING_NEW,
+        TOO_MANY_CHANGES,
+        BAD_UPDATE,
+        CORP_RATE_LIMITED,
+    ];
+
+    /// Codes that are never a token rejection, whatever the configuration says: the rate
+    /// limits (the token is fine; a new one would not help and would burn the fetch quota).
+    pub const NEVER_REJECTION: [i64; 3] = [SUCCESS, RATE_LIMITED, CORP_RATE_LIMITED];
+}
+
+/// The two kinds of app the platform issues tokens to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum AppKind {
+    /// A self-built app (组织自建应用): `app_key`, `corp_id`, `corp_secret`.
+    #[default]
+    App,
+    /// An organisation-service app (组织服务): `corp_id` and the permanent `corp_secret`.
+    CorpService,
+}
+
+impl AppKind {
+    /// The name used in `proxy.toml` (`kind = "..."`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AppKind::App => "app",
+            AppKind::CorpService => "corp-service",
+        }
+    }
+
+    /// The token endpoint of this kind.
+    pub fn token_path(self) -> &'static str {
+        match self {
+            AppKind::App => APP_TOKEN_PATH,
+            AppKind::CorpService => CORP_TOKEN_PATH,
+        }
+    }
+
+    /// The codes meaning "this token was rejected" (PLATFORM.md section 2).
+    pub fn invalid_codes(self) -> &'static [i64] {
+        match self {
+            AppKind::App => &[code::TOKEN_REJECTED],
+            AppKind::CorpService => &[code::CORP_TOKEN_INVALID, code::CORP_TOKEN_EXPIRED],
+        }
+    }
+}
+
+/// A documented call rate: at most `n` calls in any sliding window of `per`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Rate {
+    /// Calls allowed per window.
+    pub n: u32,
+    /// The window's length.
+    pub per: Duration,
+}
+
+const fn rate(n: u32, per_s: u64) -> Option<Rate> {
+    Some(Rate {
+        n,
+        per: Duration::from_secs(per_s),
+    })
+}
+
+const S: u64 = 1;
+const MIN: u64 = 60;
+const H: u64 = 3600;
+const D: u64 = 86_400;
+
+/// One documented API: method, path pattern (`{x}` matches one segment), what it does, and
+/// its documented rate limit, if any.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Api {
+    /// HTTP method.
+    pub method: &'static str,
+    /// Path under the host, `/api/...`; `{x}` matches one path segment.
+    pub path: &'static str,
+    /// What it is, in the documentation's words.
+    pub name: &'static str,
+    /// The documented rate limit (PLATFORM.md section 3), per app.
+    pub rate: Option<Rate>,
+}
+
+const fn api(method: &'static str, path: &'static str, name: &'static str, r: Option<Rate>) -> Api {
+    Api {
+        method,
+        path,
+        name,
+        rate: r,
+    }
+}
+
+/// The documented APIs of every family (PLATFORM.md section 1) with their limits (section 3).
+/// Paths marked "inferred" in PLATFORM.md are included as inferred; calls whose path the
+/// documentation does not give (send to group, change assignees, incremental org changes)
+/// are left out.
+pub const APIS: &[Api] = &[
+    api(
+        "GET",
+        "/api/apps/v1/sso/user",
+        "sso: check a user's oauth_code",
+        rate(100_000, H),
+    ),
+    api(
+        "GET",
+        "/api/apps/v1/sso/admin",
+        "sso: check an admin's oauth_code",
+        rate(500, D),
+    ),
+    api(
+        "POST",
+        "/api/apps/message/v1/push",
+        "message: push",
+        rate(10_000, H),
+    ),
+    api(
+        "POST",
+        "/api/apps/message/v1/revoke",
+        "message: revoke",
+        None,
+    ),
+    api(
+        "GET",
+        "/api/apps/address-book/v1.0/all",
+        "contacts: full export",
+        rate(10, H),
+    ),
+    api(
+        "GET",
+        "/api/apps/v1/address-book/changes/{version}",
+        "contacts: incremental changes",
+        rate(1000, H),
+    ),
+    api(
+        "POST",
+        "/api/apps/v1/robot/chats",
+        "robot: create group",
+        rate(50, D),
+    ),
+    api(
+        "GET",
+        "/api/apps/v1/robot/chats",
+        "robot: list groups",
+        rate(5, S),
+    ),
+    api(
+        "GET",
+        "/api/apps/v1/robot/chats/{chat_id}",
+        "robot: query group",
+        rate(10, S),
+    ),
+    api(
+        "PUT",
+        "/api/apps/v1/robot/chats/{chat_id}",
+        "robot: update group",
+        rate(500, D),
+    ),
+    api(
+        "DELETE",
+        "/api/apps/v1/robot/chats/{chat_id}",
+        "robot: dissolve group",
+        rate(50, D),
+    ),
+    api(
+        "POST",
+        "/api/apps/v1/robot/chats/{chat_id}/notice",
+        "robot: set group notice",
+        rate(100, D),
+    ),
+    api(
+        "POST",
+        "/api/apps/v1/robot/staffs/message",
+        "robot: message staff",
+        None,
+    ),
+    api("POST", "/api/apps/v1/to-do", "to-do: create", rate(100, S)),
+    api(
+        "PUT",
+        "/api/apps/v1/to-do/{id}",
+        "to-do: update",
+        rate(100, S),
+    ),
+    api(
+        "DELETE",
+        "/api/apps/v1/to-do/{id}",
+        "to-do: delete",
+        rate(100, S),
+    ),
+    api("POST", "/api/apps/v1/to-read", "to-read: create", None),
+    api("PUT", "/api/apps/v1/to-read/{id}", "to-read: update", None),
+    api(
+        "DELETE",
+        "/api/apps/v1/to-read/{id}",
+        "to-read: delete",
+        None,
+    ),
+    api(
+        "PUT",
+        "/api/apps/v1/card/templates",
+        "cards: add template",
+        rate(10, H),
+    ),
+    api(
+        "GET",
+        "/api/apps/v1/card/templates",
+        "cards: list templates",
+        rate(10, H),
+    ),
+    api(
+        "POST",
+        "/api/apps/v1/card/templates/{template_id}",
+        "cards: update template",
+        rate(10, H),
+    ),
+    api(
+        "DELETE",
+        "/api/apps/v1/card/templates/{template_id}",
+        "cards: delete template",
+        rate(10, H),
+    ),
+    api(
+        "POST",
+        "/api/apps/v1/card/set-enterprise-data",
+        "cards: set org-level data",
+        rate(300, MIN),
+    ),
+    api(
+        "POST",
+        "/api/apps/v1/card/batch-set-data",
+        "cards: batch set data",
+        rate(300, MIN),
+    ),
+    api(
+        "GET",
+        "/api/corp-service/v1/address-book",
+        "org service: contacts",
+        None,
+    ),
+    api(
+        "POST",
+        "/api/corp-service/v1/address-book/changes",
+        "org service: change contacts",
+        None,
+    ),
+];
+
+/// The documented API `method` + `path` calls, if any (`path` without its query).
+pub fn find_api(method: &str, path: &str) -> Option<&'static Api> {
+    APIS.iter()
+        .find(|a| a.method == method && path_matches(a.path, path))
+}
+
+/// Whether `path` matches `pattern`, where a `{x}` segment matches any one non-empty segment.
+pub fn path_matches(pattern: &str, path: &str) -> bool {
+    let mut want = pattern.split('/');
+    let mut got = path.split('/');
+    loop {
+        match (want.next(), got.next()) {
+            (None, None) => return true,
+            (Some(w), Some(g)) if w.starts_with('{') && w.ends_with('}') => {
+                if g.is_empty() {
+                    return false;
+                }
+            }
+            (Some(w), Some(g)) if w == g => {}
+            _ => return false,
+        }
+    }
+}
+
+/// The `name=value` pairs of a query, decoded as the platform reads them: split on `&`,
+/// `+` is a space, then percent-decoding (invalid UTF-8 replaced). Empty pieces are skipped.
+pub fn query_pairs(query: &str) -> impl Iterator<Item = (Cow<'_, str>, Cow<'_, str>)> {
+    fn decode(s: &str) -> Cow<'_, str> {
+        if s.contains('+') {
+            let spaced = s.replace('+', " ");
+            Cow::Owned(percent_decode_str(&spaced).decode_utf8_lossy().into_owned())
+        } else {
+            percent_decode_str(s).decode_utf8_lossy()
+        }
+    }
+    query.split('&').filter(|p| !p.is_empty()).map(|p| {
+        let (k, v) = p.split_once('=').unwrap_or((p, ""));
+        (decode(k), decode(v))
+    })
+}
+
+/// The code for "rate limit exceeded" on `path`: 55001 on organisation-service APIs, else 49001.
+pub fn rate_limited_code(path: &str) -> i64 {
+    if path.starts_with(CORP_SERVICE_PREFIX) {
+        code::CORP_RATE_LIMITED
+    } else {
+        code::RATE_LIMITED
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn patterns_match_one_segment_per_placeholder() {
+        assert!(path_matches(
+            "/api/apps/v1/robot/chats/{chat_id}",
+            "/api/apps/v1/robot/chats/c1"
+        ));
+        assert!(!path_matches(
+            "/api/apps/v1/robot/chats/{chat_id}",
+            "/api/apps/v1/robot/chats/"
+        ));
+        assert!(!path_matches(
+            "/api/apps/v1/robot/chats/{chat_id}",
+            "/api/apps/v1/robot/chats/a/b"
+        ));
+        assert!(!path_matches(
+            "/api/apps/v1/robot/chats",
+            "/api/apps/v1/robot/chats/c1"
+        ));
+        assert_eq!(
+            find_api("GET", "/api/apps/v1/robot/chats").map(|a| a.name),
+            Some("robot: list groups")
+        );
+        assert_eq!(
+            find_api("PUT", "/api/apps/v1/card/templates").and_then(|a| a.rate),
+            rate(10, H)
+        );
+        assert!(find_api("POST", "/api/apps/v1/card/templates").is_none());
+    }
+
+    #[test]
+    fn every_documented_path_is_distinct_per_method() {
+        for (i, a) in APIS.iter().enumerate() {
+            assert!(a.path.starts_with("/api/"), "{}", a.path);
+            for b in &APIS[i + 1..] {
+                assert!(a.method != b.method || a.path != b.path, "{a:?}");
+            }
+        }
+    }
+}

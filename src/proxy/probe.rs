@@ -1,0 +1,253 @@
+//! The rejection probe (SPEC section 4.6): reads a small platform answer to learn its
+//! `err_code`, so the proxy can tell a rejected token from any other answer.
+//!
+//! What is probed is what the platform's answers look like however they travel: JSON,
+//! `text/*` or untyped; with or without a declared length; plain or compressed with gzip,
+//! deflate or br (the client's `Accept-Encoding` is forwarded, so the platform may compress).
+//! A compressed answer is decoded for the probe only: the client gets the platform's bytes.
+//! An answer without a declared length is held up to [`CHECK_RESPONSE_MAX`]; if it ends within
+//! them it is probed, else it streams on from where it was, with no byte lost or reordered.
+//! Anything else (other types, larger declared lengths, other codings) streams untouched.
+//!
+//! The common case, a length-declared plain JSON answer, costs what it did before this probe
+//! knew about encodings: one read of the body and a parser-free look at its first bytes.
+
+use std::collections::VecDeque;
+use std::io::Read;
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use http::header::{HeaderMap, CONTENT_ENCODING, CONTENT_TYPE};
+use http::Response;
+use http_body::Body as _;
+use http_body_util::BodyExt;
+
+use super::{collect, declared_length};
+use crate::body::Body;
+use crate::error::{ErrorKind, ProxyError};
+
+/// Answers up to this size (declared, or held while undeclared) are checked for a rejected
+/// token.
+pub const CHECK_RESPONSE_MAX: u64 = 64 * 1024;
+/// A compressed answer is decoded up to this many bytes for the probe; a larger one (a
+/// decompression bomb, or simply not an error answer) is not a rejection.
+const DECODED_MAX: u64 = 1024 * 1024;
+
+/// How an answer's body is encoded (`Content-Encoding`, RFC 9110 section 8.4).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Coding {
+    Identity,
+    Gzip,
+    Deflate,
+    Br,
+}
+
+/// Whether an answer with these headers is one the probe reads, and how it is encoded.
+/// `None`: it streams untouched.
+fn probed_coding(headers: &HeaderMap) -> Option<Coding> {
+    let typed = headers.get(CONTENT_TYPE).is_none_or(|ct| {
+        let ct = ct.as_bytes();
+        ct.get(..5)
+            .is_some_and(|t| t.eq_ignore_ascii_case(b"text/"))
+            || ct.windows(4).any(|w| w.eq_ignore_ascii_case(b"json"))
+    });
+    if !typed {
+        return None;
+    }
+    let Some(ce) = headers.get(CONTENT_ENCODING) else {
+        return Some(Coding::Identity);
+    };
+    // One coding only: a stack of them (`gzip, br`) is not something the platform sends.
+    let ce = ce.to_str().ok()?.trim();
+    if ce.eq_ignore_ascii_case("gzip") || ce.eq_ignore_ascii_case("x-gzip") {
+        Some(Coding::Gzip)
+    } else if ce.eq_ignore_ascii_case("deflate") {
+        Some(Coding::Deflate)
+    } else if ce.eq_ignore_ascii_case("br") {
+        Some(Coding::Br)
+    } else if ce.is_empty() || ce.eq_ignore_ascii_case("identity") {
+        Some(Coding::Identity)
+    } else {
+        None
+    }
+}
+
+/// Reads `resp` when it is an answer the probe looks at (see the module doc) and returns it
+/// with its `err_code`, if it has one. The body the client gets is the platform's, byte for
+/// byte: re-assembled when it was read whole, or the held part followed by the rest of the
+/// stream. The read is bounded by `timeout`.
+///
+/// # Errors
+/// `upstream_unreachable` when the body breaks off, `upstream_timeout` when it is not read in
+/// time.
+pub async fn probe(
+    resp: Response<Body>,
+    timeout: Duration,
+) -> Result<(Response<Body>, Option<i64>), ProxyError> {
+    if resp.body().is_end_stream() {
+        return Ok((resp, None));
+    }
+    let Some(coding) = probed_coding(resp.headers()) else {
+        return Ok((resp, None));
+    };
+    let declared = declared_length(resp.headers()).ok().flatten();
+    if declared.is_some_and(|n| n == 0 || n > CHECK_RESPONSE_MAX) {
+        return Ok((resp, None));
+    }
+    let (parts, body) = resp.into_parts();
+    let read = async {
+        match declared {
+            Some(_) => collect(body).await.map(Held::Whole),
+            None => hold(body).await,
+        }
+    };
+    let held = match tokio::time::timeout(timeout, read).await {
+        Ok(Ok(held)) => held,
+        Ok(Err(e)) => {
+            return Err(ProxyError::new(
+                ErrorKind::UpstreamUnreachable,
+                format!("upstream response broke off: {e}"),
+            ))
+        }
+        Err(_) => {
+            return Err(ProxyError::new(
+                ErrorKind::UpstreamTimeout,
+                "upstream response body timed out",
+            ))
+        }
+    };
+    match held {
+        Held::Whole(bytes) => {
+            let code = match coding {
+                Coding::Identity => err_code(&bytes),
+                coded => decode(coded, &bytes).and_then(|plain| err_code(&plain)),
+            };
+            Ok((Response::from_parts(parts, Body::full(bytes)), code))
+        }
+        Held::Partial { held, rest } => {
+            Ok((Response::from_parts(parts, Body::Held { held, rest }), None))
+        }
+    }
+}
+
+/// An undeclared-length body after the hold.
+enum Held {
+    /// It ended within the hold.
+    Whole(Bytes),
+    /// It did not: the chunks read so far, and the stream to go on with.
+    Partial {
+        held: VecDeque<Bytes>,
+        rest: Box<Body>,
+    },
+}
+
+/// Reads an undeclared-length body until it ends or passes [`CHECK_RESPONSE_MAX`].
+async fn hold(mut body: Body) -> Result<Held, crate::BoxError> {
+    let mut held: VecDeque<Bytes> = VecDeque::new();
+    let mut total = 0u64;
+    while let Some(frame) = body.frame().await {
+        // Trailers are not something the platform sends; like a collected body, they are
+        // not kept.
+        let Ok(data) = frame?.into_data() else {
+            continue;
+        };
+        total += data.len() as u64;
+        held.push_back(data);
+        if total > CHECK_RESPONSE_MAX && !body.is_end_stream() {
+            return Ok(Held::Partial {
+                held,
+                rest: Box::new(body),
+            });
+        }
+    }
+    let whole = match held.len() {
+        0 => Bytes::new(),
+        1 => held.pop_front().unwrap_or_default(),
+        _ => {
+            let mut m = BytesMut::with_capacity(total as usize);
+            for b in &held {
+                m.extend_from_slice(b);
+            }
+            m.freeze()
+        }
+    };
+    Ok(Held::Whole(whole))
+}
+
+/// The decoded form of a compressed answer, at most [`DECODED_MAX`] bytes; `None` when it
+/// does not decode or is larger.
+fn decode(coding: Coding, bytes: &[u8]) -> Option<Vec<u8>> {
+    fn read_bounded(r: impl Read) -> Option<Vec<u8>> {
+        let mut out = Vec::new();
+        r.take(DECODED_MAX + 1).read_to_end(&mut out).ok()?;
+        (out.len() as u64 <= DECODED_MAX).then_some(out)
+    }
+    match coding {
+        Coding::Identity => Some(bytes.to_vec()),
+        Coding::Gzip => read_bounded(flate2::read::MultiGzDecoder::new(bytes)),
+        // RFC 9110 section 8.4.1.2: "deflate" is the zlib format; some servers send raw
+        // deflate data instead, so that is tried second.
+        Coding::Deflate => read_bounded(flate2::read::ZlibDecoder::new(bytes))
+            .or_else(|| read_bounded(flate2::read::DeflateDecoder::new(bytes))),
+        Coding::Br => read_bounded(brotli::Decompressor::new(bytes, 4096)),
+    }
+}
+
+/// The `err_code` of a JSON object, if it has one (a number or a numeric string). The
+/// platform's answers start with it (`{"err_code":0,...`), which is read without a parser.
+pub fn err_code(body: &[u8]) -> Option<i64> {
+    // A UTF-8 byte-order mark, as some Windows-era servers send, is not part of the JSON.
+    let body = body.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(body);
+    if let Some(rest) = body.trim_ascii_start().strip_prefix(b"{\"err_code\":") {
+        let rest = rest.trim_ascii_start();
+        let end = rest
+            .iter()
+            .position(|b| !(b.is_ascii_digit() || *b == b'-'))
+            .unwrap_or(rest.len());
+        if end > 0
+            && matches!(
+                rest.get(end),
+                Some(b',' | b'}' | b' ' | b'\n' | b'\r' | b'\t')
+            )
+        {
+            if let Some(code) = std::str::from_utf8(&rest[..end])
+                .ok()
+                .and_then(|s| s.parse().ok())
+            {
+                return Some(code);
+            }
+        }
+    }
+    #[derive(serde::Deserialize)]
+    struct Probe {
+        err_code: Option<serde_json::Value>,
+    }
+    match serde_json::from_slice::<Probe>(body).ok()?.err_code? {
+        serde_json::Value::Number(n) => n.as_i64(),
+        serde_json::Value::String(s) => s.trim().parse().ok(),
+        _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn err_code_is_read_from_numbers_and_strings_only() {
+        assert_eq!(
+            err_code(br#"{"err_code":40014,"err_msg":"invalid"}"#),
+            Some(40014)
+        );
+        assert_eq!(
+            err_code(br#"{"data":{"x":[1,2]},"err_code":"42001"}"#),
+            Some(42001)
+        );
+        assert_eq!(err_code(br#"{"err_msg":"no code"}"#), None);
+        assert_eq!(err_code(b"[1,2]"), None);
+        assert_eq!(err_code(b"not json"), None);
+        assert_eq!(err_code(br#"{"err_code":0,"err_msg":"success"}"#), Some(0));
+        assert_eq!(err_code(br#" {"err_code": -1 }"#), Some(-1));
+        assert_eq!(err_code(br#"{"err_code":4x}"#), None);
+    }
+}
