@@ -1622,4 +1622,131 @@ permanent_code_file = "perm"
             "{all}"
         );
     }
+
+    const CORP: &str = r#"
+[[app]]
+name = "corp-42"
+kind = "corp-service"
+corp_id = 42
+corp_secret = "perm-42"
+corp_authorization = "auth-42"
+prefix = "/corp42"
+"#;
+
+    #[test]
+    fn invalid_codes_come_from_the_app_then_the_token_table_then_the_kind() {
+        let c = load(&format!("{MINIMAL}{CORP}")).unwrap().config;
+        assert_eq!(c.apps[0].invalid_codes, vec![49000]);
+        assert_eq!(c.apps[1].kind, AppKind::CorpService);
+        assert_eq!(c.apps[1].invalid_codes, vec![40004, 40005]);
+        assert_eq!(c.apps[1].token_path, platform::CORP_TOKEN_PATH);
+        assert_eq!(
+            c.apps[1].credentials.query_pairs(),
+            vec![
+                ("corp_id", "42"),
+                ("corp_secret", "perm-42"),
+                ("corp_authorization", "auth-42")
+            ]
+        );
+
+        let c = load(&format!(
+            "[token]\ninvalid_codes = [49000, 41000]\n{MINIMAL}{CORP}"
+        ))
+        .unwrap()
+        .config;
+        assert_eq!(c.apps[0].invalid_codes, vec![49000, 41000]);
+        assert_eq!(c.apps[1].invalid_codes, vec![49000, 41000]);
+
+        let own = CORP.replace("prefix", "invalid_codes = [40004]\nprefix");
+        let c = load(&format!("[token]\ninvalid_codes = [41000]\n{MINIMAL}{own}"))
+            .unwrap()
+            .config;
+        assert_eq!(c.apps[0].invalid_codes, vec![41000]);
+        assert_eq!(c.apps[1].invalid_codes, vec![40004]);
+    }
+
+    #[test]
+    fn codes_that_are_never_a_rejection_are_refused_where_they_are_written() {
+        let err = load(&format!(
+            "[token]\ninvalid_codes = [49000, 49001, 0]\n{MINIMAL}"
+        ))
+        .unwrap_err();
+        let all = err.problems.join("\n");
+        assert!(
+            all.contains("proxy.toml: token.invalid_codes[1]: 49001 is never"),
+            "{all}"
+        );
+        assert!(
+            all.contains("proxy.toml: token.invalid_codes[2]: 0 is never"),
+            "{all}"
+        );
+
+        let err = load(&format!(
+            "[token]\ninvalid_codes = [40001]\n{MINIMAL}{CORP}"
+        ))
+        .unwrap_err();
+        assert!(
+            err.problems
+                .join("\n")
+                .contains("proxy.toml: token.invalid_codes: 40001 means bad credentials"),
+            "{err}"
+        );
+        let own = CORP.replace("prefix", "invalid_codes = [40001, 55001]\nprefix");
+        let all = load(&format!("{MINIMAL}{own}"))
+            .unwrap_err()
+            .problems
+            .join("\n");
+        assert!(
+            all.contains("app[1].invalid_codes[1]: 55001 is never"),
+            "{all}"
+        );
+        assert!(
+            all.contains("app[1].invalid_codes: 40001 means bad credentials"),
+            "{all}"
+        );
+    }
+
+    #[test]
+    fn corp_service_apps_take_no_app_key_and_kinds_are_checked() {
+        let bad = CORP.replace("kind", "app_key = \"ak\"\nkind");
+        let all = load(&bad).unwrap_err().problems.join("\n");
+        assert!(
+            all.contains("app[0].app_key: not used by kind = \"corp-service\""),
+            "{all}"
+        );
+        let all = load(&CORP.replace("corp-service", "isv"))
+            .unwrap_err()
+            .problems
+            .join("\n");
+        assert!(all.contains("app[0].kind: \"isv\" is not"), "{all}");
+    }
+
+    #[test]
+    fn two_apps_with_the_same_credentials_are_refused() {
+        let twin = MINIMAL
+            .replace("\"default\"", "\"twin\"")
+            .replace("\"/\"", "\"/twin\"");
+        let all = load(&format!("{MINIMAL}{twin}"))
+            .unwrap_err()
+            .problems
+            .join("\n");
+        assert!(
+            all.contains("app[1].name: app \"twin\" has the same credentials as app \"default\""),
+            "{all}"
+        );
+        let twin = CORP.replace("corp-42", "corp-42b").replace("/corp42", "/b");
+        assert!(load(&format!("{CORP}{twin}")).is_err());
+    }
+
+    #[test]
+    fn check_shows_the_kind_and_masks_every_corp_secret() {
+        let text = load(CORP).unwrap().config.render();
+        assert!(text.contains("kind = \"corp-service\""), "{text}");
+        assert!(text.contains("invalid_codes = [40004, 40005]"), "{text}");
+        assert!(text.contains("corp_authorization = \"***\""), "{text}");
+        assert!(
+            !text.contains("perm-42") && !text.contains("auth-42"),
+            "{text}"
+        );
+    }
 }

@@ -424,4 +424,22 @@ mod tests {
             }
         }
     }
+
+    #[test]
+    fn queries_decode_plus_as_space_then_percent_escapes() {
+        let pairs: Vec<(String, String)> =
+            query_pairs("a=b+c&&corp_secret=x%2By&flag&k%5F=%E6%A9%99")
+                .map(|(k, v)| (k.into_owned(), v.into_owned()))
+                .collect();
+        assert_eq!(
+            pairs,
+            [
+                ("a", "b c"),
+                ("corp_secret", "x+y"),
+                ("flag", ""),
+                ("k_", "橙")
+            ]
+            .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        );
+    }
 }

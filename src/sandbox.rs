@@ -32,7 +32,9 @@
 //! | `POST /__sandbox/quota?n=N` | daily token quota per app (0 = none; past it 49001); resets the count |
 //! | `POST /__sandbox/reject-tokens?on=1` | every API call is answered as with a dead token until `on=0` |
 //! | `POST /__sandbox/rate-limits?on=0` | turns the documented rate limits off (`on=1`: on again) |
-//! | `POST /__sandbox/answers?encoding=E&content_type=T&chunked=1` | shapes API answers: `Content-Encoding` gzip, deflate or br (when the request accepts it), another `Content-Type`, no `Content-Length`; no parameters: plain again |
+//! | `POST /__sandbox/answers?encoding=E&content_type=T&chunked=1` | shapes API answers: `Content-Encoding` gzip, deflate or br (when the request accepts it), another `Content-Type` (empty: none), no `Content-Length`; no parameters: plain again |
+//! | `POST /__sandbox/answer-next?n=N&code=C&msg=M` | the next N API calls with a valid token are answered `{"err_code":C,"err_msg":M}` |
+//! | `POST /__sandbox/token-answer?expires_in=RAW` | token answers carry `expires_in` as the JSON text RAW (`absent`: none; empty: the lifetime) |
 //! | `POST /__sandbox/temp-secrets/expire` | every `temp_corp_secret` is past its 24 hours |
 //!
 //! An API call with `sandbox_echo=1` in its query answers with its own request body, streamed
@@ -195,7 +197,7 @@ pub struct AnswerShape {
     /// `Content-Encoding` to apply (`gzip`, `deflate` or `br`) when the request's
     /// `Accept-Encoding` names it.
     pub encoding: Option<String>,
-    /// `Content-Type` instead of `application/json`.
+    /// `Content-Type` instead of `application/json` (empty: none at all).
     pub content_type: Option<String>,
     /// Sent without `Content-Length` (chunked on HTTP/1.1), in two pieces.
     pub chunked: bool,
@@ -322,6 +324,22 @@ struct State {
     /// When the temporary secrets were handed out (the sandbox's start, or moved back).
     temp_issued_at: Option<Instant>,
     shape: AnswerShape,
+    /// The next N API calls with a valid token answer this code and message instead.
+    answer_next: (u32, i64, String),
+    /// What token answers carry as `expires_in`, when not the configured lifetime.
+    expires_in_field: ExpiresIn,
+}
+
+/// The `expires_in` member of the sandbox's token answers.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub enum ExpiresIn {
+    /// The configured lifetime, in seconds.
+    #[default]
+    Lifetime,
+    /// This JSON text instead (e.g. `0`, `-5`, `9223372036854775807`, `"7200"`).
+    Raw(String),
+    /// No `expires_in` member at all.
+    Absent,
 }
 
 #[derive(Debug)]
@@ -448,6 +466,17 @@ impl Sandbox {
     /// Shapes every API answer from now on.
     pub fn shape_answers(&self, shape: AnswerShape) {
         self.shared.lock().shape = shape;
+    }
+
+    /// Answers the next `n` API calls that carry a valid token with `code` and `msg` (the
+    /// platform's error answers: rate limits, bad credentials, anything).
+    pub fn answer_next(&self, n: u32, code: i64, msg: &str) {
+        self.shared.lock().answer_next = (n, code, msg.to_owned());
+    }
+
+    /// What token answers carry as `expires_in` from now on.
+    pub fn set_expires_in_field(&self, field: ExpiresIn) {
+        self.shared.lock().expires_in_field = field;
     }
 
     /// Moves every `temp_corp_secret` past its 24 hours.
@@ -750,6 +779,28 @@ fn control_endpoint(shared: &Shared, method: &Method, what: &str, query: Option<
                         "chunked": st.shape.chunked}),
             )
         }
+        (&Method::POST, "answer-next") => {
+            st.answer_next = (
+                num("n").unwrap_or(1) as u32,
+                params
+                    .get("code")
+                    .and_then(|c| c.parse().ok())
+                    .unwrap_or(code::SERVER_ERROR),
+                params.get("msg").cloned().unwrap_or_else(|| "error".into()),
+            );
+            json_response(StatusCode::OK, &json!({ "answer_next": st.answer_next.0 }))
+        }
+        (&Method::POST, "token-answer") => {
+            st.expires_in_field = match params.get("expires_in").map(String::as_str) {
+                None | Some("") => ExpiresIn::Lifetime,
+                Some("absent") => ExpiresIn::Absent,
+                Some(raw) => ExpiresIn::Raw(raw.to_owned()),
+            };
+            json_response(
+                StatusCode::OK,
+                &json!({ "expires_in": format!("{:?}", st.expires_in_field) }),
+            )
+        }
         (&Method::POST, "temp-secrets/expire") => {
             st.temp_issued_at = None;
             json_response(StatusCode::OK, &json!({ "expired": true }))
@@ -871,7 +922,7 @@ fn issue(shared: &Shared, who: Requester) -> Answer {
             if let Some(t) = st.tokens.get(&tok) {
                 if t.expires_at > now && t.invalid_from.is_none() {
                     let left = t.expires_at.duration_since(now).as_secs();
-                    return token_answer(&tok, left);
+                    return token_answer(&tok, left, &st.expires_in_field);
                 }
             }
         }
@@ -897,14 +948,26 @@ fn issue(shared: &Shared, who: Requester) -> Answer {
         },
     );
     st.current.insert(owner, token.clone());
-    token_answer(&token, opts.expires_in.as_secs())
+    token_answer(&token, opts.expires_in.as_secs(), &st.expires_in_field)
 }
 
-fn token_answer(token: &str, expires_in: u64) -> Answer {
-    json_response(
-        StatusCode::OK,
-        &json!({"err_code": 0, "err_msg": "Susccess", "access_token": token, "expires_in": expires_in}),
-    )
+fn token_answer(token: &str, expires_in: u64, field: &ExpiresIn) -> Answer {
+    let mut v = json!({"err_code": 0, "err_msg": "Susccess", "access_token": token});
+    match field {
+        ExpiresIn::Lifetime => v["expires_in"] = json!(expires_in),
+        ExpiresIn::Absent => {}
+        ExpiresIn::Raw(raw) => {
+            // Written into the text as given, so values no JSON library would produce (or
+            // round-trip) reach the proxy as a platform could send them.
+            let text = v.to_string();
+            let body = format!("{},\"expires_in\":{raw}}}", &text[..text.len() - 1]);
+            let mut resp = Response::new(SandboxBody::Full(Some(Bytes::from(body))));
+            resp.headers_mut()
+                .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+            return resp;
+        }
+    }
+    json_response(StatusCode::OK, &v)
 }
 
 /// `GET /api/corp-service/v1/corp-secrets`: the one-time exchange of a corp's temporary
@@ -1031,7 +1094,7 @@ async fn api(shared: &Shared, req: Request<Incoming>) -> Answer {
         .iter()
         .position(|a| a.method == parts.method.as_str() && platform::path_matches(a.path, path));
     let now = Instant::now();
-    let (status, token_app, delay, limited, shape) = {
+    let (status, token_app, delay, limited, injected, shape) = {
         let mut st = shared.lock();
         let issued = token.as_deref().and_then(|t| st.tokens.get(t));
         let status = match (&token, issued) {
@@ -1053,7 +1116,18 @@ async fn api(shared: &Shared, req: Request<Incoming>) -> Answer {
                 .is_some_and(|rate| !admit(&mut st, owner, i, rate, now)),
             _ => false,
         };
-        (status, owner, st.api_delay, limited, st.shape.clone())
+        let injected = (status == "valid" && !limited && st.answer_next.0 > 0).then(|| {
+            st.answer_next.0 -= 1;
+            (st.answer_next.1, st.answer_next.2.clone())
+        });
+        (
+            status,
+            owner,
+            st.api_delay,
+            limited,
+            injected,
+            st.shape.clone(),
+        )
     };
     if !delay.is_zero() {
         tokio::time::sleep(delay).await;
@@ -1082,7 +1156,8 @@ async fn api(shared: &Shared, req: Request<Incoming>) -> Answer {
         token_app,
         token_status: status,
     };
-    if let Some(content_type) = echo.filter(|_| status == "valid" && !limited) {
+    if let Some(content_type) = echo.filter(|_| status == "valid" && !limited && injected.is_none())
+    {
         record(shared, recorded);
         let mut resp = Response::new(SandboxBody::Echo(body));
         resp.headers_mut()
@@ -1107,6 +1182,10 @@ async fn api(shared: &Shared, req: Request<Incoming>) -> Answer {
     recorded.body_len = len;
     recorded.body_sha256 = hex(ctx.finish().as_ref());
     let answer = match status {
+        "valid" if injected.is_some() => {
+            let (code, msg) = injected.unwrap_or_default();
+            json!({"err_code": code, "err_msg": msg})
+        }
         "valid" if limited => json!({
             "err_code": platform::rate_limited_code(path),
             "err_msg": "rate limit exceeded",
@@ -1145,12 +1224,17 @@ fn shaped(resp: Answer, shape: &AnswerShape, accepts: Option<&HeaderValue>) -> A
     let SandboxBody::Full(Some(mut bytes)) = body else {
         return Response::from_parts(parts, body);
     };
-    if let Some(ct) = shape
-        .content_type
-        .as_deref()
-        .and_then(|ct| HeaderValue::from_str(ct).ok())
-    {
-        parts.headers.insert(CONTENT_TYPE, ct);
+    match shape.content_type.as_deref() {
+        None => {}
+        // Empty: no Content-Type at all.
+        Some("") => {
+            parts.headers.remove(CONTENT_TYPE);
+        }
+        Some(ct) => {
+            if let Ok(ct) = HeaderValue::from_str(ct) {
+                parts.headers.insert(CONTENT_TYPE, ct);
+            }
+        }
     }
     let accepted = |coding: &str| {
         accepts

@@ -430,3 +430,94 @@ async fn sighup_adds_an_app_and_refuses_a_broken_file_while_a_connection_stays_o
     p.sigterm();
     assert_eq!(p.wait().await.code(), Some(0));
 }
+
+#[tokio::test]
+async fn corp_secret_exchanges_once_writes_a_private_file_and_never_prints_the_secret() {
+    use std::os::unix::fs::PermissionsExt as _;
+    let dir = tempfile::tempdir().unwrap();
+    let sandbox = sandbox(dir.path(), SandboxOptions::default()).await;
+    let corp = cx_proxy::sandbox::SandboxCorp::demo();
+    let out = dir.path().join("corp-20002");
+    // The corp's app already points at the file the exchange is about to write: only
+    // [upstream] is read, so that is no obstacle.
+    let text = config_text(
+        &sandbox,
+        dir.path(),
+        "",
+        &format!(
+            "[[app]]\nname = \"corp\"\nkind = \"corp-service\"\ncorp_id = 20002\ncorp_secret_file = \"{}\"\n",
+            out.display()
+        ),
+    );
+    let config = dir.path().join("proxy.toml");
+    std::fs::write(&config, text).unwrap();
+    let run = |out: &std::path::Path| {
+        let mut cmd = Command::new(bin());
+        cmd.args(["corp-secret", "-c"])
+            .arg(&config)
+            .args(["--corp-id", "20002"])
+            .args(["--corp-authorization-env", "CX_TEST_CORP_AUTH"])
+            .args(["--temp-secret-env", "CX_TEST_TEMP_SECRET"])
+            .arg("--out")
+            .arg(out)
+            .env("CX_TEST_CORP_AUTH", "auth-code-xyz")
+            .env("CX_TEST_TEMP_SECRET", &corp.temp_secret);
+        Proc::spawn(&mut cmd)
+    };
+    let exchanges = || {
+        sandbox
+            .token_requests()
+            .iter()
+            .filter(|(p, _)| p == "/api/corp-service/v1/corp-secrets")
+            .count()
+    };
+    let printed = |p: &Proc| format!("{}{}", p.stdout.lock().unwrap(), p.stderr.lock().unwrap());
+    let secrets = [
+        corp.secret.as_str(),
+        corp.temp_secret.as_str(),
+        "auth-code-xyz",
+    ];
+
+    let mut p = run(&out);
+    assert_eq!(p.wait().await.code(), Some(0), "{}", printed(&p));
+    assert_eq!(
+        std::fs::read_to_string(&out).unwrap().trim_end(),
+        corp.secret
+    );
+    let mode = std::fs::metadata(&out).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600, "{mode:o}");
+    assert!(printed(&p).contains(&out.display().to_string()));
+    for s in secrets {
+        assert!(!printed(&p).contains(s), "{s:?} printed: {}", printed(&p));
+    }
+    assert_eq!(exchanges(), 1);
+
+    // An existing file is refused before the exchange: the one-time code is not spent.
+    let mut p = run(&out);
+    assert_eq!(p.wait().await.code(), Some(1));
+    assert!(printed(&p).contains("exists"), "{}", printed(&p));
+    assert_eq!(exchanges(), 1);
+
+    // A second exchange: the platform's 40007, with its code and message.
+    let again = dir.path().join("again");
+    let mut p = run(&again);
+    assert_eq!(p.wait().await.code(), Some(1));
+    let text = printed(&p);
+    assert!(
+        text.contains("40007") && text.contains("already exists"),
+        "{text}"
+    );
+    assert!(!again.exists());
+    for s in secrets {
+        assert!(!text.contains(s), "{s:?} printed: {text}");
+    }
+
+    // Past its 24 hours: 40006 (on a sandbox whose corp was never exchanged).
+    let dir2 = tempfile::tempdir().unwrap();
+    let fresh = support::sandbox(dir2.path(), SandboxOptions::default()).await;
+    fresh.expire_temp_secrets();
+    std::fs::write(&config, config_text(&fresh, dir2.path(), "", "")).unwrap();
+    let mut p = run(&dir.path().join("late"));
+    assert_eq!(p.wait().await.code(), Some(1));
+    assert!(printed(&p).contains("40006"), "{}", printed(&p));
+}

@@ -47,8 +47,10 @@ enum Coding {
 fn probed_coding(headers: &HeaderMap) -> Option<Coding> {
     let typed = headers.get(CONTENT_TYPE).is_none_or(|ct| {
         let ct = ct.as_bytes();
-        ct.get(..5)
-            .is_some_and(|t| t.eq_ignore_ascii_case(b"text/"))
+        ct.trim_ascii().is_empty()
+            || ct
+                .get(..5)
+                .is_some_and(|t| t.eq_ignore_ascii_case(b"text/"))
             || ct.windows(4).any(|w| w.eq_ignore_ascii_case(b"json"))
     });
     if !typed {
@@ -249,5 +251,121 @@ mod tests {
         assert_eq!(err_code(br#"{"err_code":0,"err_msg":"success"}"#), Some(0));
         assert_eq!(err_code(br#" {"err_code": -1 }"#), Some(-1));
         assert_eq!(err_code(br#"{"err_code":4x}"#), None);
+    }
+
+    fn answer(headers: &[(&str, &str)], body: Vec<u8>, declared: bool) -> Response<Body> {
+        let mut b = Response::builder();
+        for (k, v) in headers {
+            b = b.header(*k, *v);
+        }
+        if declared {
+            b = b.header("content-length", body.len());
+        }
+        // Chunks of at most 16 KiB whose total is unknown unless declared.
+        let chunks: VecDeque<Bytes> = body.chunks(16 * 1024).map(Bytes::copy_from_slice).collect();
+        b.body(Body::Held {
+            held: chunks,
+            rest: Box::new(Body::Empty),
+        })
+        .unwrap()
+    }
+
+    async fn probed(resp: Response<Body>) -> (Bytes, Option<i64>) {
+        let (resp, code) = probe(resp, Duration::from_secs(5)).await.unwrap();
+        (collect(resp.into_body()).await.unwrap(), code)
+    }
+
+    const DEAD: &[u8] = br#"{"err_code":49000,"err_msg":"access_token is invalid"}"#;
+
+    #[tokio::test]
+    async fn every_encoding_is_decoded_for_the_probe_only() {
+        use std::io::Write as _;
+        let gzip = {
+            let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+            e.write_all(DEAD).unwrap();
+            e.finish().unwrap()
+        };
+        let zlib = {
+            let mut e = flate2::write::ZlibEncoder::new(Vec::new(), flate2::Compression::fast());
+            e.write_all(DEAD).unwrap();
+            e.finish().unwrap()
+        };
+        let raw = {
+            let mut e = flate2::write::DeflateEncoder::new(Vec::new(), flate2::Compression::fast());
+            e.write_all(DEAD).unwrap();
+            e.finish().unwrap()
+        };
+        let br = {
+            let mut out = Vec::new();
+            {
+                let mut e = brotli::CompressorWriter::new(&mut out, 4096, 5, 22);
+                e.write_all(DEAD).unwrap();
+            }
+            out
+        };
+        for (coding, bytes) in [
+            ("gzip", gzip),
+            ("deflate", zlib),
+            ("deflate", raw),
+            ("br", br),
+        ] {
+            for declared in [true, false] {
+                let resp = answer(
+                    &[
+                        ("content-type", "application/json"),
+                        ("content-encoding", coding),
+                    ],
+                    bytes.clone(),
+                    declared,
+                );
+                let (body, code) = probed(resp).await;
+                assert_eq!(code, Some(49000), "{coding} declared={declared}");
+                assert_eq!(
+                    &body[..],
+                    &bytes[..],
+                    "{coding}: the client gets the bytes as sent"
+                );
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn types_and_codings_outside_the_platforms_shapes_stream_untouched() {
+        for headers in [
+            &[("content-type", "application/octet-stream")][..],
+            &[("content-type", "image/png")][..],
+            &[("content-encoding", "gzip, br")][..],
+            &[("content-encoding", "zstd")][..],
+        ] {
+            let (body, code) = probed(answer(headers, DEAD.to_vec(), true)).await;
+            assert_eq!(code, None, "{headers:?}");
+            assert_eq!(&body[..], DEAD);
+        }
+        for headers in [
+            &[][..],
+            &[("content-type", "")][..],
+            &[("content-type", "TEXT/plain; charset=gbk")][..],
+            &[("content-type", "application/problem+json")][..],
+            &[("content-encoding", "identity")][..],
+        ] {
+            let (_, code) = probed(answer(headers, DEAD.to_vec(), false)).await;
+            assert_eq!(code, Some(49000), "{headers:?}");
+        }
+    }
+
+    #[tokio::test]
+    async fn an_undeclared_body_past_the_hold_streams_on_whole_and_in_order() {
+        let mut big = DEAD.to_vec();
+        big.extend((0..100_000u32).map(|i| (i % 251) as u8));
+        let resp = answer(&[("content-type", "application/json")], big.clone(), false);
+        let (resp, code) = probe(resp, Duration::from_secs(5)).await.unwrap();
+        assert_eq!(code, None, "not probed: it did not end within the hold");
+        assert!(matches!(resp.body(), Body::Held { .. }));
+        assert_eq!(&collect(resp.into_body()).await.unwrap()[..], &big[..]);
+    }
+
+    #[test]
+    fn a_byte_order_mark_does_not_hide_the_code() {
+        assert_eq!(err_code(b"\xEF\xBB\xBF{\"err_code\":49000}"), Some(49000));
     }
 }
