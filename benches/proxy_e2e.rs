@@ -31,6 +31,8 @@ async fn setup(h1_only: bool) -> Setup {
     let sandbox = Sandbox::start(SandboxOptions {
         state_dir: Some(dir.path().to_path_buf()),
         h1_only,
+        // A bench calls far past the documented 5 a second of this API.
+        rate_limits: false,
         ..SandboxOptions::default()
     })
     .await
@@ -45,9 +47,12 @@ async fn setup(h1_only: bool) -> Setup {
         .expect("config")
         .config;
     let proxy = ProxyHandle::start(config).await.expect("proxy");
-    let url = format!("http://{}/api/apps/v1/robot/groups?group_id=1", proxy.addr)
-        .parse()
-        .expect("uri");
+    let url = format!(
+        "http://{}/api/apps/v1/robot/chats?page_count=30&page_index=0",
+        proxy.addr
+    )
+    .parse()
+    .expect("uri");
     Setup {
         _sandbox: sandbox,
         _proxy: proxy,

@@ -22,8 +22,8 @@ fn rewrite(c: &mut Criterion) {
         b.iter(|| {
             upstream_target(
                 black_box(""),
-                black_box("/api/apps/v1/robot/groups"),
-                black_box(Some("group_id=1&page=2&access_token=forged")),
+                black_box("/api/apps/v1/robot/chats"),
+                black_box(Some("page_count=30&page_index=0&access_token=forged")),
                 "access_token",
                 Some("access_token=0123456789abcdef0123456789abcdef"),
             )

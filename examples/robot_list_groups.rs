@@ -1,5 +1,6 @@
-//! A legacy app listing its robot's groups, the way it did before cx-proxy, minus the
-//! credentials: no `corp_secret`, no token fetch, no `access_token` parameter.
+//! A legacy app listing its robot's groups (`GET /api/apps/v1/robot/chats`, PLATFORM.md
+//! section 1), the way it did before cx-proxy, minus the credentials: no `corp_secret`, no
+//! token fetch, no `access_token` parameter.
 //!
 //! ```text
 //! cargo run --release -- demo            # in one terminal
@@ -13,7 +14,7 @@ mod common;
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
     common::call(
         http::Method::GET,
-        "/api/apps/v1/robot/groups?page=1&size=20",
+        "/api/apps/v1/robot/chats?page_count=30&page_index=0",
         None,
     )
     .await

@@ -12,6 +12,7 @@
 pub mod probe;
 mod rewrite;
 
+use std::borrow::Cow;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -381,11 +382,12 @@ impl Proxy {
         };
 
         if self.token_paths.iter().any(|p| p == path) {
-            if let Some(resp) = self
-                .local_token(&parts.method, path, parts.uri.query())
-                .await?
-            {
-                return Ok(resp);
+            let params: Vec<_> =
+                crate::platform::query_pairs(parts.uri.query().unwrap_or("")).collect();
+            if let Some(idx) = self.named_app(path, &params) {
+                return self
+                    .local_token(idx, &parts.method, &params, access.client, &full_path)
+                    .await;
             }
             // Not one of ours: the platform answers, with the client's own credentials.
             let base = self.upstream.base_path();
@@ -568,34 +570,43 @@ impl Proxy {
         Ok((resp, self.config.apps[idx].invalid_codes.contains(&code)))
     }
 
-    /// Answers a request to a token endpoint from the cache when its query names a configured
-    /// app whose token is asked for at `path` (SPEC section 4.3): `app_key` and `corp_id` for
-    /// a self-built app, `corp_id` for a corp-service app, the plain `token_params` for any
-    /// other. Its secret must match (compared in constant time; `corp_authorization` is not
-    /// asked for), else 401; a method other than GET is 405, so no client can make the proxy
-    /// fetch (and, on a platform that reissues, invalidate) the app's token.
-    /// `Ok(None)`: no configured app is named, forward it unchanged.
+    /// The configured app a token-endpoint request names: one whose token is asked for at
+    /// `path` and whose non-secret parameters (`app_key` and `corp_id` for a self-built app,
+    /// `corp_id` for a corp-service app, the plain `token_params` for any other) the query
+    /// carries, with the same values.
+    fn named_app(&self, path: &str, params: &[(Cow<'_, str>, Cow<'_, str>)]) -> Option<usize> {
+        self.config.apps.iter().position(|a| {
+            let naming = a.credentials.naming();
+            a.token_path == path
+                && !naming.is_empty()
+                && naming
+                    .iter()
+                    .all(|(k, v)| params.iter().any(|(pk, pv)| pk == k && pv == v))
+        })
+    }
+
+    /// Answers a request to a token endpoint that names configured app `idx` from the cache
+    /// (SPEC section 4.3). The app's secret must match (compared in constant time;
+    /// `corp_authorization` is not asked for), else 401; a method other than GET is 405, so
+    /// no client can make the proxy fetch (and, on a platform that reissues, invalidate) the
+    /// app's token; an identified client must be granted the app, else 403.
     async fn local_token(
         &self,
+        idx: usize,
         method: &Method,
-        path: &str,
-        query: Option<&str>,
-    ) -> Result<Option<Response<Body>>, ProxyError> {
-        let params: Vec<_> = crate::platform::query_pairs(query.unwrap_or("")).collect();
+        params: &[(Cow<'_, str>, Cow<'_, str>)],
+        client: Option<usize>,
+        full_path: &str,
+    ) -> Result<Response<Body>, ProxyError> {
+        if let Some(c) = client {
+            self.check_grant(c, idx, full_path)?;
+        }
         let given = |name: &str| {
             params
                 .iter()
                 .find(|(k, _)| k == name)
                 .map(|(_, v)| v.as_ref())
         };
-        let found = self.config.apps.iter().position(|a| {
-            a.token_path == path
-                && a.credentials
-                    .naming()
-                    .iter()
-                    .all(|(k, v)| given(k) == Some(*v))
-        });
-        let Some(idx) = found else { return Ok(None) };
         let app = &self.config.apps[idx];
         if method != Method::GET {
             return Err(ProxyError::new(
@@ -643,7 +654,7 @@ impl Proxy {
         let mut resp = Response::new(Body::full(body));
         resp.headers_mut()
             .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
-        Ok(Some(resp))
+        Ok(resp)
     }
 
     /// Picks the app: by `X-CX-App` if present, else by the longest matching prefix.

@@ -467,3 +467,28 @@ async fn odd_expires_in_values_never_stop_the_proxy() {
         assert_eq!(a.json()["err_code"], 0, "after {raw}: {}", a.text());
     }
 }
+
+#[tokio::test]
+async fn a_client_gets_only_the_tokens_of_apps_it_is_granted() {
+    let clients = format!(
+        "{BOTH}\n[[client]]\nname = \"billing\"\nnetworks = [\"127.0.0.1/32\", \"::1\"]\napps = [\"default\"]\n"
+    );
+    let env = EnvBuilder::new()
+        .apps(&clients)
+        .file("corp_secret_20002", "demo-corp-secret")
+        .start()
+        .await;
+    env.ready().await;
+    let own = get(&env.url(&format!(
+        "/api/apps/v1/access-tokens?app_key={APP_KEY}&corp_id=10001&corp_secret={SECRET}"
+    )))
+    .await;
+    assert_eq!(own.json()["err_code"], 0, "{}", own.text());
+    // Routed to "default" by its prefix, but naming the corp-service app.
+    let other =
+        get(&env
+            .url("/api/corp-service/v1/access-tokens?corp_id=20002&corp_secret=demo-corp-secret"))
+        .await;
+    let v = assert_proxy_error(&other, 403, "forbidden");
+    assert!(!other.text().contains("access_token"), "{v}");
+}
