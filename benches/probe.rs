@@ -1,7 +1,10 @@
 //! The rejection probe on the answer every forwarded call gets: a 1 KiB JSON body with a
 //! declared length, read and checked for its `err_code` (SPEC section 4.6).
 //!
-//! Run: `cargo bench --bench probe`.
+//! Run: `cargo bench --bench probe`. Recorded on a 2 vCPU AMD EPYC KVM guest, 2026-12-04,
+//! back to back: ~505 ns (497-513) for this probe, which also reads `text/*`, untyped,
+//! compressed and undeclared-length answers; ~499 ns (479-520) for the probe before it, which
+//! read only JSON with a declared length. The common case costs what it did.
 
 use std::hint::black_box;
 use std::time::Duration;

@@ -9,11 +9,11 @@
 //!
 //! | module | owns |
 //! | --- | --- |
-//! | [`cli`] | the command line: `run`, `check`, `sandbox`, `demo` |
+//! | [`cli`] | the command line: `run`, `check`, `sandbox`, `demo`, `corp-secret` |
 //! | [`config`] | `proxy.toml`: parsing, validation, secret sources, the `check` rendering |
 //! | [`server`] | accept loops, TLS handshakes, HTTP/1.1 + HTTP/2, limits, graceful shutdown |
 //! | [`gateway`] | the configuration in force, swapped on SIGHUP |
-//! | [`proxy`] | the request path: refuse, route, inject, rewrite, forward, access log |
+//! | [`proxy`] | the request path: refuse, route, local token endpoints, inject, rewrite, forward, the rejection probe and replay, access log |
 //! | [`auth`] | the token: fetching it and caching it per app (moka, single flight) |
 //! | [`upstream`] | the one pooled TLS client to the platform |
 //! | [`admin`], [`metrics`] | `/healthz`, `/readyz`, `/metrics`, forced refreshes |
@@ -29,14 +29,18 @@
 //!    configured, then hyper-util's auto builder serves HTTP/1.1 or HTTP/2 on it.
 //! 2. [`Proxy::handle`]: refuse clients outside `allow` (403), `CONNECT` (405), HTTP/1
 //!    absolute-form targets (400), bodies declared over `max_body_bytes` (413).
-//! 3. Route: `X-CX-App` by name, else the longest matching `prefix`; none is 404.
+//! 3. Route: `X-CX-App` by name, else the longest matching `prefix`; none is 404. A token
+//!    endpoint naming a configured app is answered from the cache (GET) or refused (405).
 //! 4. Token: the app's cached token, or one fetch shared by every waiting request; a failed
 //!    fetch answers 502 with the platform's code and message.
 //! 5. Rewrite: the client's `access_token` (and the configured header) dropped, ours
 //!    injected, hop-by-hop and forwarding headers stripped, `Host` set by the upstream pool.
 //! 6. [`upstream`]: forward over a pooled TLS connection (h2 or http/1.1 by ALPN); stream
 //!    both bodies; an HTTP/1 connection returns to the pool when its answer is read.
-//! 7. One access-log line, query secrets shown as `***`.
+//! 7. [`proxy::probe`]: the answer's `err_code` (JSON, `text/*` or untyped; plain or
+//!    compressed; held up to 64 KiB when its length is undeclared); one of the app's
+//!    `invalid_codes` drops the token and replays the request once with a new one.
+//! 8. One access-log line, query secrets shown as `***`.
 
 #![forbid(unsafe_code)]
 #![deny(missing_docs, rust_2018_idioms)]
