@@ -102,9 +102,9 @@ pub struct SandboxArgs {
     /// An app as KEY:CORP_ID:SECRET (repeatable; default demo-app:10001:demo-secret).
     #[arg(long = "app")]
     pub apps: Vec<SandboxApp>,
-    /// An organisation-service corp as CORP_ID:SECRET[:TEMP_SECRET] (repeatable; default
-    /// 20002:demo-corp-secret:demo-temp-secret): SECRET is its permanent corp_secret, TEMP_SECRET
-    /// (default temp-CORP_ID) the 24-hour one exchanged for it once.
+    /// An organisation-service corp as CORP_ID:SECRET or CORP_ID:SECRET:TEMP_SECRET
+    /// (repeatable; default 20002:demo-corp-secret:demo-temp-secret): SECRET is its permanent
+    /// corp_secret, TEMP_SECRET (default temp-CORP_ID) the 24-hour one exchanged for it once.
     #[arg(long = "corp")]
     pub corps: Vec<SandboxCorp>,
     /// An app with any other token request shape, as NAME@/token/path?key=value&...
