@@ -447,15 +447,40 @@ async fn demo_inner(args: DemoArgs) -> Result<(), StartupError> {
     let dir = args.state_dir.unwrap_or_else(|| {
         std::env::temp_dir().join(format!("cx-proxy-demo-{}", std::process::id()))
     });
+    // The folder holds the demo's secrets: its owner's only.
+    {
+        use std::os::unix::fs::DirBuilderExt as _;
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&dir)
+            .map_err(|e| StartupError::Other(format!("{}: {e}", dir.display())))?;
+    }
     let sandbox = Sandbox::start(SandboxOptions {
         listen: args.sandbox_listen,
         state_dir: Some(dir.clone()),
+        // The demo is for trying calls again and again; `cx-proxy sandbox` keeps the
+        // platform's documented limits (10 card templates an hour...).
+        rate_limits: false,
         ..SandboxOptions::default()
     })
     .await?;
     let write = |name: &str, text: &str| {
-        std::fs::write(dir.join(name), text)
-            .map_err(|e| StartupError::Other(format!("{}: {e}", dir.join(name).display())))
+        use std::io::Write as _;
+        use std::os::unix::fs::OpenOptionsExt as _;
+        let path = dir.join(name);
+        std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&path)
+            .and_then(|mut f| {
+                // A reused folder's file keeps its old mode unless told.
+                f.set_permissions(std::os::unix::fs::PermissionsExt::from_mode(0o600))?;
+                f.write_all(text.as_bytes())
+            })
+            .map_err(|e| StartupError::Other(format!("{}: {e}", path.display())))
     };
     write("corp_secret", &SandboxApp::demo().secret)?;
     write("corp_secret_20002", &SandboxCorp::demo().secret)?;
@@ -481,7 +506,8 @@ async fn demo_inner(args: DemoArgs) -> Result<(), StartupError> {
         println!("  {}", curl_line(&base, call));
     }
     println!(
-        "(the last one goes through the organisation-service app \"demo-corp\", prefix /corp)"
+        "(the last one goes through the organisation-service app \"demo-corp\", prefix /corp; \
+         the demo's sandbox does not enforce the platform's rate limits, `cx-proxy sandbox` does)"
     );
     println!("Ctrl-C stops both.");
     shutdown_signal().await;
@@ -510,13 +536,8 @@ async fn corp_secret(config: &Path, args: CorpSecretArgs) -> ExitCode {
 }
 
 async fn corp_secret_inner(config: &Path, args: &CorpSecretArgs) -> Result<(), String> {
-    // Refused before the exchange, so the one-time code is not spent on a file that cannot
-    // be written.
-    if args.out.exists() || args.out.is_symlink() {
-        return Err(format!(
-            "{} exists; refusing to overwrite it (the temp_corp_secret was not used)",
-            args.out.display()
-        ));
+    if args.corp_id.trim().is_empty() {
+        return Err("--corp-id is empty".into());
     }
     let upstream = Config::load_upstream(config).map_err(|e| e.to_string())?;
     let env = |var: &str, what: &str| match std::env::var(var) {
@@ -528,15 +549,32 @@ async fn corp_secret_inner(config: &Path, args: &CorpSecretArgs) -> Result<(), S
     let authorization = env(&args.corp_authorization_env, "--corp-authorization-env")?;
     let temp = env(&args.temp_secret_env, "--temp-secret-env")?;
     let pool = crate::upstream::Upstream::new(&upstream).map_err(|e| e.to_string())?;
+    // The file is made (new, 0600) before the exchange: the temporary secret works once, so
+    // the permanent one must have somewhere to go before it is asked for.
+    let mut file = create_private(&args.out).map_err(|e| match e.kind() {
+        std::io::ErrorKind::AlreadyExists => format!(
+            "{} exists; refusing to overwrite it (the temp_corp_secret was not used)",
+            args.out.display()
+        ),
+        _ => format!(
+            "cannot create {}: {e} (the temp_corp_secret was not used)",
+            args.out.display()
+        ),
+    })?;
     let params = [
         ("corp_id", args.corp_id.as_str()),
         ("corp_authorization", authorization.expose()),
         ("temp_corp_secret", temp.expose()),
     ];
     let scrub = |text: &str| temp.scrub(&authorization.scrub(text));
+    let refused = |why: String| {
+        // Nothing was obtained: leave no empty file behind.
+        let _ = std::fs::remove_file(&args.out);
+        why
+    };
     let answer = crate::auth::platform_get(&pool, platform::CORP_SECRETS_PATH, &params)
         .await
-        .map_err(|e| scrub(&e))?;
+        .map_err(|e| refused(scrub(&e)))?;
     let code = answer
         .get("err_code")
         .and_then(crate::auth::as_code)
@@ -553,10 +591,10 @@ async fn corp_secret_inner(config: &Path, args: &CorpSecretArgs) -> Result<(), S
             }
             _ => "",
         };
-        return Err(format!(
+        return Err(refused(format!(
             "the platform refused the exchange: err_code {code}, err_msg {:?}{hint}",
             scrub(msg)
-        ));
+        )));
     }
     let permanent = ["corp_secret", "permanent_code"]
         .iter()
@@ -566,22 +604,35 @@ async fn corp_secret_inner(config: &Path, args: &CorpSecretArgs) -> Result<(), S
                 .or_else(|| answer.get("data").and_then(|d| d.get(k)))
         })
         .and_then(|v| v.as_str())
-        .filter(|v| !v.is_empty())
-        .ok_or("the platform's answer carries no corp_secret")?;
-    write_private(&args.out, permanent)
-        .map_err(|e| format!("cannot write {}: {e}", args.out.display()))
+        .filter(|v| !v.is_empty());
+    let write = |f: &mut std::fs::File, text: &str| {
+        use std::io::Write as _;
+        f.write_all(text.as_bytes())
+            .and_then(|()| f.write_all(b"\n"))
+            .and_then(|()| f.sync_all())
+            .map_err(|e| format!("cannot write {}: {e}", args.out.display()))
+    };
+    match permanent {
+        Some(secret) => write(&mut file, secret),
+        None => {
+            // The field name is assumed (PLATFORM.md section 1); the answer is kept whole
+            // rather than lost with the one-time code.
+            write(&mut file, &answer.to_string())?;
+            Err(format!(
+                "the platform's answer has no corp_secret field; it was written whole to {} \
+                 (mode 0600): take the permanent secret from it",
+                args.out.display()
+            ))
+        }
+    }
 }
 
-/// Writes `secret` to a new file readable by its owner only.
-fn write_private(path: &Path, secret: &str) -> std::io::Result<()> {
-    use std::io::Write as _;
+/// Creates a new file readable by its owner only (never an existing one).
+fn create_private(path: &Path) -> std::io::Result<std::fs::File> {
     use std::os::unix::fs::OpenOptionsExt as _;
-    let mut f = std::fs::OpenOptions::new()
+    std::fs::OpenOptions::new()
         .write(true)
         .create_new(true)
         .mode(0o600)
-        .open(path)?;
-    f.write_all(secret.as_bytes())?;
-    f.write_all(b"\n")?;
-    f.sync_all()
+        .open(path)
 }

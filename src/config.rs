@@ -26,6 +26,18 @@ pub const DEFAULT_UPSTREAM: &str = "https://service.cheng-xun.cn";
 /// The documented token endpoint of self-built apps (`[token] path` by default).
 pub const DEFAULT_TOKEN_PATH: &str = platform::APP_TOKEN_PATH;
 
+/// The keys of an `[[app]]` that carry its token request's credentials.
+const CREDENTIAL_KEYS: [&str; 8] = [
+    "app_key",
+    "corp_id",
+    "corp_secret",
+    "corp_secret_env",
+    "corp_secret_file",
+    "corp_authorization",
+    "corp_authorization_env",
+    "corp_authorization_file",
+];
+
 /// A validated configuration.
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -1189,30 +1201,27 @@ impl Parser {
                 }
             }
             let kind_key = s.key("kind");
-            let kind = match self.string(&mut s, "kind").as_deref() {
-                None | Some("app") => AppKind::App,
-                Some("corp-service") => AppKind::CorpService,
+            let (kind, kind_known) = match self.string(&mut s, "kind").as_deref() {
+                None | Some("app") => (AppKind::App, true),
+                Some("corp-service") => (AppKind::CorpService, true),
                 Some(other) => {
                     self.err(
                         &kind_key,
                         format!("{other:?} is not \"app\" or \"corp-service\""),
                     );
-                    AppKind::App
+                    // Which credentials belong is unknown: take them without more complaint.
+                    for k in CREDENTIAL_KEYS {
+                        s.table.remove(k);
+                    }
+                    (AppKind::App, false)
                 }
             };
             let codes_key = s.key("invalid_codes");
             let own_codes = self.codes(&mut s, "invalid_codes");
-            let credentials = if s.table.contains_key("token_params") {
-                for k in [
-                    "app_key",
-                    "corp_id",
-                    "corp_secret",
-                    "corp_secret_env",
-                    "corp_secret_file",
-                    "corp_authorization",
-                    "corp_authorization_env",
-                    "corp_authorization_file",
-                ] {
+            let credentials = if !kind_known {
+                None
+            } else if s.table.contains_key("token_params") {
+                for k in CREDENTIAL_KEYS {
                     if s.table.remove(k).is_some() {
                         self.err(
                             &s.key(k),
@@ -1246,6 +1255,10 @@ impl Parser {
                 let corp_id = match s.table.remove("corp_id") {
                     Some(Value::String(v)) if !v.is_empty() => Some(v),
                     Some(Value::Integer(v)) => Some(v.to_string()),
+                    Some(Value::String(_)) => {
+                        self.err(&corp_id_key, "is empty");
+                        None
+                    }
                     Some(other) => {
                         self.err(
                             &corp_id_key,
@@ -1719,6 +1732,15 @@ prefix = "/corp42"
             .problems
             .join("\n");
         assert!(all.contains("app[0].kind: \"isv\" is not"), "{all}");
+        assert!(
+            !all.contains("app_key") && !all.contains("corp_secret"),
+            "{all}"
+        );
+        let all = load(&CORP.replace("corp_id = 42", "corp_id = \"\""))
+            .unwrap_err()
+            .problems
+            .join("\n");
+        assert!(all.contains("app[0].corp_id: is empty"), "{all}");
     }
 
     #[test]

@@ -373,6 +373,45 @@ pub fn query_pairs(query: &str) -> impl Iterator<Item = (Cow<'_, str>, Cow<'_, s
     })
 }
 
+/// Whether `path`, as a client sent it, names the endpoint `canonical` the way a lenient
+/// server would read it: percent-escapes decoded, runs of `/` taken as one, a trailing `/`
+/// ignored, letters compared without case. (A token endpoint must be recognised in every
+/// spelling a platform behind nginx or a Java servlet could still serve.) No allocation.
+pub fn same_path(path: &str, canonical: &str) -> bool {
+    /// Decoded, lower-cased bytes with runs of `/` collapsed.
+    fn decoded(p: &str) -> impl Iterator<Item = u8> + '_ {
+        let raw = p.as_bytes();
+        let mut i = 0;
+        let mut last_slash = false;
+        std::iter::from_fn(move || loop {
+            let &b = raw.get(i)?;
+            let escaped = (b == b'%')
+                .then(|| raw.get(i + 1..i + 3))
+                .flatten()
+                .and_then(|h| std::str::from_utf8(h).ok())
+                .and_then(|h| u8::from_str_radix(h, 16).ok());
+            let byte = escaped.unwrap_or(b);
+            i += if escaped.is_some() { 3 } else { 1 };
+            if byte == b'/' && last_slash {
+                continue;
+            }
+            last_slash = byte == b'/';
+            return Some(byte.to_ascii_lowercase());
+        })
+    }
+    /// [`decoded`] without a trailing `/` (a lone `/` stays).
+    fn trimmed(p: &str) -> impl Iterator<Item = u8> + '_ {
+        let mut it = decoded(p).peekable();
+        let mut first = true;
+        std::iter::from_fn(move || {
+            let b = it.next()?;
+            let lone = std::mem::replace(&mut first, false);
+            (b != b'/' || lone || it.peek().is_some()).then_some(b)
+        })
+    }
+    trimmed(path).eq(trimmed(canonical))
+}
+
 /// The code for "rate limit exceeded" on `path`: 55001 on organisation-service APIs, else 49001.
 pub fn rate_limited_code(path: &str) -> i64 {
     if path.starts_with(CORP_SERVICE_PREFIX) {
@@ -441,5 +480,29 @@ mod tests {
             ]
             .map(|(k, v)| (k.to_owned(), v.to_owned()))
         );
+    }
+
+    #[test]
+    fn endpoints_are_recognised_in_every_spelling_a_server_could_serve() {
+        for p in [
+            "/api/apps/v1/access-tokens",
+            "/api//apps/v1/access-tokens",
+            "/api/apps/v1/access-tokens/",
+            "/api/apps/v1/%61ccess-tokens",
+            "/API/apps/v1/Access-Tokens",
+            "//api/apps/v1//access-tokens//",
+        ] {
+            assert!(same_path(p, APP_TOKEN_PATH), "{p}");
+        }
+        for p in [
+            "/api/apps/v1/access-token",
+            "/api/apps/v1/access-tokens/x",
+            "/api/apps/v1/robot/chats",
+            "/",
+            "",
+        ] {
+            assert!(!same_path(p, APP_TOKEN_PATH), "{p}");
+        }
+        assert!(same_path("/", "/"));
     }
 }

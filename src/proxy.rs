@@ -70,8 +70,9 @@ pub struct Proxy {
     /// The header stripped from client requests and, in header mode, injected.
     token_header: Option<HeaderName>,
     /// Every token endpoint path (`token.path`, the corp-service one, each app's
-    /// `token_path`), deduplicated: requests to them are answered locally when they name a
-    /// configured app (SPEC section 4.3).
+    /// `token_path`), deduplicated: requests to them (in any spelling a server could serve,
+    /// [`crate::platform::same_path`]) are answered locally when they name a configured app
+    /// (SPEC section 4.3).
     token_paths: Vec<String>,
 }
 
@@ -381,10 +382,14 @@ impl Proxy {
             rest => rest,
         };
 
-        if self.token_paths.iter().any(|p| p == path) {
+        if let Some(endpoint) = self
+            .token_paths
+            .iter()
+            .find(|p| crate::platform::same_path(path, p))
+        {
             let params: Vec<_> =
                 crate::platform::query_pairs(parts.uri.query().unwrap_or("")).collect();
-            if let Some(idx) = self.named_app(path, &params) {
+            if let Some(idx) = self.named_app(endpoint, &params) {
                 return self
                     .local_token(idx, &parts.method, &params, access.client, &full_path)
                     .await;

@@ -886,7 +886,7 @@ async fn token_endpoint(shared: &Shared, path: &str, query: Option<&str>) -> Ans
     if !delay.is_zero() {
         tokio::time::sleep(delay).await;
     }
-    let answer = issue(shared, who);
+    let answer = issue(shared, path, who);
     // A delay after issuing: the token exists (and superseded ones are invalid) before the
     // fetcher learns it, as on a platform that is slow to answer.
     let late = shared.lock().token_answer_delay;
@@ -896,7 +896,7 @@ async fn token_endpoint(shared: &Shared, path: &str, query: Option<&str>) -> Ans
     answer
 }
 
-fn issue(shared: &Shared, who: Requester) -> Answer {
+fn issue(shared: &Shared, path: &str, who: Requester) -> Answer {
     let opts = &shared.opts;
     let mut st = shared.lock();
     if st.fail_next > 0 {
@@ -911,7 +911,7 @@ fn issue(shared: &Shared, who: Requester) -> Answer {
     let issued = st.issued.get(&owner).copied().unwrap_or(0);
     if st.quota > 0 && issued >= st.quota {
         return platform_error(
-            code::RATE_LIMITED,
+            platform::rate_limited_code(path),
             "rate limit exceeded: daily token quota reached",
         );
     }
@@ -1104,7 +1104,13 @@ async fn api(shared: &Shared, req: Request<Incoming>) -> Answer {
             (_, Some(t)) if t.expires_at <= now => "expired",
             _ => "valid",
         };
-        let status = if st.reject_all && status == "valid" {
+        // A token is good for its own family of APIs only: a self-built app's on the apps'
+        // paths, a corp's on the organisation service's (a corp-service app configured as a
+        // self-built one shows at once).
+        let wrong_family = issued.is_some_and(|t| {
+            t.app_key.starts_with("corp:") != path.starts_with(CORP_SERVICE_PREFIX)
+        });
+        let status = if (st.reject_all || wrong_family) && status == "valid" {
             "unknown"
         } else {
             status

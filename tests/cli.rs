@@ -341,6 +341,14 @@ async fn demo_prints_curl_lines_that_all_work_on_documented_paths() {
             .starts_with("/api/corp-service/");
     }
     assert!(corp_service, "one line goes through the corp-service app");
+    for file in ["corp_secret", "corp_secret_20002"] {
+        use std::os::unix::fs::PermissionsExt as _;
+        let mode = std::fs::metadata(dir.path().join(file))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600, "{file}: {mode:o}");
+    }
     p.sigterm();
     assert_eq!(p.wait().await.code(), Some(0));
 }
@@ -477,6 +485,12 @@ async fn corp_secret_exchanges_once_writes_a_private_file_and_never_prints_the_s
         corp.temp_secret.as_str(),
         "auth-code-xyz",
     ];
+
+    // A file that cannot be made is found out before the one-time code is spent.
+    let mut p = run(&dir.path().join("no-such-folder/corp-20002"));
+    assert_eq!(p.wait().await.code(), Some(1));
+    assert!(printed(&p).contains("cannot create"), "{}", printed(&p));
+    assert_eq!(exchanges(), 0, "the temp secret was not used");
 
     let mut p = run(&out);
     assert_eq!(p.wait().await.code(), Some(0), "{}", printed(&p));

@@ -181,6 +181,15 @@ async fn rate_limits_and_bad_credentials_reach_the_client_unchanged_with_no_fetc
         );
     }
 
+    // A self-built app's token on an organisation-service API: the platform's 40004, shown
+    // as it is (not a rejection for this app, so no fetch).
+    let req = Request::builder()
+        .uri(env.url("/api/corp-service/v1/address-book"))
+        .header("x-cx-app", "default")
+        .body(Full::new(Bytes::new()))
+        .unwrap();
+    assert_eq!(send(&client(false), req).await.json()["err_code"], 40004);
+
     assert_eq!(fetches(&env, false), app_fetches, "no fetch for 49001");
     assert_eq!(
         fetches(&env, true),
@@ -189,7 +198,7 @@ async fn rate_limits_and_bad_credentials_reach_the_client_unchanged_with_no_fetc
     );
     assert_eq!(
         env.sandbox.recorded().len(),
-        seen + 13,
+        seen + 14,
         "each call reached the platform once: no replay"
     );
     for series in [
@@ -298,8 +307,14 @@ impl http_body::Body for Fed {
 
 /// Sends `data` as a chunked body to the sandbox's JSON echo through the proxy, in pieces of
 /// `piece` bytes; the first `first` bytes go before the rest, and the rest only once the
-/// answer has delivered more than the probe's 64 KiB hold. Returns what came back.
-async fn echo_through(env: &Env, data: &[u8], first: usize, piece: usize) -> Vec<u8> {
+/// answer has delivered `wait_for` bytes. Returns what came back.
+async fn echo_through(
+    env: &Env,
+    data: &[u8],
+    first: usize,
+    piece: usize,
+    wait_for: usize,
+) -> Vec<u8> {
     let (tx, rx) = tokio::sync::mpsc::channel::<Bytes>(4);
     let mut sender = {
         let stream = tokio::net::TcpStream::connect(env.proxy.addr)
@@ -337,10 +352,10 @@ async fn echo_through(env: &Env, data: &[u8], first: usize, piece: usize) -> Vec
     let mut got = Vec::with_capacity(data.len());
     // Nothing more is sent until the proxy has passed the first bytes on: an answer held
     // whole would stop here.
-    while got.len() < first.min(64 * 1024 + 1) {
+    while got.len() < wait_for {
         let frame = tokio::time::timeout(Duration::from_secs(10), body.frame())
             .await
-            .expect("the first bytes stream on once the 64 KiB hold is passed")
+            .expect("the first bytes stream on")
             .unwrap()
             .unwrap();
         if let Some(d) = frame.data_ref() {
@@ -366,16 +381,35 @@ async fn large_chunked_answers_stream_on_intact_after_the_hold() {
     let env = env("").await;
     env.ready().await;
     let small = noise(200 * 1024);
-    let got = echo_through(&env, &small, 70 * 1024, 16 * 1024).await;
+    let hold = 64 * 1024 + 1;
+    let got = echo_through(&env, &small, 70 * 1024, 16 * 1024, hold).await;
     assert_eq!(sha256(&got), sha256(&small), "200 KiB intact");
     let large = noise(5 * 1024 * 1024);
-    let got = echo_through(&env, &large, 70 * 1024, 64 * 1024).await;
+    let got = echo_through(&env, &large, 70 * 1024, 64 * 1024, hold).await;
     assert_eq!(got.len(), large.len());
     assert_eq!(sha256(&got), sha256(&large), "5 MB intact");
     assert_metrics(
         &env.proxy,
         "cx_proxy_replays_total{app=\"default\"} 0",
         true,
+    );
+}
+
+#[tokio::test]
+async fn an_answer_slower_than_timeout_ms_streams_on_instead_of_failing() {
+    // The head comes at once; the body's first kilobyte, then nothing for longer than
+    // timeout_ms: held for the probe until then, after which it streams on unprobed.
+    let env = EnvBuilder::new()
+        .edit("timeout_ms = 5000", "timeout_ms = 500")
+        .start()
+        .await;
+    env.ready().await;
+    let data = noise(4 * 1024);
+    let got = echo_through(&env, &data, 1024, 1024, 1024).await;
+    assert_eq!(
+        sha256(&got),
+        sha256(&data),
+        "intact, and the client got no 504"
     );
 }
 
@@ -400,6 +434,18 @@ async fn no_client_can_make_the_proxy_fetch_through_a_token_endpoint() {
         let a = send(&client(false), request(Method::HEAD, url, "")).await;
         assert_eq!(a.status, 405);
         assert!(a.body.is_empty(), "an answer to HEAD has no body");
+    }
+    // Spellings a lenient server would still serve as the token endpoint.
+    for spelled in [
+        "/api//apps/v1/access-tokens",
+        "/api/apps/v1/access-tokens/",
+        "/api/apps/v1/%61ccess-tokens",
+    ] {
+        let url = env.url(&format!(
+            "{spelled}?app_key={APP_KEY}&corp_id=10001&corp_secret={SECRET}"
+        ));
+        let a = send(&client(false), request(Method::POST, &url, "")).await;
+        assert_proxy_error(&a, 405, "method_not_allowed");
     }
     assert_eq!(fetches(&env, false), app_fetches, "no platform fetch");
     assert_eq!(fetches(&env, true), corp_fetches, "no platform fetch");

@@ -196,7 +196,11 @@ pub async fn platform_get(
     };
     let (status, body) = get(upstream, path, params, &scrub)
         .await
-        .map_err(|e| e.to_string())?;
+        .map_err(|e| match e {
+            TokenError::Unreachable(m) => format!("cannot reach the platform: {m}"),
+            TokenError::Timeout(ms) => format!("no answer from the platform within {ms} ms"),
+            other => other.to_string(),
+        })?;
     serde_json::from_slice(&body).map_err(|_| {
         format!(
             "the platform answered HTTP {} without the documented JSON",

@@ -22,7 +22,7 @@ use http::Response;
 use http_body::Body as _;
 use http_body_util::BodyExt;
 
-use super::{collect, declared_length};
+use super::declared_length;
 use crate::body::Body;
 use crate::error::{ErrorKind, ProxyError};
 
@@ -77,11 +77,11 @@ fn probed_coding(headers: &HeaderMap) -> Option<Coding> {
 /// Reads `resp` when it is an answer the probe looks at (see the module doc) and returns it
 /// with its `err_code`, if it has one. The body the client gets is the platform's, byte for
 /// byte: re-assembled when it was read whole, or the held part followed by the rest of the
-/// stream. The read is bounded by `timeout`.
+/// stream. The read is bounded by `timeout`; an answer slower than that is not probed but
+/// streamed on (its head came in time, so it is no `upstream_timeout`).
 ///
 /// # Errors
-/// `upstream_unreachable` when the body breaks off, `upstream_timeout` when it is not read in
-/// time.
+/// `upstream_unreachable` when the body breaks off while it is read.
 pub async fn probe(
     resp: Response<Body>,
     timeout: Duration,
@@ -93,18 +93,16 @@ pub async fn probe(
         return Ok((resp, None));
     };
     let declared = declared_length(resp.headers()).ok().flatten();
+    // A declared length over the hold streams at once; an undeclared one is held.
     if declared.is_some_and(|n| n == 0 || n > CHECK_RESPONSE_MAX) {
         return Ok((resp, None));
     }
-    let (parts, body) = resp.into_parts();
-    let read = async {
-        match declared {
-            Some(_) => collect(body).await.map(Held::Whole),
-            None => hold(body).await,
-        }
-    };
-    let held = match tokio::time::timeout(timeout, read).await {
-        Ok(Ok(held)) => held,
+    let (parts, mut body) = resp.into_parts();
+    let mut held = Hold::default();
+    // The chunks read stay in `held` whatever happens to the read: an answer slower than
+    // `timeout` streams on, unprobed, from where it was (its head arrived in time).
+    let ended = match tokio::time::timeout(timeout, held.read(&mut body)).await {
+        Ok(Ok(ended)) => ended,
         Ok(Err(e)) => {
             return Err(ProxyError::new(
                 ErrorKind::UpstreamUnreachable,
@@ -112,68 +110,83 @@ pub async fn probe(
             ))
         }
         Err(_) => {
-            return Err(ProxyError::new(
-                ErrorKind::UpstreamTimeout,
-                "upstream response body timed out",
-            ))
+            tracing::debug!(
+                held_bytes = held.total,
+                "answer not probed: its body is slower than timeout_ms; streaming it on"
+            );
+            false
         }
     };
-    match held {
-        Held::Whole(bytes) => {
-            let code = match coding {
-                Coding::Identity => err_code(&bytes),
-                coded => decode(coded, &bytes).and_then(|plain| err_code(&plain)),
-            };
-            Ok((Response::from_parts(parts, Body::full(bytes)), code))
-        }
-        Held::Partial { held, rest } => {
-            Ok((Response::from_parts(parts, Body::Held { held, rest }), None))
-        }
-    }
-}
-
-/// An undeclared-length body after the hold.
-enum Held {
-    /// It ended within the hold.
-    Whole(Bytes),
-    /// It did not: the chunks read so far, and the stream to go on with.
-    Partial {
-        held: VecDeque<Bytes>,
-        rest: Box<Body>,
-    },
-}
-
-/// Reads an undeclared-length body until it ends or passes [`CHECK_RESPONSE_MAX`].
-async fn hold(mut body: Body) -> Result<Held, crate::BoxError> {
-    let mut held: VecDeque<Bytes> = VecDeque::new();
-    let mut total = 0u64;
-    while let Some(frame) = body.frame().await {
-        // Trailers are not something the platform sends; like a collected body, they are
-        // not kept.
-        let Ok(data) = frame?.into_data() else {
-            continue;
+    if !ended {
+        let body = Body::Held {
+            held: held.into_chunks(),
+            rest: Box::new(body),
         };
-        total += data.len() as u64;
-        held.push_back(data);
-        if total > CHECK_RESPONSE_MAX && !body.is_end_stream() {
-            return Ok(Held::Partial {
-                held,
-                rest: Box::new(body),
-            });
-        }
+        return Ok((Response::from_parts(parts, body), None));
     }
-    let whole = match held.len() {
-        0 => Bytes::new(),
-        1 => held.pop_front().unwrap_or_default(),
-        _ => {
-            let mut m = BytesMut::with_capacity(total as usize);
-            for b in &held {
-                m.extend_from_slice(b);
-            }
-            m.freeze()
-        }
+    let bytes = held.into_whole();
+    let code = match coding {
+        Coding::Identity => err_code(&bytes),
+        coded => decode(coded, &bytes).and_then(|plain| err_code(&plain)),
     };
-    Ok(Held::Whole(whole))
+    Ok((Response::from_parts(parts, Body::full(bytes)), code))
+}
+
+/// The chunks of an answer read for the probe. The first chunk is kept apart so that the
+/// common answer, one chunk, is handed back as it came: no copy, no allocation.
+#[derive(Default)]
+struct Hold {
+    first: Option<Bytes>,
+    more: VecDeque<Bytes>,
+    total: u64,
+}
+
+impl Hold {
+    /// Reads `body` until it ends (`true`) or passes [`CHECK_RESPONSE_MAX`] (`false`).
+    /// Cancel-safe: every chunk read is in `self` before the next await.
+    async fn read(&mut self, body: &mut Body) -> Result<bool, crate::BoxError> {
+        while let Some(frame) = body.frame().await {
+            // Trailers are not something the platform sends; like a collected body, they
+            // are not kept.
+            let Ok(data) = frame?.into_data() else {
+                continue;
+            };
+            self.total += data.len() as u64;
+            match self.first {
+                None => self.first = Some(data),
+                Some(_) => self.more.push_back(data),
+            }
+            if self.total > CHECK_RESPONSE_MAX && !body.is_end_stream() {
+                return Ok(false);
+            }
+        }
+        Ok(true)
+    }
+
+    /// Everything read, as one chunk.
+    fn into_whole(self) -> Bytes {
+        let Some(first) = self.first else {
+            return Bytes::new();
+        };
+        if self.more.is_empty() {
+            return first;
+        }
+        let mut m = BytesMut::with_capacity(self.total as usize);
+        m.extend_from_slice(&first);
+        for b in &self.more {
+            m.extend_from_slice(b);
+        }
+        m.freeze()
+    }
+
+    /// Everything read, in order, to be sent before the rest of the stream.
+    fn into_chunks(self) -> VecDeque<Bytes> {
+        let mut chunks = self.more;
+        if let Some(first) = self.first {
+            chunks.push_front(first);
+        }
+        chunks
+    }
 }
 
 /// The decoded form of a compressed answer, at most [`DECODED_MAX`] bytes; `None` when it
@@ -234,6 +247,7 @@ pub fn err_code(body: &[u8]) -> Option<i64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::proxy::collect;
 
     #[test]
     fn err_code_is_read_from_numbers_and_strings_only() {

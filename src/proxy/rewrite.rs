@@ -227,11 +227,15 @@ pub fn normalize_path(path: &str) -> Cow<'_, str> {
     Cow::Owned(s)
 }
 
-/// Whether a query key carries something secret and must be masked in logs.
+/// Whether a query key carries something secret and must be masked in logs: the token
+/// parameter, or a (percent-decoded) name holding `token`, `secret`, `pass`, `code`, `sign`
+/// or `auth` (`corp_authorization`).
 fn sensitive_key(raw: &str, extra: &str) -> bool {
-    let key = raw.to_ascii_lowercase();
+    let key = percent_decode_str(raw)
+        .decode_utf8_lossy()
+        .to_ascii_lowercase();
     key_is(raw, extra)
-        || ["token", "secret", "password", "code", "sign"]
+        || ["token", "secret", "pass", "code", "sign", "auth"]
             .iter()
             .any(|s| key.contains(s))
 }
@@ -256,14 +260,23 @@ impl fmt::Display for Redacted<'_> {
         let Some(query) = self.query else {
             return Ok(());
         };
-        for (i, pair) in query.split('&').enumerate() {
-            f.write_str(if i == 0 { "?" } else { "&" })?;
+        // `;` separates too: some servers split on it, so a secret behind one is a secret.
+        let mut rest = query;
+        let mut sep = "?";
+        loop {
+            let end = rest.find(['&', ';']).unwrap_or(rest.len());
+            let pair = &rest[..end];
+            f.write_str(sep)?;
             match pair.split_once('=') {
                 Some((k, _)) if sensitive_key(k, self.param) => write!(f, "{k}=***")?,
                 _ => f.write_str(pair)?,
             }
+            if end == rest.len() {
+                return Ok(());
+            }
+            sep = &rest[end..=end];
+            rest = &rest[end + 1..];
         }
-        Ok(())
     }
 }
 
@@ -378,6 +391,15 @@ mod tests {
         assert_eq!(
             r.to_string(),
             "/p?a=1&access_token=***&corp_secret=***&Permanent_Code=***&b"
+        );
+        let r = Redacted::new(
+            "/p",
+            Some("corp_id=1;corp_secret=s&corp_authorization=z;x=1&%63orp_secret=t"),
+            "access_token",
+        );
+        assert_eq!(
+            r.to_string(),
+            "/p?corp_id=1;corp_secret=***&corp_authorization=***;x=1&%63orp_secret=***"
         );
     }
 }

@@ -126,6 +126,7 @@ pub struct EnvBuilder {
     files: Vec<(String, String)>,
     pub clock: Option<SharedClock>,
     prepare: Option<Prepare>,
+    edits: Vec<(String, String)>,
 }
 
 impl EnvBuilder {
@@ -139,6 +140,7 @@ impl EnvBuilder {
             files: Vec::new(),
             clock: None,
             prepare: None,
+            edits: Vec::new(),
         }
     }
 
@@ -182,6 +184,12 @@ impl EnvBuilder {
         self
     }
 
+    /// Replaces `from` by `to` in the generated config text (e.g. a default timeout).
+    pub fn edit(mut self, from: &str, to: &str) -> Self {
+        self.edits.push((from.into(), to.into()));
+        self
+    }
+
     /// Runs on the sandbox before the proxy starts (its warm-up fetch sees the result).
     pub fn prepare(mut self, f: impl FnOnce(&Sandbox) + 'static) -> Self {
         self.prepare = Some(Box::new(f));
@@ -212,6 +220,10 @@ impl EnvBuilder {
             &self.server,
             &format!("{admin}{}\n{apps}", self.extra),
         );
+        let text = self.edits.iter().fold(text, |t, (from, to)| {
+            assert!(t.contains(from.as_str()), "{from:?} is not in the config");
+            t.replace(from.as_str(), to)
+        });
         let cfg = config(&text);
         let proxy = match self.clock {
             Some(clock) => ProxyHandle::start_with(Proxy::with_clock(cfg, clock).unwrap())
