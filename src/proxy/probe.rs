@@ -14,13 +14,14 @@
 
 use std::collections::VecDeque;
 use std::io::Read;
+use std::pin::Pin;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use http::header::{HeaderMap, CONTENT_ENCODING, CONTENT_TYPE};
 use http::Response;
 use http_body::Body as _;
-use http_body_util::BodyExt;
 
 use super::declared_length;
 use crate::body::Body;
@@ -99,23 +100,31 @@ pub async fn probe(
     }
     let (parts, mut body) = resp.into_parts();
     let mut held = Hold::default();
+    let broke_off = |e: crate::BoxError| {
+        ProxyError::new(
+            ErrorKind::UpstreamUnreachable,
+            format!("upstream response broke off: {e}"),
+        )
+    };
+    // A small answer has usually arrived whole with its head: what is ready now is read
+    // without arming a timer.
+    let ready = std::future::poll_fn(|cx| Poll::Ready(held.read_ready(&mut body, cx)))
+        .await
+        .map_err(broke_off)?;
     // The chunks read stay in `held` whatever happens to the read: an answer slower than
     // `timeout` streams on, unprobed, from where it was (its head arrived in time).
-    let ended = match tokio::time::timeout(timeout, held.read(&mut body)).await {
-        Ok(Ok(ended)) => ended,
-        Ok(Err(e)) => {
-            return Err(ProxyError::new(
-                ErrorKind::UpstreamUnreachable,
-                format!("upstream response broke off: {e}"),
-            ))
-        }
-        Err(_) => {
-            tracing::debug!(
-                held_bytes = held.total,
-                "answer not probed: its body is slower than timeout_ms; streaming it on"
-            );
-            false
-        }
+    let ended = match ready {
+        Some(ended) => ended,
+        None => match tokio::time::timeout(timeout, held.read(&mut body)).await {
+            Ok(read) => read.map_err(broke_off)?,
+            Err(_) => {
+                tracing::debug!(
+                    held_bytes = held.total,
+                    "answer not probed: its body is slower than timeout_ms; streaming it on"
+                );
+                false
+            }
+        },
     };
     if !ended {
         let body = Body::Held {
@@ -145,10 +154,30 @@ impl Hold {
     /// Reads `body` until it ends (`true`) or passes [`CHECK_RESPONSE_MAX`] (`false`).
     /// Cancel-safe: every chunk read is in `self` before the next await.
     async fn read(&mut self, body: &mut Body) -> Result<bool, crate::BoxError> {
-        while let Some(frame) = body.frame().await {
+        std::future::poll_fn(|cx| match self.read_ready(body, cx) {
+            Ok(Some(ended)) => Poll::Ready(Ok(ended)),
+            Ok(None) => Poll::Pending,
+            Err(e) => Poll::Ready(Err(e)),
+        })
+        .await
+    }
+
+    /// Takes every frame `body` has ready: `Some(true)` when it ended, `Some(false)` when it
+    /// passed [`CHECK_RESPONSE_MAX`], `None` when it has nothing more ready (`cx` is woken).
+    fn read_ready(
+        &mut self,
+        body: &mut Body,
+        cx: &mut Context<'_>,
+    ) -> Result<Option<bool>, crate::BoxError> {
+        loop {
+            let frame = match Pin::new(&mut *body).poll_frame(cx) {
+                Poll::Pending => return Ok(None),
+                Poll::Ready(None) => return Ok(Some(true)),
+                Poll::Ready(Some(frame)) => frame?,
+            };
             // Trailers are not something the platform sends; like a collected body, they
             // are not kept.
-            let Ok(data) = frame?.into_data() else {
+            let Ok(data) = frame.into_data() else {
                 continue;
             };
             self.total += data.len() as u64;
@@ -157,10 +186,9 @@ impl Hold {
                 Some(_) => self.more.push_back(data),
             }
             if self.total > CHECK_RESPONSE_MAX && !body.is_end_stream() {
-                return Ok(false);
+                return Ok(Some(false));
             }
         }
-        Ok(true)
     }
 
     /// Everything read, as one chunk.
