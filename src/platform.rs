@@ -378,6 +378,12 @@ pub fn query_pairs(query: &str) -> impl Iterator<Item = (Cow<'_, str>, Cow<'_, s
 /// ignored, letters compared without case. (A token endpoint must be recognised in every
 /// spelling a platform behind nginx or a Java servlet could still serve.) No allocation.
 pub fn same_path(path: &str, canonical: &str) -> bool {
+    // Every spelling is at least as long as what it spells (decoding, collapsing and
+    // trimming only shorten, but for a trailing `/` of the canonical form), so most paths
+    // are told apart by their length alone.
+    if path.len() + 1 < canonical.len() {
+        return false;
+    }
     /// Decoded, lower-cased bytes with runs of `/` collapsed.
     fn decoded(p: &str) -> impl Iterator<Item = u8> + '_ {
         let raw = p.as_bytes();
