@@ -384,6 +384,18 @@ pub fn same_path(path: &str, canonical: &str) -> bool {
     if path.len() + 1 < canonical.len() {
         return false;
     }
+    // Where the bytes first differ must be somewhere a lenient reading could make equal (an
+    // escape, a slash, a letter's case, an end); elsewhere the answer is no, without the walk.
+    let (p, c) = (path.as_bytes(), canonical.as_bytes());
+    let same = p.iter().zip(c).take_while(|(a, b)| a == b).count();
+    let could_match = match (p.get(same), c.get(same)) {
+        (None, None) => return true,
+        (Some(a), Some(b)) => matches!(a, b'%' | b'/') || *b == b'/' || a.eq_ignore_ascii_case(b),
+        _ => true,
+    };
+    if !could_match {
+        return false;
+    }
     /// Decoded, lower-cased bytes with runs of `/` collapsed.
     fn decoded(p: &str) -> impl Iterator<Item = u8> + '_ {
         let raw = p.as_bytes();
