@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 use http::HeaderValue;
 
 pub use cache::TokenCache;
-pub use fetch::{as_code, fetch, platform_get, TokenError};
+pub use fetch::{fetch, platform_get, TokenError};
 pub use manager::{AppStatus, TokenManager};
 
 use crate::config::Inject;
@@ -66,7 +66,7 @@ impl Token {
                 pair.push('=');
                 pair.extend(percent_encoding::utf8_percent_encode(
                     &value,
-                    crate::proxy::QUERY_VALUE,
+                    crate::wire::QUERY_VALUE,
                 ));
                 Injection::Query(pair.into_boxed_str())
             }

@@ -11,9 +11,12 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use bytes::Bytes;
+use http::header::{HeaderValue, CONTENT_TYPE};
+use http::Response;
 use http_body::{Frame, SizeHint};
 use hyper::body::Incoming;
 
+use crate::error::{ProxyError, ERROR_HEADER};
 use crate::upstream::Lease;
 use crate::BoxError;
 
@@ -54,6 +57,19 @@ pub enum Body {
         /// The stream they came from, going on where they stopped.
         rest: Box<Body>,
     },
+}
+
+impl ProxyError {
+    /// The response sent to the client: the kind's status, the JSON body of SPEC section 5,
+    /// `x-cx-proxy-error`.
+    pub fn into_response(self) -> Response<Body> {
+        let mut resp = Response::new(Body::full(self.body_json()));
+        *resp.status_mut() = self.kind.status();
+        let headers = resp.headers_mut();
+        headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+        headers.insert(ERROR_HEADER, HeaderValue::from_static(self.kind.name()));
+        resp
+    }
 }
 
 /// A streamed body passed `max_body_bytes`.
@@ -156,5 +172,24 @@ impl http_body::Body for Body {
                 hint
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::error::ErrorKind;
+    use http::StatusCode;
+
+    #[test]
+    fn response_has_status_header_and_json_body() {
+        let resp = ProxyError::new(ErrorKind::NoRoute, "no app for \"/x\"").into_response();
+        assert_eq!(resp.status(), StatusCode::NOT_FOUND);
+        assert_eq!(resp.headers()[ERROR_HEADER], "no_route");
+        assert_eq!(resp.headers()[CONTENT_TYPE], "application/json");
+        let err = ProxyError::new(ErrorKind::NoRoute, "no app for \"/x\"");
+        let v: serde_json::Value = serde_json::from_slice(&err.body_json()).unwrap();
+        assert_eq!(v["err_code"], 990_404);
+        assert_eq!(v["err_msg"], "no app for \"/x\"");
     }
 }

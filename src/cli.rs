@@ -577,7 +577,7 @@ async fn corp_secret_inner(config: &Path, args: &CorpSecretArgs) -> Result<(), S
         .map_err(|e| refused(scrub(&e)))?;
     let code = answer
         .get("err_code")
-        .and_then(crate::auth::as_code)
+        .and_then(crate::wire::as_code)
         .unwrap_or(platform::code::SUCCESS);
     if code != platform::code::SUCCESS {
         let msg = answer.get("err_msg").and_then(|m| m.as_str()).unwrap_or("");

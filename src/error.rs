@@ -1,16 +1,14 @@
 //! Errors: the proxy's own answers (SPEC section 5) and startup failures.
 //!
-//! Every response the proxy makes itself goes through [`ProxyError::into_response`], so the
-//! status, the `{"err_code","err_msg"}` body and the `x-cx-proxy-error` header cannot drift
-//! apart. Codes sit in the 990xxx range so clients can tell them from the platform's own.
+//! A leaf: it knows the error kinds, their statuses and codes, and the body's text; the
+//! response itself is made in one place, `ProxyError::into_response` (in [`crate::body`],
+//! beside the body type), so the status, the `{"err_code","err_msg"}` body and the
+//! `x-cx-proxy-error` header cannot drift apart. Codes sit in the 990xxx range so clients can tell them from the platform's own.
 
 use std::borrow::Cow;
 use std::fmt;
 
-use http::header::{HeaderValue, CONTENT_TYPE};
-use http::{Response, StatusCode};
-
-use crate::body::Body;
+use http::StatusCode;
 
 /// Header naming the kind of a proxy-made error response.
 pub const ERROR_HEADER: &str = "x-cx-proxy-error";
@@ -122,27 +120,7 @@ impl ProxyError {
 
     /// The JSON body of SPEC section 5.
     pub fn body_json(&self) -> Vec<u8> {
-        #[derive(serde::Serialize)]
-        struct Wire<'a> {
-            err_code: u32,
-            err_msg: &'a str,
-        }
-        let wire = Wire {
-            err_code: self.kind.code(),
-            err_msg: &self.message,
-        };
-        // Serialising a u32 and a str cannot fail.
-        serde_json::to_vec(&wire).unwrap_or_default()
-    }
-
-    /// The response sent to the client.
-    pub fn into_response(self) -> Response<Body> {
-        let mut resp = Response::new(Body::full(self.body_json()));
-        *resp.status_mut() = self.kind.status();
-        let headers = resp.headers_mut();
-        headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
-        headers.insert(ERROR_HEADER, HeaderValue::from_static(self.kind.name()));
-        resp
+        crate::wire::error_body(i64::from(self.kind.code()), &self.message)
     }
 }
 
@@ -202,17 +180,5 @@ mod tests {
         codes.sort_unstable();
         codes.dedup();
         assert_eq!(codes.len(), ErrorKind::ALL.len());
-    }
-
-    #[test]
-    fn response_has_status_header_and_json_body() {
-        let resp = ProxyError::new(ErrorKind::NoRoute, "no app for \"/x\"").into_response();
-        assert_eq!(resp.status(), StatusCode::NOT_FOUND);
-        assert_eq!(resp.headers()[ERROR_HEADER], "no_route");
-        assert_eq!(resp.headers()[CONTENT_TYPE], "application/json");
-        let err = ProxyError::new(ErrorKind::NoRoute, "no app for \"/x\"");
-        let v: serde_json::Value = serde_json::from_slice(&err.body_json()).unwrap();
-        assert_eq!(v["err_code"], 990_404);
-        assert_eq!(v["err_msg"], "no app for \"/x\"");
     }
 }

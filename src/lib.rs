@@ -17,10 +17,11 @@
 //! | [`auth`] | the token: fetching it and caching it per app (moka, single flight) |
 //! | [`upstream`] | the one pooled TLS client to the platform |
 //! | [`admin`], [`metrics`] | `/healthz`, `/readyz`, `/metrics`, forced refreshes |
-//! | [`error`] | the proxy's own JSON errors (SPEC section 5) and startup errors |
+//! | [`error`] | the proxy's own errors (SPEC section 5): kinds, statuses, codes; startup errors |
 //! | [`body`] | the body type that crosses the proxy |
 //! | [`platform`] | what the platform documents: token endpoints, error codes, APIs and their rate limits |
 //! | [`sandbox`] | the offline platform emulator (SPEC section 7) |
+//! | [`wire`] | the platform's wire format: query reading and writing, the error body, `err_code`, the token answer, hex |
 //! | [`tls`], [`secret`], [`clock`], [`logging`] | support |
 //!
 //! # Life of a request
@@ -42,6 +43,13 @@
 //!    `invalid_codes` drops the token and replays the request once with a new one.
 //! 8. One access-log line, query secrets shown as `***`.
 
+//! # Layers
+//!
+//! Imports run one way (`tests/layers.rs` checks it): leaves ([`wire`], [`platform`],
+//! [`error`], [`config`], [`secret`], [`clock`], [`metrics`], [`logging`]) know nothing of the
+//! proxy; the engine ([`proxy`], [`auth`], [`upstream`], [`body`], [`tls`], [`server`]) uses
+//! the leaves; the host ([`cli`], [`gateway`], [`admin`], [`sandbox`]) puts it together.
+
 #![forbid(unsafe_code)]
 #![deny(missing_docs, rust_2018_idioms)]
 
@@ -62,6 +70,7 @@ pub mod secret;
 pub mod server;
 pub mod tls;
 pub mod upstream;
+pub mod wire;
 
 pub use config::Config;
 pub use error::{ErrorKind, ProxyError, StartupError};

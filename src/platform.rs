@@ -5,10 +5,7 @@
 //! behave as the platform does. Nothing here is guessed silently: where the documentation is
 //! silent or cut off, the entry says so and the proxy makes it configurable.
 
-use std::borrow::Cow;
 use std::time::Duration;
-
-use percent_encoding::percent_decode_str;
 
 /// The self-built app (组织自建应用) token endpoint: `GET ?app_key=&corp_id=&corp_secret=`.
 pub const APP_TOKEN_PATH: &str = "/api/apps/v1/access-tokens";
@@ -356,23 +353,6 @@ pub fn path_matches(pattern: &str, path: &str) -> bool {
     }
 }
 
-/// The `name=value` pairs of a query, decoded as the platform reads them: split on `&`,
-/// `+` is a space, then percent-decoding (invalid UTF-8 replaced). Empty pieces are skipped.
-pub fn query_pairs(query: &str) -> impl Iterator<Item = (Cow<'_, str>, Cow<'_, str>)> {
-    fn decode(s: &str) -> Cow<'_, str> {
-        if s.contains('+') {
-            let spaced = s.replace('+', " ");
-            Cow::Owned(percent_decode_str(&spaced).decode_utf8_lossy().into_owned())
-        } else {
-            percent_decode_str(s).decode_utf8_lossy()
-        }
-    }
-    query.split('&').filter(|p| !p.is_empty()).map(|p| {
-        let (k, v) = p.split_once('=').unwrap_or((p, ""));
-        (decode(k), decode(v))
-    })
-}
-
 /// Whether `path`, as a client sent it, names the endpoint `canonical` the way a lenient
 /// server would read it: percent-escapes decoded, runs of `/` taken as one, a trailing `/`
 /// ignored, letters compared without case. (A token endpoint must be recognised in every
@@ -480,24 +460,6 @@ mod tests {
                 assert!(a.method != b.method || a.path != b.path, "{a:?}");
             }
         }
-    }
-
-    #[test]
-    fn queries_decode_plus_as_space_then_percent_escapes() {
-        let pairs: Vec<(String, String)> =
-            query_pairs("a=b+c&&corp_secret=x%2By&flag&k%5F=%E6%A9%99")
-                .map(|(k, v)| (k.into_owned(), v.into_owned()))
-                .collect();
-        assert_eq!(
-            pairs,
-            [
-                ("a", "b c"),
-                ("corp_secret", "x+y"),
-                ("flag", ""),
-                ("k_", "橙")
-            ]
-            .map(|(k, v)| (k.to_owned(), v.to_owned()))
-        );
     }
 
     #[test]

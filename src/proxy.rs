@@ -388,7 +388,7 @@ impl Proxy {
             .find(|p| crate::platform::same_path(path, p))
         {
             let params: Vec<_> =
-                crate::platform::query_pairs(parts.uri.query().unwrap_or("")).collect();
+                crate::wire::query_pairs(parts.uri.query().unwrap_or("")).collect();
             if let Some(idx) = self.named_app(endpoint, &params) {
                 return self
                     .local_token(idx, &parts.method, &params, access.client, &full_path)
@@ -642,20 +642,11 @@ impl Proxy {
             ));
         }
         let token = self.token(idx, false).await?;
-        #[derive(serde::Serialize)]
-        struct Answer<'a> {
-            err_code: i64,
-            err_msg: &'a str,
-            access_token: &'a str,
-            expires_in: u64,
-        }
-        let body = serde_json::to_vec(&Answer {
-            err_code: 0,
-            err_msg: "success",
-            access_token: token.secret().expose(),
-            expires_in: token.remaining(self.clock.now()).as_secs(),
-        })
-        .map_err(|e| ProxyError::new(ErrorKind::TokenUnavailable, e.to_string()))?;
+        let body = crate::wire::token_answer(
+            "success",
+            token.secret().expose(),
+            token.remaining(self.clock.now()).as_secs(),
+        );
         let mut resp = Response::new(Body::full(body));
         resp.headers_mut()
             .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));

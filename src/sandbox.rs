@@ -637,7 +637,11 @@ impl http_body::Body for SandboxBody {
 type Answer = Response<SandboxBody>;
 
 fn json_response(status: StatusCode, value: &serde_json::Value) -> Answer {
-    let mut resp = Response::new(SandboxBody::Full(Some(Bytes::from(value.to_string()))));
+    json_bytes(status, value.to_string().into_bytes())
+}
+
+fn json_bytes(status: StatusCode, body: Vec<u8>) -> Answer {
+    let mut resp = Response::new(SandboxBody::Full(Some(Bytes::from(body))));
     *resp.status_mut() = status;
     resp.headers_mut()
         .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
@@ -645,12 +649,12 @@ fn json_response(status: StatusCode, value: &serde_json::Value) -> Answer {
 }
 
 fn platform_error(code: i64, msg: &str) -> Answer {
-    json_response(StatusCode::OK, &json!({"err_code": code, "err_msg": msg}))
+    json_bytes(StatusCode::OK, crate::wire::error_body(code, msg))
 }
 
 /// The query's pairs, decoded as the platform reads them.
 fn query_pairs(query: Option<&str>) -> Vec<(String, String)> {
-    platform::query_pairs(query.unwrap_or(""))
+    crate::wire::query_pairs(query.unwrap_or(""))
         .map(|(k, v)| (k.into_owned(), v.into_owned()))
         .collect()
 }
@@ -668,15 +672,7 @@ fn random_token() -> String {
     hex(&bytes)
 }
 
-/// Lower-case hex of `bytes`.
-pub fn hex(bytes: &[u8]) -> String {
-    use std::fmt::Write as _;
-    let mut s = String::with_capacity(bytes.len() * 2);
-    for b in bytes {
-        let _ = write!(s, "{b:02x}");
-    }
-    s
-}
+pub use crate::wire::hex;
 
 async fn handle(shared: &Shared, req: Request<Incoming>) -> Answer {
     let path = req.uri().path().to_owned();
@@ -952,22 +948,25 @@ fn issue(shared: &Shared, path: &str, who: Requester) -> Answer {
 }
 
 fn token_answer(token: &str, expires_in: u64, field: &ExpiresIn) -> Answer {
-    let mut v = json!({"err_code": 0, "err_msg": "Susccess", "access_token": token});
+    // The platform's own spelling of success on this endpoint.
+    const MSG: &str = "Susccess";
     match field {
-        ExpiresIn::Lifetime => v["expires_in"] = json!(expires_in),
-        ExpiresIn::Absent => {}
+        ExpiresIn::Lifetime => json_bytes(
+            StatusCode::OK,
+            crate::wire::token_answer(MSG, token, expires_in),
+        ),
+        ExpiresIn::Absent => json_response(
+            StatusCode::OK,
+            &json!({"err_code": 0, "err_msg": MSG, "access_token": token}),
+        ),
         ExpiresIn::Raw(raw) => {
             // Written into the text as given, so values no JSON library would produce (or
             // round-trip) reach the proxy as a platform could send them.
-            let text = v.to_string();
+            let text = json!({"err_code": 0, "err_msg": MSG, "access_token": token}).to_string();
             let body = format!("{},\"expires_in\":{raw}}}", &text[..text.len() - 1]);
-            let mut resp = Response::new(SandboxBody::Full(Some(Bytes::from(body))));
-            resp.headers_mut()
-                .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
-            return resp;
+            json_bytes(StatusCode::OK, body.into_bytes())
         }
     }
-    json_response(StatusCode::OK, &v)
 }
 
 /// `GET /api/corp-service/v1/corp-secrets`: the one-time exchange of a corp's temporary

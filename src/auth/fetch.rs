@@ -15,8 +15,8 @@ use crate::clock::Clock;
 use crate::config::{AppConfig, Inject};
 use crate::error::{ErrorKind, ProxyError};
 use crate::platform;
-use crate::proxy::QUERY_VALUE;
 use crate::upstream::{Upstream, UpstreamError};
+use crate::wire::{as_code, TokenAnswer, QUERY_VALUE};
 
 /// Largest token answer read.
 const MAX_ANSWER_BYTES: usize = 64 * 1024;
@@ -65,27 +65,6 @@ impl From<&TokenError> for ProxyError {
             _ => ErrorKind::TokenUnavailable,
         };
         ProxyError::new(kind, e.to_string())
-    }
-}
-
-#[derive(serde::Deserialize)]
-struct Answer {
-    #[serde(default)]
-    err_code: Option<serde_json::Value>,
-    #[serde(default)]
-    err_msg: Option<String>,
-    #[serde(default)]
-    access_token: Option<String>,
-    #[serde(default)]
-    expires_in: Option<serde_json::Value>,
-}
-
-/// An `err_code` value as a number (the platform sends numbers; a numeric string is read too).
-pub fn as_code(v: &serde_json::Value) -> Option<i64> {
-    match v {
-        serde_json::Value::Number(n) => n.as_i64(),
-        serde_json::Value::String(s) => s.trim().parse().ok(),
-        _ => None,
     }
 }
 
@@ -230,7 +209,7 @@ pub async fn fetch(
         &scrub,
     )
     .await?;
-    let answer: Answer = match serde_json::from_slice(&body) {
+    let answer: TokenAnswer = match serde_json::from_slice(&body) {
         Ok(a) => a,
         Err(_) if !status.is_success() => return Err(TokenError::Status(status.as_u16())),
         Err(e) => {

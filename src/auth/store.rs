@@ -128,7 +128,7 @@ pub fn app_key(app: &AppConfig) -> String {
         }
     }
     let digest = ctx.finish();
-    format!("cx-proxy:{}", crate::sandbox::hex(&digest.as_ref()[..8]))
+    format!("cx-proxy:{}", crate::wire::hex(&digest.as_ref()[..8]))
 }
 
 /// The Redis side of the token lifecycle.

@@ -26,6 +26,7 @@ use http_body::Body as _;
 use super::declared_length;
 use crate::body::Body;
 use crate::error::{ErrorKind, ProxyError};
+use crate::wire::err_code;
 
 /// Answers up to this size (declared, or held while undeclared) are checked for a rejected
 /// token.
@@ -236,64 +237,10 @@ fn decode(coding: Coding, bytes: &[u8]) -> Option<Vec<u8>> {
     }
 }
 
-/// The `err_code` of a JSON object, if it has one (a number or a numeric string). The
-/// platform's answers start with it (`{"err_code":0,...`), which is read without a parser.
-pub fn err_code(body: &[u8]) -> Option<i64> {
-    // A UTF-8 byte-order mark, as some Windows-era servers send, is not part of the JSON.
-    let body = body.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(body);
-    if let Some(rest) = body.trim_ascii_start().strip_prefix(b"{\"err_code\":") {
-        let rest = rest.trim_ascii_start();
-        let end = rest
-            .iter()
-            .position(|b| !(b.is_ascii_digit() || *b == b'-'))
-            .unwrap_or(rest.len());
-        if end > 0
-            && matches!(
-                rest.get(end),
-                Some(b',' | b'}' | b' ' | b'\n' | b'\r' | b'\t')
-            )
-        {
-            if let Some(code) = std::str::from_utf8(&rest[..end])
-                .ok()
-                .and_then(|s| s.parse().ok())
-            {
-                return Some(code);
-            }
-        }
-    }
-    #[derive(serde::Deserialize)]
-    struct Probe {
-        err_code: Option<serde_json::Value>,
-    }
-    match serde_json::from_slice::<Probe>(body).ok()?.err_code? {
-        serde_json::Value::Number(n) => n.as_i64(),
-        serde_json::Value::String(s) => s.trim().parse().ok(),
-        _ => None,
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::proxy::collect;
-
-    #[test]
-    fn err_code_is_read_from_numbers_and_strings_only() {
-        assert_eq!(
-            err_code(br#"{"err_code":40014,"err_msg":"invalid"}"#),
-            Some(40014)
-        );
-        assert_eq!(
-            err_code(br#"{"data":{"x":[1,2]},"err_code":"42001"}"#),
-            Some(42001)
-        );
-        assert_eq!(err_code(br#"{"err_msg":"no code"}"#), None);
-        assert_eq!(err_code(b"[1,2]"), None);
-        assert_eq!(err_code(b"not json"), None);
-        assert_eq!(err_code(br#"{"err_code":0,"err_msg":"success"}"#), Some(0));
-        assert_eq!(err_code(br#" {"err_code": -1 }"#), Some(-1));
-        assert_eq!(err_code(br#"{"err_code":4x}"#), None);
-    }
 
     fn answer(headers: &[(&str, &str)], body: Vec<u8>, declared: bool) -> Response<Body> {
         let mut b = Response::builder();
@@ -404,10 +351,5 @@ mod tests {
         assert_eq!(code, None, "not probed: it did not end within the hold");
         assert!(matches!(resp.body(), Body::Held { .. }));
         assert_eq!(&collect(resp.into_body()).await.unwrap()[..], &big[..]);
-    }
-
-    #[test]
-    fn a_byte_order_mark_does_not_hide_the_code() {
-        assert_eq!(err_code(b"\xEF\xBB\xBF{\"err_code\":49000}"), Some(49000));
     }
 }

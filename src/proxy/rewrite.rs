@@ -5,28 +5,9 @@ use std::borrow::Cow;
 use std::fmt;
 
 use http::header::{self, HeaderMap, HeaderName};
-use percent_encoding::{percent_decode_str, AsciiSet, CONTROLS};
+use percent_encoding::percent_decode_str;
 
-/// Characters percent-encoded in a query key or value we write ourselves.
-pub const QUERY_VALUE: &AsciiSet = &CONTROLS
-    .add(b' ')
-    .add(b'"')
-    .add(b'#')
-    .add(b'%')
-    .add(b'&')
-    .add(b'+')
-    .add(b'<')
-    .add(b'=')
-    .add(b'>')
-    .add(b'?')
-    .add(b'[')
-    .add(b']')
-    .add(b'\\')
-    .add(b'^')
-    .add(b'`')
-    .add(b'{')
-    .add(b'|')
-    .add(b'}');
+pub use crate::wire::QUERY_VALUE;
 
 /// Header a client uses to pick an app by name; never forwarded.
 pub const X_CX_APP: HeaderName = HeaderName::from_static("x-cx-app");
