@@ -11,8 +11,8 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use criterion::{criterion_group, criterion_main, Criterion};
-use cx_proxy::body::Body;
 use cx_proxy::proxy::probe::probe;
+use cx_proxy::upstream::Body;
 use http::Response;
 
 fn answer(body: &Bytes) -> Response<Body> {

@@ -14,9 +14,9 @@ use http::{Method, Request, Response, StatusCode};
 use hyper::body::Incoming;
 use serde_json::json;
 
-use crate::body::Body;
 use crate::error::{ErrorKind, ProxyError};
 use crate::proxy::{Peer, Proxy};
+use crate::upstream::Body;
 
 fn json(status: StatusCode, v: &serde_json::Value) -> Response<Body> {
     let mut resp = Response::new(Body::full(v.to_string()));

@@ -1,7 +1,7 @@
 //! Errors: the proxy's own answers (SPEC section 5) and startup failures.
 //!
 //! A leaf: it knows the error kinds, their statuses and codes, and the body's text; the
-//! response itself is made in one place, `ProxyError::into_response` (in [`crate::body`],
+//! response itself is made in one place, `ProxyError::into_response` (in [`crate::upstream::Body`]'s module,
 //! beside the body type), so the status, the `{"err_code","err_msg"}` body and the
 //! `x-cx-proxy-error` header cannot drift apart. Codes sit in the 990xxx range so clients can tell them from the platform's own.
 

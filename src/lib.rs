@@ -15,10 +15,9 @@
 //! | [`gateway`] | the configuration in force, swapped on SIGHUP |
 //! | [`proxy`] | the request path: refuse, route, local token endpoints, inject, rewrite, forward, the rejection probe and replay, access log |
 //! | [`auth`] | the token: fetching it and caching it per app (moka, single flight) |
-//! | [`upstream`] | the one pooled TLS client to the platform |
+//! | [`upstream`] | the one pooled TLS client to the platform, and the [`Body`](upstream::Body) type that crosses the proxy |
 //! | [`admin`], [`metrics`] | `/healthz`, `/readyz`, `/metrics`, forced refreshes |
 //! | [`error`] | the proxy's own errors (SPEC section 5): kinds, statuses, codes; startup errors |
-//! | [`body`] | the body type that crosses the proxy |
 //! | [`platform`] | what the platform documents: token endpoints, error codes, APIs and their rate limits |
 //! | [`sandbox`] | the offline platform emulator (SPEC section 7) |
 //! | [`wire`] | the platform's wire format: query reading and writing, the error body, `err_code`, the token answer, hex |
@@ -47,7 +46,7 @@
 //!
 //! Imports run one way (`tests/layers.rs` checks it): leaves ([`wire`], [`platform`],
 //! [`error`], [`config`], [`secret`], [`clock`], [`metrics`], [`logging`]) know nothing of the
-//! proxy; the engine ([`proxy`], [`auth`], [`upstream`], [`body`], [`tls`], [`server`]) uses
+//! proxy; the engine ([`proxy`], [`auth`], [`upstream`], [`tls`], [`server`]) uses
 //! the leaves; the host ([`cli`], [`gateway`], [`admin`], [`sandbox`]) puts it together.
 
 #![forbid(unsafe_code)]
@@ -55,7 +54,6 @@
 
 pub mod admin;
 pub mod auth;
-pub mod body;
 pub mod cli;
 pub mod clock;
 pub mod config;

@@ -34,11 +34,11 @@ pub use rewrite::{
 };
 
 use crate::auth::{Injection, Token, TokenManager};
-use crate::body::{Body, BodyTooLarge};
 use crate::clock::{SharedClock, SystemClock};
 use crate::config::{Config, Inject};
 use crate::error::{ErrorKind, ProxyError, StartupError};
 use crate::metrics::{FetchReason, Metrics};
+use crate::upstream::{Body, BodyTooLarge};
 use crate::upstream::{Upstream, UpstreamError};
 
 /// Request bodies up to this size (with a declared length) are kept for one replay.

@@ -29,11 +29,11 @@ use tokio::sync::{oneshot, watch, Semaphore};
 use tokio::task::JoinHandle;
 use tokio_rustls::TlsAcceptor;
 
-use crate::body::Body;
 use crate::config::Config;
 use crate::error::{ErrorKind, ProxyError, StartupError};
 use crate::gateway::Gateway;
 use crate::proxy::{Peer, Proxy};
+use crate::upstream::Body;
 use crate::BoxError;
 
 /// Longest a TLS handshake may take before the connection is dropped.

@@ -20,6 +20,10 @@
 //! exchange holding a permit and finding no idle one, so open HTTP/1 connections never
 //! outnumber it either.
 
+mod body;
+
+pub use body::{Body, BodyTooLarge};
+
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -35,7 +39,6 @@ use tokio::net::TcpStream;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_rustls::TlsConnector;
 
-use crate::body::Body;
 use crate::config::UpstreamConfig;
 use crate::error::{chain, ErrorKind, ProxyError, StartupError};
 use crate::tls;

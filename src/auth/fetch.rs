@@ -10,11 +10,11 @@ use http::{HeaderValue, Method, Request};
 use http_body_util::{BodyExt, Limited};
 
 use super::Token;
-use crate::body::Body;
 use crate::clock::Clock;
 use crate::config::{AppConfig, Inject};
 use crate::error::{ErrorKind, ProxyError};
 use crate::platform;
+use crate::upstream::Body;
 use crate::upstream::{Upstream, UpstreamError};
 use crate::wire::{as_code, TokenAnswer, QUERY_VALUE};
 

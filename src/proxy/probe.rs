@@ -24,8 +24,8 @@ use http::Response;
 use http_body::Body as _;
 
 use super::declared_length;
-use crate::body::Body;
 use crate::error::{ErrorKind, ProxyError};
+use crate::upstream::Body;
 use crate::wire::err_code;
 
 /// Answers up to this size (declared, or held while undeclared) are checked for a rejected

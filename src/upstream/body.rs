@@ -1,4 +1,6 @@
-//! The one body type the proxy sends and receives.
+//! The one body type the proxy sends and receives. It lives beside the pool because an
+//! upstream answer's body holds the pool's [`Lease`] until it is read, and the pool's
+//! connections carry this type.
 //!
 //! An enum rather than a boxed trait object: the hot path forwards an `Incoming` body as it
 //! is, and the proxy's own answers are a single `Bytes` chunk, so neither needs an allocation
@@ -16,8 +18,8 @@ use http::Response;
 use http_body::{Frame, SizeHint};
 use hyper::body::Incoming;
 
+use super::Lease;
 use crate::error::{ProxyError, ERROR_HEADER};
-use crate::upstream::Lease;
 use crate::BoxError;
 
 /// A request or response body: nothing, one chunk, or a stream from a peer.
