@@ -15,7 +15,8 @@ use hyper::body::Incoming;
 use serde_json::json;
 
 use crate::error::{ErrorKind, ProxyError};
-use crate::proxy::{Peer, Proxy};
+use crate::proxy::Proxy;
+use crate::server::Peer;
 use crate::upstream::Body;
 
 fn json(status: StatusCode, v: &serde_json::Value) -> Response<Body> {

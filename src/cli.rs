@@ -15,11 +15,11 @@ use tokio::net::TcpListener;
 use crate::config::{Config, Loaded};
 use crate::error::StartupError;
 use crate::gateway::Gateway;
+use crate::gateway::{run, Listeners, ProxyHandle};
 use crate::logging::{self, LogFormat};
 use crate::platform;
 use crate::proxy::Proxy;
 use crate::sandbox::{ParamApp, Reissue, Sandbox, SandboxApp, SandboxCorp, SandboxOptions};
-use crate::server::{run, Listeners, ProxyHandle};
 
 /// Exit code for a configuration the proxy cannot run with (`EX_USAGE`).
 pub const EXIT_CONFIG: u8 = 64;

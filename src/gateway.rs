@@ -1,4 +1,6 @@
-//! The running configuration, swappable: what SIGHUP replaces.
+//! The running gateway: the configuration in force (what SIGHUP replaces), the listeners it
+//! is served on (the proxy port and the admin port, each through [`crate::server::serve`]),
+//! and [`ProxyHandle`], a whole proxy on a background task (tests, `demo`).
 //!
 //! Every request loads the current [`Proxy`] from an `ArcSwap` (no lock), so a reload applies
 //! to every request that starts after it, on old connections too, while in-flight requests
@@ -6,15 +8,27 @@
 //! fetch gate and their fetch-cap window (see [`Proxy::reloaded`]). The listening addresses,
 //! and whether the proxy port speaks TLS, are fixed at startup.
 
+use std::convert::Infallible;
+use std::future::Future;
+use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::pin::Pin;
 use std::sync::Arc;
 
 use arc_swap::ArcSwap;
+use http::{Request, Response};
+use hyper::body::Incoming;
+use hyper::service::Service;
 use rustls::ServerConfig;
+use tokio::net::TcpListener;
+use tokio::sync::{oneshot, watch, Semaphore};
+use tokio::task::JoinHandle;
 
 use crate::config::Config;
-use crate::error::StartupError;
+use crate::error::{ErrorKind, ProxyError, StartupError};
 use crate::proxy::Proxy;
+use crate::server::{serve, Peer};
+use crate::upstream::Body;
 
 /// The swappable state shared by every connection.
 #[derive(Debug)]
@@ -98,5 +112,182 @@ impl Gateway {
         }
         old.tokens().stop();
         Ok(())
+    }
+}
+
+/// The bound sockets of a proxy.
+#[derive(Debug)]
+pub struct Listeners {
+    /// Where legacy apps connect.
+    pub proxy: TcpListener,
+    /// The admin endpoints, if configured.
+    pub admin: Option<TcpListener>,
+}
+
+impl Listeners {
+    /// Binds `server.listen` and `admin.listen` (port 0 picks a free port).
+    pub async fn bind(config: &Config) -> Result<Self, StartupError> {
+        let bind = |addr: SocketAddr| async move {
+            TcpListener::bind(addr)
+                .await
+                .map_err(|source| StartupError::Bind { addr, source })
+        };
+        let proxy = bind(config.server.listen).await?;
+        let admin = match &config.admin {
+            Some(a) => Some(bind(a.listen).await?),
+            None => None,
+        };
+        Ok(Listeners { proxy, admin })
+    }
+}
+
+/// The proxy port's service: the request limit, then the proxy in force.
+///
+/// Written out rather than stacked from tower layers: the stack cloned itself per request,
+/// wrapped the call in a oneshot and a load-shed poll_ready, where one `try_acquire` does.
+#[derive(Clone)]
+struct ProxyService {
+    gateway: Arc<Gateway>,
+    peer: Peer,
+    limit: Arc<Semaphore>,
+}
+
+type ResponseFuture = Pin<Box<dyn Future<Output = Result<Response<Body>, Infallible>> + Send>>;
+
+impl Service<Request<Incoming>> for ProxyService {
+    type Response = Response<Body>;
+    type Error = Infallible;
+    type Future = ResponseFuture;
+
+    fn call(&self, req: Request<Incoming>) -> ResponseFuture {
+        // Load shedding: past the limit a request is answered 503 at once instead of queueing.
+        let Ok(permit) = self.limit.clone().try_acquire_owned() else {
+            let resp = ProxyError::new(
+                ErrorKind::Overloaded,
+                "too many requests in flight; retry shortly",
+            )
+            .into_response();
+            return Box::pin(std::future::ready(Ok(resp)));
+        };
+        let (gateway, peer) = (self.gateway.clone(), self.peer.clone());
+        // Boxed once here: the request's future is a few KiB.
+        Box::pin(async move {
+            let resp = gateway.proxy().handle(&peer, req).await;
+            drop(permit);
+            Ok(resp)
+        })
+    }
+}
+
+/// Runs the gateway (proxy port, admin port, token refreshers) until `shutdown` resolves,
+/// then drains in-flight requests for up to `server.shutdown_grace_s`.
+pub async fn run(
+    gateway: Arc<Gateway>,
+    listeners: Listeners,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), StartupError> {
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let stopped = move || {
+        let mut rx = stop_rx.clone();
+        async move {
+            let _ = rx.wait_for(|stop| *stop).await;
+        }
+    };
+    tokio::spawn(async move {
+        shutdown.await;
+        let _ = stop_tx.send(true);
+    });
+    let first = gateway.proxy();
+    first.tokens().start();
+    let grace = first.config().server.shutdown_grace;
+    // Requests in flight at once (`server.max_concurrent_requests`).
+    let limit = Arc::new(Semaphore::new(
+        first.config().server.max_concurrent_requests,
+    ));
+    drop(first);
+
+    let admin =
+        listeners.admin.map(|listener| {
+            let g = gateway.clone();
+            let make = move |peer: Peer| {
+                let g = g.clone();
+                hyper::service::service_fn(move |req| {
+                    let (g, peer) = (g.clone(), peer.clone());
+                    async move {
+                        Ok::<_, Infallible>(crate::admin::handle(&g.proxy(), &peer, req).await)
+                    }
+                })
+            };
+            tokio::spawn(serve::<_, _, Body>(listener, None, make, stopped(), grace))
+        });
+
+    let g = gateway.clone();
+    let make = move |peer: Peer| ProxyService {
+        gateway: g.clone(),
+        peer,
+        limit: limit.clone(),
+    };
+    serve::<_, _, Body>(listeners.proxy, gateway.tls(), make, stopped(), grace).await;
+    if let Some(admin) = admin {
+        let _ = admin.await;
+    }
+    gateway.proxy().tokens().stop();
+    Ok(())
+}
+
+/// A proxy running on a background task (tests, `demo`).
+#[derive(Debug)]
+pub struct ProxyHandle {
+    /// Where it listens.
+    pub addr: SocketAddr,
+    /// Where the admin endpoints listen, if configured.
+    pub admin_addr: Option<SocketAddr>,
+    /// The proxy as started (see [`ProxyHandle::gateway`] for the one in force).
+    pub proxy: Arc<Proxy>,
+    /// The swappable state.
+    pub gateway: Arc<Gateway>,
+    stop: Option<oneshot::Sender<()>>,
+    task: JoinHandle<Result<(), StartupError>>,
+}
+
+impl ProxyHandle {
+    /// Binds the configured addresses (port 0 picks a free one) and starts serving.
+    pub async fn start(config: Config) -> Result<Self, StartupError> {
+        let proxy = Proxy::new(config)?;
+        Self::start_with(proxy).await
+    }
+
+    /// Starts serving an already-built proxy.
+    pub async fn start_with(proxy: Arc<Proxy>) -> Result<Self, StartupError> {
+        let listeners = Listeners::bind(proxy.config()).await?;
+        let local = |l: &TcpListener| {
+            l.local_addr()
+                .map_err(|e| StartupError::Other(e.to_string()))
+        };
+        let addr = local(&listeners.proxy)?;
+        let admin_addr = listeners.admin.as_ref().map(local).transpose()?;
+        let gateway = Gateway::new(proxy.clone(), None)?;
+        let (stop, stopped) = oneshot::channel();
+        let task = tokio::spawn(run(gateway.clone(), listeners, async {
+            let _ = stopped.await;
+        }));
+        Ok(ProxyHandle {
+            addr,
+            admin_addr,
+            proxy,
+            gateway,
+            stop: Some(stop),
+            task,
+        })
+    }
+
+    /// Stops accepting, drains, and waits for the server to end.
+    pub async fn shutdown(mut self) -> Result<(), StartupError> {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        (&mut self.task)
+            .await
+            .map_err(|e| StartupError::Other(format!("server task failed: {e}")))?
     }
 }

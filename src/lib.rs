@@ -11,8 +11,8 @@
 //! | --- | --- |
 //! | [`cli`] | the command line: `run`, `check`, `sandbox`, `demo`, `corp-secret` |
 //! | [`config`] | `proxy.toml`: parsing, validation, secret sources, the `check` rendering |
-//! | [`server`] | accept loops, TLS handshakes, HTTP/1.1 + HTTP/2, limits, graceful shutdown |
-//! | [`gateway`] | the configuration in force, swapped on SIGHUP |
+//! | [`server`] | the generic listener: accept loop, TLS handshake, peer identity, HTTP/1.1 + HTTP/2, limits, graceful shutdown |
+//! | [`gateway`] | the running gateway: the configuration in force (swapped on SIGHUP), its listeners, [`ProxyHandle`] |
 //! | [`proxy`] | the request path: refuse, route, local token endpoints, inject, rewrite, forward, the rejection probe and replay, access log |
 //! | [`auth`] | the token: fetching it and caching it per app (moka, single flight) |
 //! | [`upstream`] | the one pooled TLS client to the platform, and the [`Body`](upstream::Body) type that crosses the proxy |
@@ -72,8 +72,8 @@ pub mod wire;
 
 pub use config::Config;
 pub use error::{ErrorKind, ProxyError, StartupError};
+pub use gateway::ProxyHandle;
 pub use proxy::Proxy;
-pub use server::ProxyHandle;
 
 /// A boxed error for body streams and other places where callers only report the cause.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;

@@ -13,7 +13,6 @@ pub mod probe;
 mod rewrite;
 
 use std::borrow::Cow;
-use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -38,6 +37,7 @@ use crate::clock::{SharedClock, SystemClock};
 use crate::config::{Config, Inject};
 use crate::error::{ErrorKind, ProxyError, StartupError};
 use crate::metrics::{FetchReason, Metrics};
+use crate::server::Peer;
 use crate::upstream::{Body, BodyTooLarge};
 use crate::upstream::{Upstream, UpstreamError};
 
@@ -74,38 +74,6 @@ pub struct Proxy {
     /// [`crate::platform::same_path`]) are answered locally when they name a configured app
     /// (SPEC section 4.3).
     token_paths: Vec<String>,
-}
-
-/// Who is on the other end of a connection.
-#[derive(Debug, Clone, Default)]
-pub struct Peer {
-    /// The client's address.
-    pub addr: Option<SocketAddr>,
-    /// DNS names (SAN) of its verified client certificate (mTLS only).
-    pub cert_names: Option<Arc<[String]>>,
-}
-
-impl std::fmt::Display for Peer {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self.addr {
-            Some(a) => write!(f, "{a}"),
-            None => f.write_str("-"),
-        }
-    }
-}
-
-impl Peer {
-    /// A peer known by address only.
-    pub fn from_addr(addr: SocketAddr) -> Self {
-        Peer {
-            addr: Some(addr),
-            cert_names: None,
-        }
-    }
-
-    fn ip(&self) -> Option<IpAddr> {
-        self.addr.map(|a| a.ip().to_canonical())
-    }
 }
 
 /// What the access-log line and the metrics report beyond the request itself.

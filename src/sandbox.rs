@@ -408,7 +408,7 @@ impl Sandbox {
         });
         let (stop, stopped) = oneshot::channel::<()>();
         let svc_shared = shared.clone();
-        let make = move |_peer: crate::proxy::Peer| {
+        let make = move |_peer: crate::server::Peer| {
             let shared = svc_shared.clone();
             shared
                 .connections
