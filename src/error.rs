@@ -88,8 +88,16 @@ impl ErrorKind {
     /// (990510), which would otherwise share 990502 with `upstream_unreachable`.
     pub fn code(self) -> u32 {
         match self {
+            ErrorKind::NoRoute => 990_404,
+            ErrorKind::Forbidden => 990_403,
+            ErrorKind::BadRequest => 990_400,
+            ErrorKind::MethodNotAllowed => 990_405,
+            ErrorKind::PayloadTooLarge => 990_413,
+            ErrorKind::BadCredentials => 990_401,
             ErrorKind::TokenUnavailable => 990_510,
-            other => 990_000 + u32::from(other.status().as_u16()),
+            ErrorKind::UpstreamUnreachable => 990_502,
+            ErrorKind::UpstreamTimeout => 990_504,
+            ErrorKind::Overloaded => 990_503,
         }
     }
 }
@@ -172,6 +180,16 @@ pub fn chain(err: &(dyn std::error::Error + 'static)) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn codes_follow_the_status_except_token_unavailable() {
+        for kind in ErrorKind::ALL {
+            match kind {
+                ErrorKind::TokenUnavailable => assert_eq!(kind.code(), 990_510),
+                other => assert_eq!(other.code(), 990_000 + u32::from(other.status().as_u16())),
+            }
+        }
+    }
 
     #[test]
     fn codes_are_distinct_and_in_range() {

@@ -261,11 +261,16 @@ impl Proxy {
         let logged = tracing::enabled!(target: "cx_proxy::access", tracing::Level::INFO)
             .then(|| req.uri().clone());
         let mut access = Access::default();
+        // The one rescue: every refusal on the way becomes the answer of SPEC section 5 here,
+        // and its kind and cause go on the access-log line.
+        let mut refused = None;
         let resp = match self.forward(peer, req, &mut access).await {
             Ok(resp) => resp,
             Err(e) => {
                 tracing::debug!(kind = e.kind.name(), msg = %e.message, "request refused");
-                e.into_response()
+                let resp = e.to_response();
+                refused = Some(e);
+                resp
             }
         };
         let total = started.elapsed();
@@ -293,6 +298,8 @@ impl Proxy {
                 bytes,
                 total_ms = total.as_secs_f64() * 1000.0,
                 upstream_ms = access.upstream.map(|d| d.as_secs_f64() * 1000.0),
+                error = refused.as_ref().map(|e| e.kind.name()),
+                cause = refused.as_ref().map(|e| &*e.message),
             );
         }
         resp

@@ -255,6 +255,14 @@ async fn debug_logs_never_carry_the_secret_or_a_token_and_sigterm_drains() {
         0
     );
 
+    // A refusal: its kind and cause go on the access line.
+    let req = http::Request::builder()
+        .uri(format!("{base}/api/d"))
+        .header("x-cx-app", "no-such-app")
+        .body(http_body_util::Full::new(bytes::Bytes::new()))
+        .unwrap();
+    assert_eq!(send(&c, req).await.status, 404);
+
     // SIGTERM while a slow request is in flight: it finishes, then the process exits 0.
     sandbox.set_api_delay(Duration::from_millis(2000));
     let slow = tokio::spawn(async move { get(&format!("{base}/api/slow")).await });
@@ -270,6 +278,14 @@ async fn debug_logs_never_carry_the_secret_or_a_token_and_sigterm_drains() {
     assert!(
         logs.contains("cx_proxy::access"),
         "access lines are logged:\n{logs}"
+    );
+    let refused = logs
+        .lines()
+        .find(|l| l.contains("cx_proxy::access") && l.contains("/api/d"))
+        .expect("the refused request's access line");
+    assert!(
+        refused.contains("\"error\":\"no_route\"") && refused.contains("no-such-app"),
+        "{refused}"
     );
     assert!(
         logs.contains("\"level\":\"DEBUG\""),

@@ -62,7 +62,12 @@ impl From<&TokenError> for ProxyError {
     fn from(e: &TokenError) -> Self {
         let kind = match e {
             TokenError::Unreachable(_) => ErrorKind::UpstreamUnreachable,
-            _ => ErrorKind::TokenUnavailable,
+            TokenError::Platform { .. }
+            | TokenError::Status(_)
+            | TokenError::BadAnswer(_)
+            | TokenError::Timeout(_)
+            | TokenError::Elsewhere(_)
+            | TokenError::RateLimited { .. } => ErrorKind::TokenUnavailable,
         };
         ProxyError::new(kind, e.to_string())
     }

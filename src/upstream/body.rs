@@ -65,6 +65,11 @@ impl ProxyError {
     /// The response sent to the client: the kind's status, the JSON body of SPEC section 5,
     /// `x-cx-proxy-error`.
     pub fn into_response(self) -> Response<Body> {
+        self.to_response()
+    }
+
+    /// [`ProxyError::into_response`] without giving the error up (it is logged after).
+    pub fn to_response(&self) -> Response<Body> {
         let mut resp = Response::new(Body::full(self.body_json()));
         *resp.status_mut() = self.kind.status();
         let headers = resp.headers_mut();
