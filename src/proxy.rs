@@ -84,10 +84,106 @@ struct Access {
     upstream: Option<Duration>,
 }
 
-/// A request body as forwarded: kept whole for a possible replay, or streamed once.
-enum OutBody {
+/// A request after routing: what the later phases need of it.
+struct Routed {
+    parts: Parts,
+    body: Incoming,
+    /// Its declared body length.
+    declared: Option<u64>,
+    /// The app's index.
+    app: usize,
+    /// The path with dot segments resolved, when that changed it (else the URI's path is it).
+    normalized: Option<String>,
+    /// How many bytes of the path the app's prefix takes (stripped before forwarding).
+    skip: usize,
+}
+
+impl Routed {
+    /// The path as sent, dot segments resolved: what grants are judged on.
+    fn full_path(&self) -> &str {
+        self.normalized.as_deref().unwrap_or(self.parts.uri.path())
+    }
+
+    /// The path as forwarded, the app's prefix stripped.
+    fn path(&self) -> &str {
+        forwarded_path(self.full_path(), self.skip)
+    }
+}
+
+/// `full_path` without its first `skip` bytes (the app's prefix), never empty.
+fn forwarded_path(full_path: &str, skip: usize) -> &str {
+    match &full_path[skip..] {
+        "" => "/",
+        rest => rest,
+    }
+}
+
+/// A request body as forwarded: kept whole so it can be sent again after a rejection, or
+/// streamed, once.
+enum ReplayBody {
     Kept(Bytes),
-    Stream(Body),
+    Streamed(Option<Body>),
+}
+
+impl ReplayBody {
+    /// A body with a declared length of at most [`REPLAY_BODY_MAX`] is read first, so it can
+    /// be sent twice. One without a declared length streams under the size limit, with a
+    /// flag (returned) that says the limit broke the exchange off: over HTTP/2 hyper resets
+    /// the stream and the error it returns no longer carries the body's error as a source,
+    /// so the cause cannot be read from the error chain.
+    async fn new(
+        body: Incoming,
+        declared: Option<u64>,
+        max: u64,
+        timeout: Duration,
+    ) -> Result<(Self, Option<Arc<AtomicBool>>), ProxyError> {
+        Ok(match declared {
+            Some(n) if n <= REPLAY_BODY_MAX => {
+                (ReplayBody::Kept(read_whole(body, timeout).await?), None)
+            }
+            None if http_body::Body::is_end_stream(&body) => (ReplayBody::Kept(Bytes::new()), None),
+            Some(_) => (ReplayBody::Streamed(Some(Body::Incoming(body))), None),
+            None => {
+                let flag = Arc::new(AtomicBool::new(false));
+                let limited = Body::Limited {
+                    inner: body,
+                    remaining: max,
+                    tripped: flag.clone(),
+                };
+                (ReplayBody::Streamed(Some(limited)), Some(flag))
+            }
+        })
+    }
+
+    /// Whether it can be sent again.
+    fn replayable(&self) -> bool {
+        matches!(self, ReplayBody::Kept(_))
+    }
+
+    /// The body for the next attempt: a kept one each time, a streamed one once.
+    fn next(&mut self) -> Body {
+        match self {
+            ReplayBody::Kept(b) => Body::full(b.clone()),
+            ReplayBody::Streamed(s) => s.take().unwrap_or(Body::Empty),
+        }
+    }
+}
+
+/// Which attempt of an exchange this is: a replay is never replayed.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Attempt {
+    First,
+    Replay,
+}
+
+/// Why a request asks for its app's token.
+#[derive(Clone, Copy)]
+enum Need {
+    /// To send a call: any usable token.
+    Current,
+    /// To replay a call the platform rejected: the rejected token is gone, a fetch counts as
+    /// `rejected`.
+    Replacement,
 }
 
 impl Proxy {
@@ -305,12 +401,34 @@ impl Proxy {
         resp
     }
 
+    /// The request path, phase by phase (pingora's shape): admit → route and authorise →
+    /// local token endpoint → (rate limits, to come) → the exchange, with one replay.
     async fn forward(
         &self,
         peer: &Peer,
         req: Request<Incoming>,
         access: &mut Access,
     ) -> Result<Response<Body>, ProxyError> {
+        let declared = self.admit(peer, &req, access)?;
+        let routed = self.route_request(req, declared, access)?;
+        if let Some(endpoint) = self
+            .token_paths
+            .iter()
+            .find(|p| crate::platform::same_path(routed.path(), p))
+        {
+            return self.token_request(endpoint, routed, access).await;
+        }
+        self.exchange(routed, access).await
+    }
+
+    /// Admission: the client's address and identity, the method, the target's form and the
+    /// declared body length. Returns the declared length.
+    fn admit(
+        &self,
+        peer: &Peer,
+        req: &Request<Incoming>,
+        access: &mut Access,
+    ) -> Result<Option<u64>, ProxyError> {
         self.allowed(peer)?;
         access.client = self.identify(peer)?;
         if req.method() == Method::CONNECT {
@@ -343,80 +461,100 @@ impl Proxy {
                 format!("request body of {n} bytes is over the limit of {max}"),
             ));
         }
+        Ok(declared)
+    }
 
+    /// Routing and authorisation: the app, the client's grant for it and the path, and the
+    /// request headers as they may leave.
+    fn route_request(
+        &self,
+        req: Request<Incoming>,
+        declared: Option<u64>,
+        access: &mut Access,
+    ) -> Result<Routed, ProxyError> {
         let (mut parts, body) = req.into_parts();
-        let full_path = normalize_path(parts.uri.path());
-        let (idx, skip) = self.route(&full_path, &parts.headers)?;
-        access.app = Some(idx);
+        // Owned only when resolving dot segments changed the path.
+        let normalized = match normalize_path(parts.uri.path()) {
+            std::borrow::Cow::Borrowed(_) => None,
+            std::borrow::Cow::Owned(p) => Some(p),
+        };
+        let full_path = normalized.as_deref().unwrap_or(parts.uri.path());
+        let (app, skip) = self.route(full_path, &parts.headers)?;
+        access.app = Some(app);
         if let Some(c) = access.client {
-            self.check_grant(c, idx, &full_path)?;
+            self.check_grant(c, app, full_path)?;
         }
         sanitize_request_headers(&mut parts.headers, self.token_header.as_ref());
-        let path = match &full_path[skip..] {
-            "" => "/",
-            rest => rest,
-        };
+        Ok(Routed {
+            parts,
+            body,
+            declared,
+            app,
+            normalized,
+            skip,
+        })
+    }
 
-        if let Some(endpoint) = self
-            .token_paths
-            .iter()
-            .find(|p| crate::platform::same_path(path, p))
-        {
-            let params: Vec<_> =
-                crate::wire::query_pairs(parts.uri.query().unwrap_or("")).collect();
-            if let Some(idx) = self.named_app(endpoint, &params) {
-                return self
-                    .local_token(idx, &parts.method, &params, access.client, &full_path)
-                    .await;
-            }
-            // Not one of ours: the platform answers, with the client's own credentials.
-            let base = self.upstream.base_path();
-            let target = match parts.uri.query() {
-                Some(q) => format!("{base}{path}?{q}"),
-                None => format!("{base}{path}"),
-            };
-            let headers = std::mem::take(&mut parts.headers);
-            let req = self.upstream_request(&parts, headers, target, None, Body::Incoming(body))?;
-            return self.send(req, access).await;
+    /// A request to a token endpoint: answered here when it names a configured app, else
+    /// forwarded unchanged with the client's own credentials.
+    async fn token_request(
+        &self,
+        endpoint: &str,
+        routed: Routed,
+        access: &mut Access,
+    ) -> Result<Response<Body>, ProxyError> {
+        let params: Vec<_> =
+            crate::wire::query_pairs(routed.parts.uri.query().unwrap_or("")).collect();
+        if let Some(idx) = self.named_app(endpoint, &params) {
+            return self
+                .local_token(
+                    idx,
+                    &routed.parts.method,
+                    &params,
+                    access.client,
+                    routed.full_path(),
+                )
+                .await;
         }
-
-        // A small body with a declared length is read first, so it can be sent twice. A body
-        // without a declared length streams under the size limit, with a flag that says the
-        // limit broke the exchange off: over HTTP/2 hyper resets the stream and the error it
-        // returns no longer carries the body's error as a source, so the cause cannot be
-        // read from the error chain.
-        let mut tripped = None;
-        let body = match declared {
-            Some(n) if n <= REPLAY_BODY_MAX => {
-                OutBody::Kept(read_whole(body, self.upstream.timeout()).await?)
-            }
-            None if http_body::Body::is_end_stream(&body) => OutBody::Kept(Bytes::new()),
-            Some(_) => OutBody::Stream(Body::Incoming(body)),
-            None => {
-                let flag = Arc::new(AtomicBool::new(false));
-                tripped = Some(flag.clone());
-                OutBody::Stream(Body::Limited {
-                    inner: body,
-                    remaining: max,
-                    tripped: flag,
-                })
-            }
+        let base = self.upstream.base_path();
+        let target = match routed.parts.uri.query() {
+            Some(q) => format!("{base}{}?{q}", routed.path()),
+            None => format!("{base}{}", routed.path()),
         };
-        let replayable = matches!(body, OutBody::Kept(_));
-        let mut body = Some(body);
-        let mut token = self.token(idx, false).await?;
-        let mut replay = false;
+        let Routed {
+            mut parts, body, ..
+        } = routed;
+        let headers = std::mem::take(&mut parts.headers);
+        let req = self.upstream_request(&parts, headers, target, None, Body::Incoming(body))?;
+        self.send(req, access).await
+    }
+
+    /// The exchange: the app's token injected, the call sent, the answer probed; a rejected
+    /// token is dropped and the call replayed once with a new one (SPEC section 4.6).
+    async fn exchange(
+        &self,
+        routed: Routed,
+        access: &mut Access,
+    ) -> Result<Response<Body>, ProxyError> {
+        let max = self.config.server.max_body_bytes;
+        let Routed {
+            mut parts,
+            body,
+            declared,
+            app,
+            normalized,
+            skip,
+        } = routed;
+        let full_path = normalized.as_deref().unwrap_or(parts.uri.path());
+        let path = forwarded_path(full_path, skip);
+        let (mut body, tripped) =
+            ReplayBody::new(body, declared, max, self.upstream.timeout()).await?;
+        let mut token = self.token(app, Need::Current).await?;
+        let mut attempt = Attempt::First;
         loop {
-            let out = match body.take() {
-                Some(OutBody::Kept(b)) => {
-                    body = Some(OutBody::Kept(b.clone()));
-                    Body::full(b)
-                }
-                Some(OutBody::Stream(s)) => s,
-                None => Body::Empty,
-            };
+            let out = body.next();
             // The last attempt may take the headers; an earlier one sends a copy.
-            let headers = if replayable && !replay {
+            let headers = if body.replayable() && attempt == Attempt::First {
                 parts.headers.clone()
             } else {
                 std::mem::take(&mut parts.headers)
@@ -432,35 +570,35 @@ impl Proxy {
                 }
                 other => other?,
             };
-            let (resp, rejected) = self.check_rejection(resp, idx).await?;
+            let (resp, rejected) = self.check_rejection(resp, app).await?;
             if !rejected {
                 return Ok(resp);
             }
-            let name = &self.routes[idx].name;
-            tracing::info!(app = %name, replay = replayable && !replay, "the platform rejected the token");
-            self.tokens.reject(idx, &token).await;
-            if !replayable || replay {
+            let name = &self.routes[app].name;
+            let will_replay = body.replayable() && attempt == Attempt::First;
+            tracing::info!(app = %name, replay = will_replay, "the platform rejected the token");
+            self.tokens.reject(app, &token).await;
+            if !will_replay {
                 return Ok(resp);
             }
-            replay = true;
+            attempt = Attempt::Replay;
             self.metrics.replay(name);
-            token = self.token(idx, true).await?;
+            token = self.token(app, Need::Replacement).await?;
         }
     }
 
     /// The app's token for a request, waited for no longer than `upstream.timeout_ms`
     /// (a fetch in flight elsewhere could otherwise hold a request past it).
-    async fn token(&self, idx: usize, after_rejection: bool) -> Result<Arc<Token>, ProxyError> {
+    async fn token(&self, idx: usize, need: Need) -> Result<Arc<Token>, ProxyError> {
         // The token cache answers from its hot copy first either way (a rejected token has
         // already left it); asking here too spares a cached request the timer.
         if let Some(t) = self.tokens.cached(idx) {
             return Ok(t);
         }
         let wait = async {
-            if after_rejection {
-                self.tokens.token_for(idx, FetchReason::Rejected).await
-            } else {
-                self.tokens.token(idx).await
+            match need {
+                Need::Replacement => self.tokens.token_for(idx, FetchReason::Rejected).await,
+                Need::Current => self.tokens.token(idx).await,
             }
         };
         match tokio::time::timeout(self.upstream.timeout(), wait).await {
@@ -616,7 +754,7 @@ impl Proxy {
                 ),
             ));
         }
-        let token = self.token(idx, false).await?;
+        let token = self.token(idx, Need::Current).await?;
         let body = crate::wire::token_answer(
             "success",
             token.secret().expose(),
