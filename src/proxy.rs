@@ -475,8 +475,8 @@ impl Proxy {
         let (mut parts, body) = req.into_parts();
         // Owned only when resolving dot segments changed the path.
         let normalized = match normalize_path(parts.uri.path()) {
-            std::borrow::Cow::Borrowed(_) => None,
-            std::borrow::Cow::Owned(p) => Some(p),
+            Cow::Borrowed(_) => None,
+            Cow::Owned(p) => Some(p),
         };
         let full_path = normalized.as_deref().unwrap_or(parts.uri.path());
         let (app, skip) = self.route(full_path, &parts.headers)?;

@@ -113,7 +113,7 @@ impl FromStr for SandboxApp {
     }
 }
 
-/// An app whose token request carries its own parameters (an organisation-service app):
+/// An app whose token request has another shape (`token_path` + `token_params` in the proxy):
 /// `NAME@PATH?k=v&k2=v2`. A fetch at `PATH` with exactly these parameters gets a token.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ParamApp {
