@@ -10,12 +10,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
-use tokio::net::TcpListener;
 
 use crate::config::{Config, Loaded};
 use crate::error::StartupError;
 use crate::gateway::Gateway;
-use crate::gateway::{run, Listeners, ProxyHandle};
+use crate::gateway::{run, Listeners, ProxyHandle, Role};
 use crate::logging::{self, LogFormat};
 use crate::platform;
 use crate::proxy::Proxy;
@@ -285,10 +284,9 @@ async fn run_proxy(config: Config, path: &Path) -> Result<(), StartupError> {
         .iter()
         .map(|a| a.name.as_str())
         .collect();
-    let local = |l: &TcpListener| l.local_addr().map(|a| a.to_string()).unwrap_or_default();
     tracing::info!(
-        listen = %local(&listeners.proxy),
-        admin = listeners.admin.as_ref().map(local),
+        listen = listeners.addr(Role::Proxy).map(|a| a.to_string()),
+        admin = listeners.addr(Role::Admin).map(|a| a.to_string()),
         upstream = %proxy.config().upstream.url,
         apps = ?apps,
         "cx-proxy listening"

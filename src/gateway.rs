@@ -115,29 +115,54 @@ impl Gateway {
     }
 }
 
-/// The bound sockets of a proxy.
+/// What a listener serves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    /// The proxy port, where legacy apps connect (`[server]`).
+    Proxy,
+    /// The admin endpoints (`[admin]`).
+    Admin,
+}
+
+impl Role {
+    /// Its name in logs.
+    pub fn name(self) -> &'static str {
+        match self {
+            Role::Proxy => "listen",
+            Role::Admin => "admin",
+        }
+    }
+}
+
+/// The bound sockets of a gateway, one per configured role, the proxy port first.
 #[derive(Debug)]
 pub struct Listeners {
-    /// Where legacy apps connect.
-    pub proxy: TcpListener,
-    /// The admin endpoints, if configured.
-    pub admin: Option<TcpListener>,
+    bound: Vec<(Role, TcpListener)>,
 }
 
 impl Listeners {
-    /// Binds `server.listen` and `admin.listen` (port 0 picks a free port).
+    /// Binds every configured listener (port 0 picks a free port).
     pub async fn bind(config: &Config) -> Result<Self, StartupError> {
-        let bind = |addr: SocketAddr| async move {
-            TcpListener::bind(addr)
+        let wanted = [
+            Some((Role::Proxy, config.server.listen)),
+            config.admin.as_ref().map(|a| (Role::Admin, a.listen)),
+        ];
+        let mut bound = Vec::with_capacity(wanted.len());
+        for (role, addr) in wanted.into_iter().flatten() {
+            let listener = TcpListener::bind(addr)
                 .await
-                .map_err(|source| StartupError::Bind { addr, source })
-        };
-        let proxy = bind(config.server.listen).await?;
-        let admin = match &config.admin {
-            Some(a) => Some(bind(a.listen).await?),
-            None => None,
-        };
-        Ok(Listeners { proxy, admin })
+                .map_err(|source| StartupError::Bind { addr, source })?;
+            bound.push((role, listener));
+        }
+        Ok(Listeners { bound })
+    }
+
+    /// Where the listener of `role` listens, if there is one.
+    pub fn addr(&self, role: Role) -> Option<SocketAddr> {
+        self.bound
+            .iter()
+            .find(|(r, _)| *r == role)
+            .and_then(|(_, l)| l.local_addr().ok())
     }
 }
 
@@ -206,30 +231,37 @@ pub async fn run(
     ));
     drop(first);
 
-    let admin =
-        listeners.admin.map(|listener| {
-            let g = gateway.clone();
-            let make = move |peer: Peer| {
-                let g = g.clone();
-                hyper::service::service_fn(move |req| {
-                    let (g, peer) = (g.clone(), peer.clone());
-                    async move {
-                        Ok::<_, Infallible>(crate::admin::handle(&g.proxy(), &peer, req).await)
-                    }
-                })
-            };
-            tokio::spawn(serve::<_, _, Body>(listener, None, make, stopped(), grace))
+    // One serving task per listener; each role brings its own service.
+    let mut serving = Vec::with_capacity(listeners.bound.len());
+    for (role, listener) in listeners.bound {
+        let g = gateway.clone();
+        serving.push(match role {
+            Role::Proxy => {
+                let limit = limit.clone();
+                let make = move |peer: Peer| ProxyService {
+                    gateway: g.clone(),
+                    peer,
+                    limit: limit.clone(),
+                };
+                let tls = gateway.tls();
+                tokio::spawn(serve::<_, _, Body>(listener, tls, make, stopped(), grace))
+            }
+            Role::Admin => {
+                let make = move |peer: Peer| {
+                    let g = g.clone();
+                    hyper::service::service_fn(move |req| {
+                        let (g, peer) = (g.clone(), peer.clone());
+                        async move {
+                            Ok::<_, Infallible>(crate::admin::handle(&g.proxy(), &peer, req).await)
+                        }
+                    })
+                };
+                tokio::spawn(serve::<_, _, Body>(listener, None, make, stopped(), grace))
+            }
         });
-
-    let g = gateway.clone();
-    let make = move |peer: Peer| ProxyService {
-        gateway: g.clone(),
-        peer,
-        limit: limit.clone(),
-    };
-    serve::<_, _, Body>(listeners.proxy, gateway.tls(), make, stopped(), grace).await;
-    if let Some(admin) = admin {
-        let _ = admin.await;
+    }
+    for task in serving {
+        let _ = task.await;
     }
     gateway.proxy().tokens().stop();
     Ok(())
@@ -260,12 +292,10 @@ impl ProxyHandle {
     /// Starts serving an already-built proxy.
     pub async fn start_with(proxy: Arc<Proxy>) -> Result<Self, StartupError> {
         let listeners = Listeners::bind(proxy.config()).await?;
-        let local = |l: &TcpListener| {
-            l.local_addr()
-                .map_err(|e| StartupError::Other(e.to_string()))
-        };
-        let addr = local(&listeners.proxy)?;
-        let admin_addr = listeners.admin.as_ref().map(local).transpose()?;
+        let addr = listeners
+            .addr(Role::Proxy)
+            .ok_or_else(|| StartupError::Other("the proxy listener has no address".into()))?;
+        let admin_addr = listeners.addr(Role::Admin);
         let gateway = Gateway::new(proxy.clone(), None)?;
         let (stop, stopped) = oneshot::channel();
         let task = tokio::spawn(run(gateway.clone(), listeners, async {
