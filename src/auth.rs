@@ -59,26 +59,7 @@ impl Token {
         inject: &Inject,
         refresh_ahead: Duration,
     ) -> Result<Self, TokenError> {
-        let injection = match inject {
-            Inject::Query { param } => {
-                let mut pair = String::with_capacity(param.len() + 1 + value.len());
-                pair.push_str(param);
-                pair.push('=');
-                pair.extend(percent_encoding::utf8_percent_encode(
-                    &value,
-                    crate::wire::QUERY_VALUE,
-                ));
-                Injection::Query(pair.into_boxed_str())
-            }
-            Inject::Header { prefix, suffix, .. } => {
-                let mut v =
-                    HeaderValue::from_str(&format!("{prefix}{value}{suffix}")).map_err(|_| {
-                        TokenError::BadAnswer("access_token is not usable in a header".into())
-                    })?;
-                v.set_sensitive(true);
-                Injection::Header(v)
-            }
-        };
+        let injection = render(&value, inject)?;
         // Defence in depth beside the fetch's own clamp: a lifetime read from a shared store
         // or a platform must never overflow the clock (`Instant + Duration` panics).
         let lifetime = lifetime.min(Duration::from_secs(crate::platform::MAX_EXPIRES_IN_S));
@@ -115,6 +96,20 @@ impl Token {
         Ok(t)
     }
 
+    /// The same token rendered for another injection (a reload that changed `[token]
+    /// inject` keeps its tokens).
+    pub fn rendered_for(&self, inject: &Inject) -> Result<Self, TokenError> {
+        Ok(Token {
+            value: self.value.clone(),
+            injection: render(self.value.expose(), inject)?,
+            fetched_at: self.fetched_at,
+            expires_at: self.expires_at,
+            refresh_at: self.refresh_at,
+            lifetime: self.lifetime,
+            version: self.version,
+        })
+    }
+
     /// The raw token (for the local token endpoint; never for logs).
     pub fn secret(&self) -> &Secret {
         &self.value
@@ -139,4 +134,29 @@ impl Token {
     pub fn remaining(&self, now: Instant) -> Duration {
         self.expires_at.saturating_duration_since(now)
     }
+}
+
+/// `value` rendered for `inject`: a `param=value` pair percent-encoded for a query, or the
+/// header value (marked sensitive).
+fn render(value: &str, inject: &Inject) -> Result<Injection, TokenError> {
+    Ok(match inject {
+        Inject::Query { param } => {
+            let mut pair = String::with_capacity(param.len() + 1 + value.len());
+            pair.push_str(param);
+            pair.push('=');
+            pair.extend(percent_encoding::utf8_percent_encode(
+                value,
+                crate::wire::QUERY_VALUE,
+            ));
+            Injection::Query(pair.into_boxed_str())
+        }
+        Inject::Header { prefix, suffix, .. } => {
+            let mut v =
+                HeaderValue::from_str(&format!("{prefix}{value}{suffix}")).map_err(|_| {
+                    TokenError::BadAnswer("access_token is not usable in a header".into())
+                })?;
+            v.set_sensitive(true);
+            Injection::Header(v)
+        }
+    })
 }

@@ -329,6 +329,55 @@ pub struct AppConfig {
     pub invalid_codes: Vec<i64>,
 }
 
+impl AppConfig {
+    /// What identifies this app's token at the platform: a hash (16 hex digits) of its token
+    /// path and its non-secret credentials, never of a secret. Instances sharing a token store
+    /// share the token of apps with one fingerprint; a reload keeps the token, fetch gate and
+    /// fetch-cap window of an app whose name and fingerprint are unchanged
+    /// ([`AppConfig::same_app`]).
+    pub fn fingerprint(&self) -> String {
+        let app = self;
+        let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
+        ctx.update(app.token_path.as_bytes());
+        match &app.credentials {
+            Credentials::Standard {
+                app_key, corp_id, ..
+            } => {
+                for part in ["std", app_key.as_str(), corp_id.as_str()] {
+                    ctx.update(b"\0");
+                    ctx.update(part.as_bytes());
+                }
+            }
+            Credentials::Corp { corp_id, .. } => {
+                for part in ["corp", corp_id.as_str()] {
+                    ctx.update(b"\0");
+                    ctx.update(part.as_bytes());
+                }
+            }
+            Credentials::Params(params) => {
+                for (k, v) in params {
+                    ctx.update(b"\0");
+                    ctx.update(k.as_bytes());
+                    ctx.update(b"=");
+                    // A secret parameter counts by name only.
+                    if let ParamValue::Plain(v) = v {
+                        ctx.update(v.as_bytes());
+                    }
+                }
+            }
+        }
+        let digest = ctx.finish();
+        crate::wire::hex(&digest.as_ref()[..8])
+    }
+
+    /// Whether `other` is this app as far as its token goes: the one rule of what survives a
+    /// reload. Its prefix, grants or `invalid_codes` may change; a rotated secret asks the
+    /// platform for nothing new either (force a refresh for that).
+    pub fn same_app(&self, other: &AppConfig) -> bool {
+        self.name == other.name && self.fingerprint() == other.fingerprint()
+    }
+}
+
 /// `[[client]]`.
 #[derive(Debug, Clone)]
 pub struct ClientConfig {
@@ -1770,5 +1819,24 @@ prefix = "/corp42"
             !text.contains("perm-42") && !text.contains("auth-42"),
             "{text}"
         );
+    }
+
+    #[test]
+    fn an_app_is_the_same_app_while_its_name_and_token_identity_hold() {
+        let a = load(MINIMAL).unwrap().config.apps.remove(0);
+        let moved = MINIMAL.replace(
+            "prefix = \"/\"",
+            "prefix = \"/v2\"\ninvalid_codes = [41000]",
+        );
+        let b = load(&moved).unwrap().config.apps.remove(0);
+        assert!(a.same_app(&b), "prefix and codes do not make another app");
+        let rotated = MINIMAL.replace("s3cret", "new-s3cret");
+        assert!(a.same_app(&load(&rotated).unwrap().config.apps.remove(0)));
+        let renamed = MINIMAL.replace("\"default\"", "\"other\"");
+        assert!(!a.same_app(&load(&renamed).unwrap().config.apps.remove(0)));
+        let other_key = MINIMAL.replace("app_key = \"ak\"", "app_key = \"ak2\"");
+        assert!(!a.same_app(&load(&other_key).unwrap().config.apps.remove(0)));
+        assert_eq!(a.fingerprint().len(), 16);
+        assert!(!a.fingerprint().contains("s3cret"));
     }
 }

@@ -44,18 +44,12 @@ use crate::upstream::{Upstream, UpstreamError};
 /// Request bodies up to this size (with a declared length) are kept for one replay.
 pub const REPLAY_BODY_MAX: u64 = 1024 * 1024;
 
-/// Routing data of one configured app (its index is the app's index everywhere).
-#[derive(Debug)]
-struct Route {
-    name: Arc<str>,
-    prefix: Option<String>,
-}
-
 /// Everything a request needs, shared by all connections.
 #[derive(Debug)]
 pub struct Proxy {
+    /// The configuration in force; an app's index in `config.apps` is its index everywhere
+    /// (token manager, metrics, access log).
     config: Config,
-    routes: Vec<Route>,
     /// Indexes of the apps with a prefix, longest prefix first.
     by_prefix: Vec<usize>,
     upstream: Arc<Upstream>,
@@ -215,7 +209,7 @@ impl Proxy {
         let metrics = if names
             .iter()
             .copied()
-            .eq(old.routes.iter().map(|r| &*r.name))
+            .eq(old.config.apps.iter().map(|a| a.name.as_str()))
         {
             old.metrics.clone()
         } else {
@@ -239,19 +233,12 @@ impl Proxy {
         metrics: Arc<Metrics>,
         previous: Option<&TokenManager>,
     ) -> Self {
-        let routes: Vec<Route> = config
-            .apps
-            .iter()
-            .map(|a| Route {
-                name: Arc::from(a.name.as_str()),
-                prefix: a.prefix.clone(),
-            })
-            .collect();
-        let mut by_prefix: Vec<usize> = (0..routes.len())
-            .filter(|&i| routes[i].prefix.is_some())
+        let apps = &config.apps;
+        let mut by_prefix: Vec<usize> = (0..apps.len())
+            .filter(|&i| apps[i].prefix.is_some())
             .collect();
         by_prefix
-            .sort_by_key(|&i| std::cmp::Reverse(routes[i].prefix.as_ref().map_or(0, String::len)));
+            .sort_by_key(|&i| std::cmp::Reverse(apps[i].prefix.as_ref().map_or(0, String::len)));
         let (token_param, token_header) = match &config.token.inject {
             Inject::Query { param } => (param.clone(), None),
             Inject::Header { name, .. } => ("access_token".to_owned(), Some(name.clone())),
@@ -279,7 +266,6 @@ impl Proxy {
             .map(|c| metrics.client_counter(&c.name))
             .collect();
         Proxy {
-            routes,
             by_prefix,
             upstream,
             tokens,
@@ -387,7 +373,7 @@ impl Proxy {
                 target: "cx_proxy::access",
                 peer = %peer,
                 client = client.unwrap_or("-"),
-                app = access.app.map_or("-", |i| &*self.routes[i].name),
+                app = access.app.map_or("-", |i| self.config.apps[i].name.as_str()),
                 method = %method,
                 path = %Redacted::new(uri.path(), uri.query(), &self.token_param),
                 status,
@@ -574,7 +560,7 @@ impl Proxy {
             if !rejected {
                 return Ok(resp);
             }
-            let name = &self.routes[app].name;
+            let name = &self.config.apps[app].name;
             let will_replay = body.replayable() && attempt == Attempt::First;
             tracing::info!(app = %name, replay = will_replay, "the platform rejected the token");
             self.tokens.reject(app, &token).await;
@@ -684,7 +670,8 @@ impl Proxy {
         let Some(code) = code.filter(|&c| c != crate::platform::code::SUCCESS) else {
             return Ok((resp, false));
         };
-        self.metrics.platform_error(&self.routes[idx].name, code);
+        self.metrics
+            .platform_error(&self.config.apps[idx].name, code);
         Ok((resp, self.config.apps[idx].invalid_codes.contains(&code)))
     }
 
@@ -773,9 +760,10 @@ impl Proxy {
         if let Some(v) = headers.get(X_CX_APP) {
             let name = v.to_str().unwrap_or("");
             let idx = self
-                .routes
+                .config
+                .apps
                 .iter()
-                .position(|r| &*r.name == name)
+                .position(|a| a.name == name)
                 .ok_or_else(|| {
                     let shown: String = name.chars().take(64).collect();
                     ProxyError::new(
@@ -783,7 +771,7 @@ impl Proxy {
                         format!("no app is named {shown:?} (X-CX-App)"),
                     )
                 })?;
-            let skip = self.routes[idx]
+            let skip = self.config.apps[idx]
                 .prefix
                 .as_deref()
                 .and_then(|p| rewrite::prefix_len(path, p))
@@ -791,7 +779,7 @@ impl Proxy {
             return Ok((idx, skip));
         }
         for &i in &self.by_prefix {
-            if let Some(skip) = self.routes[i]
+            if let Some(skip) = self.config.apps[i]
                 .prefix
                 .as_deref()
                 .and_then(|p| rewrite::prefix_len(path, p))
@@ -810,7 +798,7 @@ impl Proxy {
     /// Whether client `c` may use app `app` on `path` (as sent, dot segments resolved).
     fn check_grant(&self, c: usize, app: usize, path: &str) -> Result<(), ProxyError> {
         let client = &self.config.clients[c];
-        let app_name = &*self.routes[app].name;
+        let app_name = self.config.apps[app].name.as_str();
         if !client.apps.iter().any(|a| a == app_name) {
             return Err(ProxyError::new(
                 ErrorKind::Forbidden,

@@ -394,6 +394,37 @@ async fn a_reload_keeps_unchanged_tokens_and_open_connections() {
 }
 
 #[tokio::test]
+async fn a_reload_that_moves_an_app_and_changes_injection_keeps_its_token() {
+    let env = env("").await;
+    env.ready().await;
+    let token = env.sandbox.issued_tokens().remove(0);
+    let dir = env.dir.path();
+    // The same app (name and credentials) under another prefix, with its own codes, and the
+    // token now sent as a header: one app, one token, no fetch.
+    let app = default_app(dir).replace(
+        "prefix = \"/\"",
+        "prefix = \"/v2\"\ninvalid_codes = [49000, 41000]",
+    );
+    let text = config_text(
+        &env.sandbox,
+        dir,
+        "",
+        &format!("[token]\ninject = \"header\"\nheader = \"Authorization\"\n{app}"),
+    );
+    env.proxy.gateway.apply(config(&text)).await.unwrap();
+    let a = get(&env.url("/v2/api/apps/v1/sso/user?oauth_code=x")).await;
+    assert_eq!(a.json()["err_code"], 0, "{}", a.text());
+    let seen = env.sandbox.recorded().pop().unwrap();
+    assert_eq!(seen.token.as_deref(), Some(token.as_str()));
+    assert_eq!(
+        seen.headers["authorization"],
+        format!("Bearer {token}"),
+        "the kept token, rendered for the new injection"
+    );
+    assert_eq!(env.sandbox.token_fetches(APP_KEY), 1, "no fetch");
+}
+
+#[tokio::test]
 async fn requests_over_upstream_max_connections_wait_their_turn() {
     let dir = tempfile::tempdir().unwrap();
     let s = sandbox(

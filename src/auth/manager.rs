@@ -130,7 +130,7 @@ impl TokenManager {
             apps: apps
                 .iter()
                 .map(|a| {
-                    let prev = previous.and_then(|p| p.apps.iter().find(|o| o.config == *a));
+                    let prev = previous.and_then(|p| p.apps.iter().find(|o| o.config.same_app(a)));
                     Arc::new(AppTokens {
                         key: Arc::from(a.name.as_str()),
                         config: a.clone(),
@@ -166,15 +166,20 @@ impl TokenManager {
     }
 
     /// Takes over the cached tokens of the previous configuration's manager for every app
-    /// whose settings did not change (the manager was built with `previous` = `old`).
+    /// that is the same app ([`AppConfig::same_app`]; the manager was built with `previous` =
+    /// `old`), rendered for this configuration's injection.
     pub async fn adopt_tokens(&self, old: &TokenManager) {
-        if self.inject != old.inject {
-            return; // tokens are pre-rendered for injection; let them be fetched anew
-        }
         for app in &self.apps {
-            if let Some(prev) = old.apps.iter().find(|o| o.config == app.config) {
+            if let Some(prev) = old.apps.iter().find(|o| o.config.same_app(&app.config)) {
                 if let Some(t) = old.cache.peek(&prev.key).await {
-                    self.cache.insert(&app.key, t).await;
+                    let t = if self.inject == old.inject {
+                        Some(t)
+                    } else {
+                        t.rendered_for(&self.inject).ok().map(Arc::new)
+                    };
+                    if let Some(t) = t {
+                        self.cache.insert(&app.key, t).await;
+                    }
                 }
             }
         }

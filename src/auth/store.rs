@@ -28,7 +28,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use redis::aio::ConnectionManager;
 use redis::AsyncCommands;
 
-use crate::config::{AppConfig, Credentials, ParamValue};
+use crate::config::AppConfig;
 use crate::metrics::Metrics;
 use crate::secret::Secret;
 
@@ -95,40 +95,10 @@ pub fn now_us() -> u64 {
         .map_or(0, |d| d.as_micros() as u64)
 }
 
-/// The store key prefix for an app: a fingerprint of what identifies its token at the
-/// platform, never of a secret.
+/// The store key prefix for an app: its [`AppConfig::fingerprint`], which names its token
+/// at the platform and never a secret.
 pub fn app_key(app: &AppConfig) -> String {
-    let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
-    ctx.update(app.token_path.as_bytes());
-    match &app.credentials {
-        Credentials::Standard {
-            app_key, corp_id, ..
-        } => {
-            for part in ["std", app_key.as_str(), corp_id.as_str()] {
-                ctx.update(b"\0");
-                ctx.update(part.as_bytes());
-            }
-        }
-        Credentials::Corp { corp_id, .. } => {
-            for part in ["corp", corp_id.as_str()] {
-                ctx.update(b"\0");
-                ctx.update(part.as_bytes());
-            }
-        }
-        Credentials::Params(params) => {
-            for (k, v) in params {
-                ctx.update(b"\0");
-                ctx.update(k.as_bytes());
-                ctx.update(b"=");
-                // A secret parameter counts by name only.
-                if let ParamValue::Plain(v) = v {
-                    ctx.update(v.as_bytes());
-                }
-            }
-        }
-    }
-    let digest = ctx.finish();
-    format!("cx-proxy:{}", crate::wire::hex(&digest.as_ref()[..8]))
+    format!("cx-proxy:{}", app.fingerprint())
 }
 
 /// The Redis side of the token lifecycle.
