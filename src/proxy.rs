@@ -79,9 +79,10 @@ struct Access {
 }
 
 /// A request after routing: what the later phases need of it.
+///
+/// The request's parts and body stay with the phase driver and are lent to each phase, so
+/// nothing large moves between phases.
 struct Routed {
-    parts: Parts,
-    body: Incoming,
     /// Its declared body length.
     declared: Option<u64>,
     /// The app's index.
@@ -94,13 +95,13 @@ struct Routed {
 
 impl Routed {
     /// The path as sent, dot segments resolved: what grants are judged on.
-    fn full_path(&self) -> &str {
-        self.normalized.as_deref().unwrap_or(self.parts.uri.path())
+    fn full_path<'a>(&'a self, parts: &'a Parts) -> &'a str {
+        self.normalized.as_deref().unwrap_or(parts.uri.path())
     }
 
     /// The path as forwarded, the app's prefix stripped.
-    fn path(&self) -> &str {
-        forwarded_path(self.full_path(), self.skip)
+    fn path<'a>(&'a self, parts: &'a Parts) -> &'a str {
+        forwarded_path(self.full_path(parts), self.skip)
     }
 }
 
@@ -396,15 +397,18 @@ impl Proxy {
         access: &mut Access,
     ) -> Result<Response<Body>, ProxyError> {
         let declared = self.admit(peer, &req, access)?;
-        let routed = self.route_request(req, declared, access)?;
+        let (mut parts, body) = req.into_parts();
+        let routed = self.route_request(&mut parts, declared, access)?;
         if let Some(endpoint) = self
             .token_paths
             .iter()
-            .find(|p| crate::platform::same_path(routed.path(), p))
+            .find(|p| crate::platform::same_path(routed.path(&parts), p))
         {
-            return self.token_request(endpoint, routed, access).await;
+            return self
+                .token_request(endpoint, &routed, &mut parts, body, access)
+                .await;
         }
-        self.exchange(routed, access).await
+        self.exchange(&routed, &mut parts, body, access).await
     }
 
     /// Admission: the client's address and identity, the method, the target's form and the
@@ -454,11 +458,10 @@ impl Proxy {
     /// request headers as they may leave.
     fn route_request(
         &self,
-        req: Request<Incoming>,
+        parts: &mut Parts,
         declared: Option<u64>,
         access: &mut Access,
     ) -> Result<Routed, ProxyError> {
-        let (mut parts, body) = req.into_parts();
         // Owned only when resolving dot segments changed the path.
         let normalized = match normalize_path(parts.uri.path()) {
             Cow::Borrowed(_) => None,
@@ -472,8 +475,6 @@ impl Proxy {
         }
         sanitize_request_headers(&mut parts.headers, self.token_header.as_ref());
         Ok(Routed {
-            parts,
-            body,
             declared,
             app,
             normalized,
@@ -486,32 +487,31 @@ impl Proxy {
     async fn token_request(
         &self,
         endpoint: &str,
-        routed: Routed,
+        routed: &Routed,
+        parts: &mut Parts,
+        body: Incoming,
         access: &mut Access,
     ) -> Result<Response<Body>, ProxyError> {
-        let params: Vec<_> =
-            crate::wire::query_pairs(routed.parts.uri.query().unwrap_or("")).collect();
+        let params: Vec<_> = crate::wire::query_pairs(parts.uri.query().unwrap_or("")).collect();
         if let Some(idx) = self.named_app(endpoint, &params) {
             return self
                 .local_token(
                     idx,
-                    &routed.parts.method,
+                    &parts.method,
                     &params,
                     access.client,
-                    routed.full_path(),
+                    routed.full_path(parts),
                 )
                 .await;
         }
         let base = self.upstream.base_path();
-        let target = match routed.parts.uri.query() {
-            Some(q) => format!("{base}{}?{q}", routed.path()),
-            None => format!("{base}{}", routed.path()),
+        let path = routed.path(parts);
+        let target = match parts.uri.query() {
+            Some(q) => format!("{base}{path}?{q}"),
+            None => format!("{base}{path}"),
         };
-        let Routed {
-            mut parts, body, ..
-        } = routed;
         let headers = std::mem::take(&mut parts.headers);
-        let req = self.upstream_request(&parts, headers, target, None, Body::Incoming(body))?;
+        let req = self.upstream_request(parts, headers, target, None, Body::Incoming(body))?;
         self.send(req, access).await
     }
 
@@ -519,22 +519,15 @@ impl Proxy {
     /// token is dropped and the call replayed once with a new one (SPEC section 4.6).
     async fn exchange(
         &self,
-        routed: Routed,
+        routed: &Routed,
+        parts: &mut Parts,
+        body: Incoming,
         access: &mut Access,
     ) -> Result<Response<Body>, ProxyError> {
         let max = self.config.server.max_body_bytes;
-        let Routed {
-            mut parts,
-            body,
-            declared,
-            app,
-            normalized,
-            skip,
-        } = routed;
-        let full_path = normalized.as_deref().unwrap_or(parts.uri.path());
-        let path = forwarded_path(full_path, skip);
+        let app = routed.app;
         let (mut body, tripped) =
-            ReplayBody::new(body, declared, max, self.upstream.timeout()).await?;
+            ReplayBody::new(body, routed.declared, max, self.upstream.timeout()).await?;
         let mut token = self.token(app, Need::Current).await?;
         let mut attempt = Attempt::First;
         loop {
@@ -545,8 +538,8 @@ impl Proxy {
             } else {
                 std::mem::take(&mut parts.headers)
             };
-            let target = self.target(path, parts.uri.query(), Some(&token));
-            let req = self.upstream_request(&parts, headers, target, Some(&token), out)?;
+            let target = self.target(routed.path(parts), parts.uri.query(), Some(&token));
+            let req = self.upstream_request(parts, headers, target, Some(&token), out)?;
             let resp = match self.send(req, access).await {
                 Err(_) if tripped.as_ref().is_some_and(|t| t.load(Ordering::SeqCst)) => {
                     return Err(ProxyError::new(
