@@ -331,8 +331,13 @@ pub const APIS: &[Api] = &[
 
 /// The documented API `method` + `path` calls, if any (`path` without its query).
 pub fn find_api(method: &str, path: &str) -> Option<&'static Api> {
+    api_index(method, path).map(|i| &APIS[i])
+}
+
+/// The index in [`APIS`] of the documented API `method` + `path` calls, if any.
+pub fn api_index(method: &str, path: &str) -> Option<usize> {
     APIS.iter()
-        .find(|a| a.method == method && path_matches(a.path, path))
+        .position(|a| a.method == method && path_matches(a.path, path))
 }
 
 /// Whether `path` matches `pattern`, where a `{x}` segment matches any one non-empty segment.

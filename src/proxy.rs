@@ -837,31 +837,55 @@ async fn read_whole(body: Incoming, timeout: Duration) -> Result<Bytes, ProxyErr
     }
 }
 
-/// Reads a whole (small) body. A body that arrives in one chunk, as small ones do, is
-/// returned as that chunk without copying or allocating.
-pub(crate) async fn collect<B>(mut body: B) -> Result<Bytes, B::Error>
+/// Reads a whole (small) body (see [`Chunks`]).
+async fn collect<B>(mut body: B) -> Result<Bytes, B::Error>
 where
     B: http_body::Body<Data = Bytes> + Unpin,
 {
-    let mut first: Option<Bytes> = None;
-    let mut joined: Option<bytes::BytesMut> = None;
+    let mut chunks = Chunks::default();
     while let Some(frame) = body.frame().await {
-        let Ok(data) = frame?.into_data() else {
-            continue;
-        };
-        match (&first, &mut joined) {
-            (None, _) => first = Some(data),
+        if let Ok(data) = frame?.into_data() {
+            chunks.push(data);
+        }
+    }
+    Ok(chunks.into_bytes())
+}
+
+/// The chunks of a body read so far. The first is kept apart, so a body that arrives in one
+/// chunk, as small ones do, is handed back as it came: no copy, no allocation. Later chunks
+/// are joined after it.
+#[derive(Default)]
+struct Chunks {
+    first: Option<Bytes>,
+    joined: Option<bytes::BytesMut>,
+    len: u64,
+}
+
+impl Chunks {
+    fn push(&mut self, data: Bytes) {
+        self.len += data.len() as u64;
+        match (&self.first, &mut self.joined) {
+            (None, _) => self.first = Some(data),
             (Some(f), None) => {
                 let mut m = bytes::BytesMut::with_capacity(f.len() + data.len());
                 m.extend_from_slice(f);
                 m.extend_from_slice(&data);
-                joined = Some(m);
+                self.joined = Some(m);
             }
             (Some(_), Some(m)) => m.extend_from_slice(&data),
         }
     }
-    Ok(joined
-        .map(bytes::BytesMut::freeze)
-        .or(first)
-        .unwrap_or_default())
+
+    /// Bytes read so far.
+    fn len(&self) -> u64 {
+        self.len
+    }
+
+    /// Everything read, as one chunk.
+    fn into_bytes(self) -> Bytes {
+        self.joined
+            .map(bytes::BytesMut::freeze)
+            .or(self.first)
+            .unwrap_or_default()
+    }
 }

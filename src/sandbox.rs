@@ -1089,9 +1089,7 @@ async fn api(shared: &Shared, req: Request<Incoming>) -> Answer {
             .map(|v| v.strip_prefix("Bearer ").unwrap_or(v).to_owned());
     }
     let path = parts.uri.path();
-    let documented = platform::APIS
-        .iter()
-        .position(|a| a.method == parts.method.as_str() && platform::path_matches(a.path, path));
+    let documented = platform::api_index(parts.method.as_str(), path);
     let now = Instant::now();
     let (status, token_app, delay, limited, injected, shape) = {
         let mut st = shared.lock();

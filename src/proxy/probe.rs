@@ -18,12 +18,11 @@ use std::pin::Pin;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use bytes::{Bytes, BytesMut};
 use http::header::{HeaderMap, CONTENT_ENCODING, CONTENT_TYPE};
 use http::Response;
 use http_body::Body as _;
 
-use super::declared_length;
+use super::{declared_length, Chunks};
 use crate::error::{ErrorKind, ProxyError};
 use crate::upstream::Body;
 use crate::wire::err_code;
@@ -100,7 +99,7 @@ pub async fn probe(
         return Ok((resp, None));
     }
     let (parts, mut body) = resp.into_parts();
-    let mut held = Hold::default();
+    let mut held = Chunks::default();
     let broke_off = |e: crate::BoxError| {
         ProxyError::new(
             ErrorKind::UpstreamUnreachable,
@@ -109,18 +108,18 @@ pub async fn probe(
     };
     // A small answer has usually arrived whole with its head: what is ready now is read
     // without arming a timer.
-    let ready = std::future::poll_fn(|cx| Poll::Ready(held.read_ready(&mut body, cx)))
+    let ready = std::future::poll_fn(|cx| Poll::Ready(hold_ready(&mut held, &mut body, cx)))
         .await
         .map_err(broke_off)?;
     // The chunks read stay in `held` whatever happens to the read: an answer slower than
     // `timeout` streams on, unprobed, from where it was (its head arrived in time).
     let ended = match ready {
         Some(ended) => ended,
-        None => match tokio::time::timeout(timeout, held.read(&mut body)).await {
+        None => match tokio::time::timeout(timeout, hold(&mut held, &mut body)).await {
             Ok(read) => read.map_err(broke_off)?,
             Err(_) => {
                 tracing::debug!(
-                    held_bytes = held.total,
+                    held_bytes = held.len(),
                     "answer not probed: its body is slower than timeout_ms; streaming it on"
                 );
                 false
@@ -129,12 +128,12 @@ pub async fn probe(
     };
     if !ended {
         let body = Body::Held {
-            held: held.into_chunks(),
+            held: VecDeque::from([held.into_bytes()]),
             rest: Box::new(body),
         };
         return Ok((Response::from_parts(parts, body), None));
     }
-    let bytes = held.into_whole();
+    let bytes = held.into_bytes();
     let code = match coding {
         Coding::Identity => err_code(&bytes),
         coded => decode(coded, &bytes).and_then(|plain| err_code(&plain)),
@@ -142,79 +141,39 @@ pub async fn probe(
     Ok((Response::from_parts(parts, Body::full(bytes)), code))
 }
 
-/// The chunks of an answer read for the probe. The first chunk is kept apart so that the
-/// common answer, one chunk, is handed back as it came: no copy, no allocation.
-#[derive(Default)]
-struct Hold {
-    first: Option<Bytes>,
-    more: VecDeque<Bytes>,
-    total: u64,
+/// Reads `body` into `held` until it ends (`true`) or passes [`CHECK_RESPONSE_MAX`]
+/// (`false`). Cancel-safe: every chunk read is in `held` before the next await.
+async fn hold(held: &mut Chunks, body: &mut Body) -> Result<bool, crate::BoxError> {
+    std::future::poll_fn(|cx| match hold_ready(held, body, cx) {
+        Ok(Some(ended)) => Poll::Ready(Ok(ended)),
+        Ok(None) => Poll::Pending,
+        Err(e) => Poll::Ready(Err(e)),
+    })
+    .await
 }
 
-impl Hold {
-    /// Reads `body` until it ends (`true`) or passes [`CHECK_RESPONSE_MAX`] (`false`).
-    /// Cancel-safe: every chunk read is in `self` before the next await.
-    async fn read(&mut self, body: &mut Body) -> Result<bool, crate::BoxError> {
-        std::future::poll_fn(|cx| match self.read_ready(body, cx) {
-            Ok(Some(ended)) => Poll::Ready(Ok(ended)),
-            Ok(None) => Poll::Pending,
-            Err(e) => Poll::Ready(Err(e)),
-        })
-        .await
-    }
-
-    /// Takes every frame `body` has ready: `Some(true)` when it ended, `Some(false)` when it
-    /// passed [`CHECK_RESPONSE_MAX`], `None` when it has nothing more ready (`cx` is woken).
-    fn read_ready(
-        &mut self,
-        body: &mut Body,
-        cx: &mut Context<'_>,
-    ) -> Result<Option<bool>, crate::BoxError> {
-        loop {
-            let frame = match Pin::new(&mut *body).poll_frame(cx) {
-                Poll::Pending => return Ok(None),
-                Poll::Ready(None) => return Ok(Some(true)),
-                Poll::Ready(Some(frame)) => frame?,
-            };
-            // Trailers are not something the platform sends; like a collected body, they
-            // are not kept.
-            let Ok(data) = frame.into_data() else {
-                continue;
-            };
-            self.total += data.len() as u64;
-            match self.first {
-                None => self.first = Some(data),
-                Some(_) => self.more.push_back(data),
-            }
-            if self.total > CHECK_RESPONSE_MAX && !body.is_end_stream() {
-                return Ok(Some(false));
-            }
-        }
-    }
-
-    /// Everything read, as one chunk.
-    fn into_whole(self) -> Bytes {
-        let Some(first) = self.first else {
-            return Bytes::new();
+/// Takes every frame `body` has ready into `held`: `Some(true)` when it ended, `Some(false)`
+/// when it passed [`CHECK_RESPONSE_MAX`], `None` when it has nothing more ready (`cx` is
+/// woken).
+fn hold_ready(
+    held: &mut Chunks,
+    body: &mut Body,
+    cx: &mut Context<'_>,
+) -> Result<Option<bool>, crate::BoxError> {
+    loop {
+        let frame = match Pin::new(&mut *body).poll_frame(cx) {
+            Poll::Pending => return Ok(None),
+            Poll::Ready(None) => return Ok(Some(true)),
+            Poll::Ready(Some(frame)) => frame?,
         };
-        if self.more.is_empty() {
-            return first;
+        // Trailers are not something the platform sends; like a collected body, they are
+        // not kept.
+        if let Ok(data) = frame.into_data() {
+            held.push(data);
         }
-        let mut m = BytesMut::with_capacity(self.total as usize);
-        m.extend_from_slice(&first);
-        for b in &self.more {
-            m.extend_from_slice(b);
+        if held.len() > CHECK_RESPONSE_MAX && !body.is_end_stream() {
+            return Ok(Some(false));
         }
-        m.freeze()
-    }
-
-    /// Everything read, in order, to be sent before the rest of the stream.
-    fn into_chunks(self) -> VecDeque<Bytes> {
-        let mut chunks = self.more;
-        if let Some(first) = self.first {
-            chunks.push_front(first);
-        }
-        chunks
     }
 }
 
@@ -241,6 +200,7 @@ fn decode(coding: Coding, bytes: &[u8]) -> Option<Vec<u8>> {
 mod tests {
     use super::*;
     use crate::proxy::collect;
+    use bytes::Bytes;
 
     fn answer(headers: &[(&str, &str)], body: Vec<u8>, declared: bool) -> Response<Body> {
         let mut b = Response::builder();
