@@ -6,11 +6,9 @@ mod support;
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::Bytes;
 use cx_proxy::sandbox::ca::TestCa;
 use cx_proxy::sandbox::SandboxOptions;
-use http::{Method, Request};
-use http_body_util::Full;
+use http::Method;
 use support::*;
 
 /// Writes a CA-issued server certificate and key for the proxy port into `dir`.
@@ -143,31 +141,19 @@ async fn clients_outside_allow_or_their_grants_get_403() {
         .await;
     assert_proxy_error(&get(&env.url("/api/x")).await, 403, "forbidden");
 
-    let second_app = r#"
-[[app]]
-name = "default"
-app_key = "demo-app"
-corp_id = 10001
-corp_secret_file = "{dir}/corp_secret"
-prefix = "/"
-
-[[app]]
-name = "other"
-kind = "corp-service"
-corp_id = 20002
-corp_secret_file = "{dir}/corp_secret_20002"
-
+    let second_app = format!(
+        "{}{}{}",
+        default_app(std::path::Path::new("{dir}")),
+        corp_app("other", None),
+        r#"
 [[client]]
 name = "ops"
 networks = ["127.0.0.1/32", "::1"]
 apps = ["default"]
 paths = ["/api/apps/v1/robot/"]
-"#;
-    let env = EnvBuilder::new()
-        .apps(second_app)
-        .file("corp_secret_20002", "demo-corp-secret")
-        .start()
-        .await;
+"#
+    );
+    let env = EnvBuilder::new().apps(&second_app).start().await;
     assert_eq!(
         get(&env.url("/api/apps/v1/robot/chats/c-1")).await.json()["err_code"],
         0
@@ -182,12 +168,12 @@ paths = ["/api/apps/v1/robot/"]
         403,
         "forbidden",
     );
-    let req = Request::builder()
-        .uri(env.url("/api/apps/v1/robot/chats/c-1"))
-        .header("x-cx-app", "other")
-        .body(Full::new(Bytes::new()))
-        .unwrap();
-    assert_proxy_error(&send(&client(false), req).await, 403, "forbidden");
+    let a = get_with(
+        &env.url("/api/apps/v1/robot/chats/c-1"),
+        &[("x-cx-app", "other")],
+    )
+    .await;
+    assert_proxy_error(&a, 403, "forbidden");
     assert_metrics(
         &env.proxy,
         "cx_proxy_client_requests_total{client=\"ops\"} 4",

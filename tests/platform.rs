@@ -7,6 +7,7 @@ mod support;
 
 use std::collections::VecDeque;
 use std::io::Read;
+use std::path::Path;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -14,38 +15,26 @@ use std::time::Duration;
 use bytes::Bytes;
 use cx_proxy::sandbox::{AnswerShape, ExpiresIn, SandboxOptions};
 use http::{Method, Request};
-use http_body_util::{BodyExt, Full};
+use http_body_util::BodyExt;
 use support::*;
 
-const CORP_ID: &str = "20002";
-
 /// The demo app on every path and the sandbox's demo corp as a corp-service app under `/corp`.
-const BOTH: &str = r#"
-[[app]]
-name = "default"
-app_key = "demo-app"
-corp_id = 10001
-corp_secret_file = "{dir}/corp_secret"
-prefix = "/"
-
-[[app]]
-name = "corp"
-kind = "corp-service"
-corp_id = 20002
-corp_secret_file = "{dir}/corp_secret_20002"
-prefix = "/corp"
-"#;
-
 fn both() -> EnvBuilder {
-    EnvBuilder::new()
-        .apps(BOTH)
-        .file("corp_secret_20002", "demo-corp-secret")
+    EnvBuilder::new().apps(&both_apps())
+}
+
+fn both_apps() -> String {
+    format!(
+        "{}{}",
+        default_app(Path::new("{dir}")),
+        corp_app("corp", Some("/corp"))
+    )
 }
 
 /// The token fetches the sandbox saw for the app, or for the corp.
 fn fetches(env: &Env, corp: bool) -> u64 {
     if corp {
-        env.sandbox.corp_token_fetches(CORP_ID)
+        env.sandbox.corp_token_fetches(CORP)
     } else {
         env.sandbox.token_fetches(APP_KEY)
     }
@@ -183,12 +172,12 @@ async fn rate_limits_and_bad_credentials_reach_the_client_unchanged_with_no_fetc
 
     // A self-built app's token on an organisation-service API: the platform's 40004, shown
     // as it is (not a rejection for this app, so no fetch).
-    let req = Request::builder()
-        .uri(env.url("/api/corp-service/v1/address-book"))
-        .header("x-cx-app", "default")
-        .body(Full::new(Bytes::new()))
-        .unwrap();
-    assert_eq!(send(&client(false), req).await.json()["err_code"], 40004);
+    let a = get_with(
+        &env.url("/api/corp-service/v1/address-book"),
+        &[("x-cx-app", "default")],
+    )
+    .await;
+    assert_eq!(a.json()["err_code"], 40004);
 
     assert_eq!(fetches(&env, false), app_fetches, "no fetch for 49001");
     assert_eq!(
@@ -262,12 +251,11 @@ async fn a_rejection_is_seen_whatever_its_encoding_type_or_framing() {
         });
         let before = fetches(&env, false);
         env.sandbox.revoke_all();
-        let req = Request::builder()
-            .uri(env.url("/api/apps/v1/sso/user?oauth_code=shape"))
-            .header("accept-encoding", "gzip, deflate, br")
-            .body(Full::new(Bytes::new()))
-            .unwrap();
-        let a = send(&client(false), req).await;
+        let a = get_with(
+            &env.url("/api/apps/v1/sso/user?oauth_code=shape"),
+            &[("accept-encoding", "gzip, deflate, br")],
+        )
+        .await;
         assert_eq!(a.status, 200, "{name}");
         assert_eq!(
             a.headers
@@ -517,13 +505,10 @@ async fn odd_expires_in_values_never_stop_the_proxy() {
 #[tokio::test]
 async fn a_client_gets_only_the_tokens_of_apps_it_is_granted() {
     let clients = format!(
-        "{BOTH}\n[[client]]\nname = \"billing\"\nnetworks = [\"127.0.0.1/32\", \"::1\"]\napps = [\"default\"]\n"
+        "{}\n[[client]]\nname = \"billing\"\nnetworks = [\"127.0.0.1/32\", \"::1\"]\napps = [\"default\"]\n",
+        both_apps()
     );
-    let env = EnvBuilder::new()
-        .apps(&clients)
-        .file("corp_secret_20002", "demo-corp-secret")
-        .start()
-        .await;
+    let env = EnvBuilder::new().apps(&clients).start().await;
     env.ready().await;
     let own = get(&env.url(&format!(
         "/api/apps/v1/access-tokens?app_key={APP_KEY}&corp_id=10001&corp_secret={SECRET}"

@@ -19,6 +19,10 @@ use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 use tempfile::TempDir;
 
+/// The sandbox's demo corp (organisation service) and its permanent secret.
+pub const CORP: &str = "20002";
+pub const CORP_SECRET: &str = "demo-corp-secret";
+
 /// The demo app's credentials, known to the default sandbox.
 pub const APP_KEY: &str = "demo-app";
 pub const CORP_ID: &str = "10001";
@@ -59,6 +63,7 @@ pub async fn sandbox(dir: &Path, opts: SandboxOptions) -> Sandbox {
 pub fn config_text(sandbox: &Sandbox, dir: &Path, server_extra: &str, extra: &str) -> String {
     let secret = dir.join("corp_secret");
     std::fs::write(&secret, SECRET).unwrap();
+    std::fs::write(dir.join("corp_secret_20002"), CORP_SECRET).unwrap();
     format!(
         r#"
 [server]
@@ -90,6 +95,25 @@ prefix = "/"
 "#,
         dir.join("corp_secret").display()
     )
+}
+
+/// The sandbox's demo corp as a `kind = "corp-service"` `[[app]]` named `name`, under `prefix`
+/// if given; its secret is the file [`config_text`] writes (`{dir}` is the temp dir, as in
+/// [`EnvBuilder::apps`]).
+pub fn corp_app(name: &str, prefix: Option<&str>) -> String {
+    let prefix = prefix.map_or(String::new(), |p| format!("prefix = \"{p}\"\n"));
+    format!(
+        "\n[[app]]\nname = \"{name}\"\nkind = \"corp-service\"\ncorp_id = {CORP}\ncorp_secret_file = \"{{dir}}/corp_secret_20002\"\n{prefix}"
+    )
+}
+
+/// GET `url` with extra request headers.
+pub async fn get_with(url: &str, headers: &[(&str, &str)]) -> Answer {
+    let mut b = Request::builder().uri(url);
+    for (k, v) in headers {
+        b = b.header(*k, *v);
+    }
+    send(&client(false), b.body(Full::new(Bytes::new())).unwrap()).await
 }
 
 /// Parses config text or panics with every problem.
