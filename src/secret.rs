@@ -6,7 +6,7 @@
 
 use std::fmt;
 
-/// A secret value. `Debug` and `Display` print `***`.
+/// A secret value. `Debug`, `Display` and `Serialize` show `***`.
 #[derive(Clone, PartialEq, Eq)]
 pub struct Secret(Box<str>);
 
@@ -40,6 +40,13 @@ impl fmt::Debug for Secret {
 impl fmt::Display for Secret {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str("***")
+    }
+}
+
+/// Serialises as `***` (`check` prints the effective config by serialising it).
+impl serde::Serialize for Secret {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str("***")
     }
 }
 

@@ -1,0 +1,386 @@
+//! The file as written: serde structs per section, each default in one place (`Default`),
+//! read so that a wrong type or an unknown key anywhere is reported with its key path and
+//! the rest of the file is still read.
+//!
+//! Values stay as written here (strings, `i64`); [`super::validate`] turns them into the
+//! run-time types and says what is wrong with them.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::SocketAddr;
+
+use serde::de::{self, DeserializeOwned, Deserializer, Visitor};
+use serde::Deserialize;
+use toml::{Table, Value};
+
+use crate::platform;
+
+/// The whole file.
+#[derive(Debug, Default, Deserialize)]
+#[serde(default)]
+pub(super) struct File {
+    pub server: Server,
+    pub admin: Option<Admin>,
+    pub upstream: Upstream,
+    pub token: Token,
+    pub app: Vec<App>,
+    pub client: Vec<Client>,
+}
+
+/// Only `[upstream]` (`cx-proxy corp-secret`); the rest of the file is not looked at.
+#[derive(Debug, Default, Deserialize)]
+#[serde(default)]
+pub(super) struct UpstreamOnly {
+    pub upstream: Upstream,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(default)]
+pub(super) struct Server {
+    pub listen: Parsed<SocketAddr>,
+    pub tls_cert: Option<String>,
+    pub tls_key: Option<String>,
+    pub client_ca: Option<String>,
+    pub allow: Vec<String>,
+    pub max_body_bytes: Int<0, { i64::MAX }>,
+    pub shutdown_grace_s: Int<0, 86_400>,
+    pub max_concurrent_requests: Int<1, 1_000_000>,
+    pub workers: Int<0, 1024>,
+}
+
+impl Default for Server {
+    fn default() -> Self {
+        Server {
+            listen: Parsed(SocketAddr::from(([127, 0, 0, 1], 8080))),
+            tls_cert: None,
+            tls_key: None,
+            client_ca: None,
+            allow: vec!["127.0.0.1/32".into(), "::1/128".into()],
+            max_body_bytes: Int(10 * 1024 * 1024),
+            shutdown_grace_s: Int(30),
+            max_concurrent_requests: Int(10_000),
+            workers: Int(0),
+        }
+    }
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(default)]
+pub(super) struct Admin {
+    pub listen: Option<Parsed<SocketAddr>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(default)]
+pub(super) struct Upstream {
+    pub url: String,
+    pub ca_file: Option<String>,
+    pub connect_timeout_ms: Int<1, 600_000>,
+    pub timeout_ms: Int<1, 3_600_000>,
+    pub max_connections: Int<1, 100_000>,
+}
+
+impl Default for Upstream {
+    fn default() -> Self {
+        Upstream {
+            url: super::DEFAULT_UPSTREAM.into(),
+            ca_file: None,
+            connect_timeout_ms: Int(3000),
+            timeout_ms: Int(30_000),
+            max_connections: Int(256),
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(default)]
+pub(super) struct Token {
+    pub path: String,
+    pub refresh_ahead_s: Int<0, 86_400>,
+    pub inject: String,
+    pub param: String,
+    pub header: String,
+    pub header_format: String,
+    pub invalid_codes: Option<Vec<i64>>,
+    pub max_fetches_per_minute: Int<1, 10_000>,
+    pub store: Option<Store>,
+}
+
+impl Default for Token {
+    fn default() -> Self {
+        Token {
+            path: platform::APP_TOKEN_PATH.into(),
+            refresh_ahead_s: Int(300),
+            inject: "query".into(),
+            param: "access_token".into(),
+            header: "Authorization".into(),
+            header_format: "Bearer {token}".into(),
+            invalid_codes: None,
+            max_fetches_per_minute: Int(6),
+            store: None,
+        }
+    }
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(default)]
+pub(super) struct Store {
+    pub redis_url: Option<String>,
+    pub lease_ms: Option<Int<100, 3_600_000>>,
+}
+
+/// One `[[app]]`. Which credential keys belong depends on `kind`, so all are read here and
+/// [`super::validate`] says which are missing or out of place.
+#[derive(Debug, Default, Deserialize)]
+#[serde(default)]
+pub(super) struct App {
+    pub name: Option<String>,
+    pub prefix: Option<String>,
+    pub kind: Option<String>,
+    pub token_path: Option<String>,
+    pub invalid_codes: Option<Vec<i64>>,
+    pub app_key: Option<String>,
+    pub corp_id: Option<Scalar>,
+    pub corp_secret: Option<String>,
+    pub corp_secret_env: Option<String>,
+    pub corp_secret_file: Option<String>,
+    pub corp_authorization: Option<String>,
+    pub corp_authorization_env: Option<String>,
+    pub corp_authorization_file: Option<String>,
+    /// In key order, which is the order they are sent in.
+    pub token_params: Option<BTreeMap<String, Scalar>>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(default)]
+pub(super) struct Client {
+    pub name: Option<String>,
+    pub networks: Vec<String>,
+    pub cert_names: Vec<String>,
+    pub apps: Vec<String>,
+    pub paths: Option<Vec<String>>,
+}
+
+/// A value written as a string or an integer (`corp_id = 10001`), kept as text: the
+/// platform gets it as written.
+#[derive(Debug)]
+pub(super) struct Scalar(pub String);
+
+impl<'de> Deserialize<'de> for Scalar {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl Visitor<'_> for V {
+            type Value = Scalar;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a string or number")
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<Scalar, E> {
+                Ok(Scalar(v.to_owned()))
+            }
+            fn visit_i64<E: de::Error>(self, v: i64) -> Result<Scalar, E> {
+                Ok(Scalar(v.to_string()))
+            }
+            fn visit_u64<E: de::Error>(self, v: u64) -> Result<Scalar, E> {
+                Ok(Scalar(v.to_string()))
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+/// An integer in `MIN..=MAX`.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Int<const MIN: i64, const MAX: i64>(pub i64);
+
+impl<const MIN: i64, const MAX: i64> Int<MIN, MAX> {
+    /// The value as the run-time type (in range, so it fits).
+    pub fn get<T: TryFrom<i64> + Default>(self) -> T {
+        T::try_from(self.0).unwrap_or_default()
+    }
+}
+
+impl<'de, const MIN: i64, const MAX: i64> Deserialize<'de> for Int<MIN, MAX> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        match i64::deserialize(d)? {
+            v if (MIN..=MAX).contains(&v) => Ok(Int(v)),
+            v => Err(de::Error::custom(format!(
+                "{v} is out of range ({MIN}..={MAX})"
+            ))),
+        }
+    }
+}
+
+/// A value written as a string and parsed from it.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Parsed<T>(pub T);
+
+/// What a string must be to parse as `Self`, for the message when it does not.
+pub(super) trait FromText: Sized {
+    /// Said after the quoted value: `"x" is not an IP:port address`.
+    const NOT: &'static str;
+    fn parse(s: &str) -> Option<Self>;
+}
+
+impl FromText for SocketAddr {
+    const NOT: &'static str = "is not an IP:port address";
+    fn parse(s: &str) -> Option<Self> {
+        s.parse().ok()
+    }
+}
+
+impl<'de, T: FromText> Deserialize<'de> for Parsed<T> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        T::parse(&s)
+            .map(Parsed)
+            .ok_or_else(|| de::Error::custom(format!("{s:?} {}", T::NOT)))
+    }
+}
+
+/// What reading a file into `T` found: the value (each key serde refused replaced by its
+/// default), `key: what is wrong` for each refused key and unknown key, and the refused keys.
+pub(super) struct Read<T> {
+    pub value: T,
+    pub problems: Vec<(String, String)>,
+    pub refused: Vec<String>,
+}
+
+/// Reads `table` into `T`. A key of the wrong type is reported and removed, and the table
+/// read again, so one pass finds every such key (bounded: a table has finitely many keys).
+/// Messages name the type found, never the value (it may be a secret).
+pub(super) fn read<T: DeserializeOwned + Default>(table: Table) -> Read<T> {
+    let mut root = Value::Table(table);
+    let mut problems = Vec::new();
+    let mut refused = Vec::new();
+    loop {
+        let mut unknown = Vec::new();
+        let mut note = |path: serde_ignored::Path<'_>| unknown.push(ignored_key(&path));
+        let de = serde_ignored::Deserializer::new(root.clone(), &mut note);
+        match serde_path_to_error::deserialize::<_, T>(de) {
+            Ok(value) => {
+                problems.extend(unknown.into_iter().map(|k| (k, "unknown key".to_owned())));
+                return Read {
+                    value,
+                    problems,
+                    refused,
+                };
+            }
+            Err(e) => {
+                let segments: Vec<Seg<'_>> = e
+                    .path()
+                    .iter()
+                    .filter_map(|s| match s {
+                        serde_path_to_error::Segment::Map { key } => Some(Seg::Key(key)),
+                        serde_path_to_error::Segment::Seq { index } => Some(Seg::Index(*index)),
+                        _ => None,
+                    })
+                    .collect();
+                let key = key_path(&segments);
+                let found = lookup(&root, &segments).map_or("nothing", Value::type_str);
+                let what = match describe(e.inner().message(), found) {
+                    // `[app]` written for `[[app]]`.
+                    w if w == "expected an array, found table" => {
+                        let name = key.rsplit('.').next().unwrap_or(&key);
+                        format!("expected [[{name}]] tables, found table")
+                    }
+                    w => w,
+                };
+                problems.push((key.clone(), what));
+                refused.push(key);
+                if !remove(&mut root, &segments) {
+                    return Read {
+                        value: T::default(),
+                        problems,
+                        refused,
+                    };
+                }
+            }
+        }
+    }
+}
+
+/// One step of a key path.
+enum Seg<'a> {
+    Key(&'a str),
+    Index(usize),
+}
+
+/// `app[0].name`, as messages name keys.
+fn key_path(segments: &[Seg<'_>]) -> String {
+    let mut out = String::new();
+    for s in segments {
+        match s {
+            Seg::Key(k) if out.is_empty() => out.push_str(k),
+            Seg::Key(k) => {
+                out.push('.');
+                out.push_str(k);
+            }
+            Seg::Index(i) => out.push_str(&format!("[{i}]")),
+        }
+    }
+    out
+}
+
+fn ignored_key(path: &serde_ignored::Path<'_>) -> String {
+    let mut segs = Vec::new();
+    let mut p = path;
+    loop {
+        match p {
+            serde_ignored::Path::Root => break,
+            serde_ignored::Path::Seq { parent, index } => {
+                segs.push(Seg::Index(*index));
+                p = parent;
+            }
+            serde_ignored::Path::Map { parent, key } => {
+                segs.push(Seg::Key(key));
+                p = parent;
+            }
+            serde_ignored::Path::Some { parent }
+            | serde_ignored::Path::NewtypeStruct { parent }
+            | serde_ignored::Path::NewtypeVariant { parent } => p = parent,
+        }
+    }
+    segs.reverse();
+    key_path(&segs)
+}
+
+fn lookup<'a>(root: &'a Value, segments: &[Seg<'_>]) -> Option<&'a Value> {
+    segments.iter().try_fold(root, |v, s| match s {
+        Seg::Key(k) => v.get(*k),
+        Seg::Index(i) => v.get(*i),
+    })
+}
+
+/// Removes the key a refused value sits under (for an array element, the whole array, so
+/// the indices of the other messages stay true). False if there was nothing to remove.
+fn remove(root: &mut Value, segments: &[Seg<'_>]) -> bool {
+    let Some(at) = segments.iter().rposition(|s| matches!(s, Seg::Key(_))) else {
+        return false;
+    };
+    let Seg::Key(key) = segments[at] else {
+        return false;
+    };
+    let parent = segments[..at].iter().try_fold(root, |v, s| match s {
+        Seg::Key(k) => v.get_mut(*k),
+        Seg::Index(i) => v.get_mut(*i),
+    });
+    parent
+        .and_then(Value::as_table_mut)
+        .is_some_and(|t| t.remove(key).is_some())
+}
+
+/// serde's "invalid type: integer `5`, expected a string" as "expected a string, found
+/// integer", in the words of TOML and without the value.
+fn describe(message: &str, found: &str) -> String {
+    let Some((_, expected)) = message.split_once(", expected ") else {
+        return message.to_owned();
+    };
+    let expected = match expected {
+        "i64" | "u64" => "an integer",
+        "a sequence" => "an array",
+        "a boolean" => "a boolean",
+        e if e.starts_with("struct ") || e == "a map" => "a table",
+        e => e,
+    };
+    format!("expected {expected}, found {found}")
+}

@@ -1,0 +1,696 @@
+//! The second layer: the file's values turned into the run-time types of [`super`], every
+//! problem gathered as `file: key: what is wrong`, secrets read from their sources.
+
+use std::fmt::Display;
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use http::header::HeaderName;
+use http::uri::{Authority, Scheme};
+use http::Uri;
+use ipnet::IpNet;
+use toml::Table;
+
+use super::file::{self, File, Scalar, UpstreamOnly};
+use super::{
+    AdminConfig, AppConfig, ClientConfig, Config, ConfigError, Credentials, Inject, Loaded,
+    ParamValue, SecretReader, SecretSource, ServerConfig, Shape, StoreConfig, System, TlsFiles,
+    TokenConfig, UpstreamConfig,
+};
+use crate::platform::{self, code, AppKind};
+use crate::secret::Secret;
+
+/// Reads and checks a whole file.
+pub(super) fn config(
+    text: &str,
+    name: &str,
+    dir: Option<&Path>,
+    secrets: &dyn SecretReader,
+) -> Result<Loaded, ConfigError> {
+    let read = file::read::<File>(parse_table(text, name)?);
+    let mut c = Check::new(name, dir, secrets, read.problems, read.refused);
+    let f = read.value;
+    let server = c.server(f.server);
+    let admin = match f.admin.map(|a| a.listen) {
+        Some(None) => c.fail(
+            "admin.listen",
+            "missing: the admin listener needs an address",
+        ),
+        admin => admin.flatten(),
+    };
+    let upstream = c.upstream(f.upstream);
+    let token = c.token(f.token);
+    let apps = c.apps(f.app, token.as_ref());
+    let clients = c.clients(f.client, &apps);
+    match (upstream, token) {
+        (Some(upstream), Some(token)) if c.errors.is_empty() => Ok(Loaded {
+            config: Config {
+                source: name.to_owned(),
+                server,
+                admin: admin.map(|listen| AdminConfig { listen: listen.0 }),
+                upstream,
+                token,
+                apps,
+                clients,
+            },
+            warnings: c.warnings,
+        }),
+        _ => Err(ConfigError { problems: c.errors }),
+    }
+}
+
+/// Reads and checks only `[upstream]`.
+pub(super) fn upstream_only(
+    text: &str,
+    name: &str,
+    dir: Option<&Path>,
+) -> Result<UpstreamConfig, ConfigError> {
+    let mut table = parse_table(text, name)?;
+    let only = Table::from_iter(table.remove("upstream").map(|u| ("upstream".to_owned(), u)));
+    let read = file::read::<UpstreamOnly>(only);
+    let mut c = Check::new(name, dir, &System, read.problems, read.refused);
+    match c.upstream(read.value.upstream) {
+        Some(u) if c.errors.is_empty() => Ok(u),
+        _ => Err(ConfigError { problems: c.errors }),
+    }
+}
+
+/// The file as a TOML table, or its syntax error with line and column.
+fn parse_table(text: &str, name: &str) -> Result<Table, ConfigError> {
+    text.parse().map_err(|e: toml::de::Error| {
+        let at = e.span().map_or_else(
+            || "syntax".into(),
+            |s| {
+                let before = &text[..s.start.min(text.len())];
+                let line = before.matches('\n').count() + 1;
+                let col = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
+                format!("line {line}, column {col}")
+            },
+        );
+        ConfigError {
+            problems: vec![format!("{name}: {at}: {}", e.message().trim())],
+        }
+    })
+}
+
+struct Check<'a> {
+    file: &'a str,
+    dir: Option<&'a Path>,
+    secrets: &'a dyn SecretReader,
+    errors: Vec<String>,
+    warnings: Vec<String>,
+    /// Keys whose value the first layer refused: their default stands in, unremarked.
+    refused: Vec<String>,
+}
+
+impl<'a> Check<'a> {
+    fn new(
+        file: &'a str,
+        dir: Option<&'a Path>,
+        secrets: &'a dyn SecretReader,
+        problems: Vec<(String, String)>,
+        refused: Vec<String>,
+    ) -> Self {
+        let errors = problems
+            .into_iter()
+            .map(|(k, what)| format!("{file}: {k}: {what}"))
+            .collect();
+        Check {
+            file,
+            dir,
+            secrets,
+            errors,
+            warnings: Vec::new(),
+            refused,
+        }
+    }
+
+    fn err(&mut self, key: &str, what: impl Display) {
+        // `corp_secret` is not missing when `corp_secret_env` was refused for its type.
+        let refused =
+            |r: &String| r == key || r.strip_prefix(key).is_some_and(|r| r.starts_with('_'));
+        if !self.refused.iter().any(refused) {
+            self.errors.push(format!("{}: {key}: {what}", self.file));
+        }
+    }
+
+    fn fail<T>(&mut self, key: &str, what: impl Display) -> Option<T> {
+        self.err(key, what);
+        None
+    }
+
+    fn warn(&mut self, key: &str, what: impl Display) {
+        self.warnings.push(format!("{}: {key}: {what}", self.file));
+    }
+
+    fn path(&self, p: &str) -> PathBuf {
+        let p = PathBuf::from(p);
+        match self.dir {
+            Some(dir) if p.is_relative() && !dir.as_os_str().is_empty() => dir.join(p),
+            _ => p,
+        }
+    }
+
+    fn file_path(&mut self, key: &str, p: Option<String>) -> Option<PathBuf> {
+        let p = self.path(&p?);
+        if let Err(e) = std::fs::metadata(&p) {
+            self.err(key, format!("cannot read {}: {e}", p.display()));
+        }
+        Some(p)
+    }
+
+    fn networks(&mut self, key: &str, raw: &[String]) -> Vec<IpNet> {
+        let mut out = Vec::with_capacity(raw.len());
+        for (i, n) in raw.iter().enumerate() {
+            // A bare address means that one host.
+            let net = n.parse().or_else(|_| n.parse::<IpAddr>().map(IpNet::from));
+            match net {
+                Ok(net) => out.push(net),
+                Err(_) => self.err(
+                    &format!("{key}[{i}]"),
+                    format!("{n:?} is not a network (CIDR such as 10.0.0.0/8)"),
+                ),
+            }
+        }
+        out
+    }
+
+    /// An `invalid_codes` list: none of them a code that never means "token rejected".
+    fn codes(&mut self, key: &str, codes: &[i64]) {
+        for (i, c) in codes.iter().enumerate() {
+            if code::NEVER_REJECTION.contains(c) {
+                self.err(
+                    &format!("{key}[{i}]"),
+                    format!(
+                        "{c} is never a token rejection (success or the platform's rate \
+                         limit: a new token would not help)"
+                    ),
+                );
+            }
+        }
+    }
+
+    /// A secret given as `{base}_env`, `{base}_file` or `{base}` (inline), at most one.
+    fn secret(
+        &mut self,
+        at: &str,
+        base: &str,
+        [env, file, inline]: [Option<String>; 3],
+        required: bool,
+    ) -> Option<ParamValue> {
+        let key = format!("{at}.{base}");
+        match (env, file, inline) {
+            (Some(var), None, None) => self.secret_from(&format!("{key}_env"), Err(var)),
+            (None, Some(path), None) => self.secret_from(&format!("{key}_file"), Ok(path)),
+            (None, None, Some(v)) if v.is_empty() => {
+                self.err(&key, "is empty");
+                None
+            }
+            (None, None, Some(v)) => {
+                let what =
+                    format!("secret written in the config file; prefer {base}_env or {base}_file");
+                self.warn(&key, what);
+                Some(ParamValue::Secret(Secret::new(v), SecretSource::Inline))
+            }
+            (None, None, None) => {
+                if required {
+                    self.err(
+                        &key,
+                        format!("missing: set {base}_env, {base}_file or {base}"),
+                    );
+                }
+                None
+            }
+            _ => {
+                self.err(
+                    &key,
+                    format!("give only one of {base}_env, {base}_file, {base}"),
+                );
+                None
+            }
+        }
+    }
+
+    /// A secret from a file (`Ok(path)`) or an environment variable (`Err(name)`).
+    fn secret_from(&mut self, key: &str, from: Result<String, String>) -> Option<ParamValue> {
+        let (read, source) = match from {
+            Ok(path) => {
+                let path = self.path(&path);
+                let read = self
+                    .secrets
+                    .read(&path)
+                    .map_err(|e| format!("cannot read {}: {e}", path.display()));
+                (read, SecretSource::File(path))
+            }
+            Err(var) => {
+                let read = self
+                    .secrets
+                    .var(&var)
+                    .ok_or(format!("environment variable {var} is not set"));
+                (read, SecretSource::Env(var))
+            }
+        };
+        let value = match read {
+            Ok(v) => v.trim_end_matches(['\r', '\n']).to_owned(),
+            Err(what) => {
+                self.err(key, what);
+                return None;
+            }
+        };
+        if value.is_empty() {
+            match &source {
+                SecretSource::Env(var) => {
+                    self.err(key, format!("environment variable {var} is empty"))
+                }
+                other => self.err(
+                    key,
+                    format!("{} is empty", other.to_string().trim_start_matches("file ")),
+                ),
+            }
+            return None;
+        }
+        Some(ParamValue::Secret(Secret::new(value), source))
+    }
+
+    fn server(&mut self, s: file::Server) -> ServerConfig {
+        let cert = self.file_path("server.tls_cert", s.tls_cert);
+        let key = self.file_path("server.tls_key", s.tls_key);
+        let client_ca = self.file_path("server.client_ca", s.client_ca);
+        let tls = match (cert, key) {
+            (Some(cert), Some(key)) => Some(TlsFiles {
+                cert,
+                key,
+                client_ca,
+            }),
+            (Some(_), None) => self.fail(
+                "server.tls_key",
+                "missing: tls_cert is set, so tls_key must be too",
+            ),
+            (None, Some(_)) => self.fail(
+                "server.tls_cert",
+                "missing: tls_key is set, so tls_cert must be too",
+            ),
+            (None, None) if client_ca.is_some() => self.fail(
+                "server.client_ca",
+                "needs tls_cert and tls_key (mTLS runs over TLS)",
+            ),
+            (None, None) => None,
+        };
+        ServerConfig {
+            listen: s.listen.0,
+            tls,
+            allow: self.networks("server.allow", &s.allow),
+            max_body_bytes: s.max_body_bytes.get(),
+            shutdown_grace: Duration::from_secs(s.shutdown_grace_s.get()),
+            max_concurrent_requests: s.max_concurrent_requests.get(),
+            workers: s.workers.get(),
+        }
+    }
+
+    fn upstream(&mut self, u: file::Upstream) -> Option<UpstreamConfig> {
+        let ca_file = self.file_path("upstream.ca_file", u.ca_file);
+        let (scheme, authority, base_path) = match parse_upstream_url(&u.url) {
+            Ok(parts) => parts,
+            Err(what) => return self.fail("upstream.url", format!("{:?} {what}", u.url)),
+        };
+        Some(UpstreamConfig {
+            url: u.url,
+            scheme,
+            authority,
+            base_path,
+            ca_file,
+            connect_timeout: Duration::from_millis(u.connect_timeout_ms.get()),
+            timeout: Duration::from_millis(u.timeout_ms.get()),
+            max_connections: u.max_connections.get(),
+        })
+    }
+
+    fn token(&mut self, t: file::Token) -> Option<TokenConfig> {
+        if !t.path.starts_with('/') {
+            self.err("token.path", format!("{:?} must start with /", t.path));
+        }
+        if let Some(codes) = &t.invalid_codes {
+            self.codes("token.invalid_codes", codes);
+        }
+        let store = t.store.and_then(|st| match st.redis_url {
+            Some(u) if u.starts_with("redis://") || u.starts_with("rediss://") => {
+                Some(StoreConfig {
+                    redis_url: Secret::new(u),
+                    lease: st.lease_ms.map(|ms| Duration::from_millis(ms.get())),
+                })
+            }
+            Some(_) => self.fail(
+                "token.store.redis_url",
+                "must start with redis:// or rediss://",
+            ),
+            None => self.fail("token.store.redis_url", "missing"),
+        });
+        let inject = match t.inject.as_str() {
+            "query" => {
+                let p = &t.param;
+                if p.is_empty() || p.contains(['&', '=', '#', ' ']) {
+                    self.err(
+                        "token.param",
+                        format!("{p:?} is not a usable query parameter name"),
+                    );
+                }
+                Inject::Query { param: t.param }
+            }
+            "header" => {
+                let name = HeaderName::from_bytes(t.header.as_bytes());
+                if name.is_err() {
+                    self.err(
+                        "token.header",
+                        format!("{:?} is not a valid header name", t.header),
+                    );
+                }
+                let split = t.header_format.split_once("{token}");
+                if split.is_none() {
+                    self.err(
+                        "token.header_format",
+                        format!("{:?} must contain {{token}}", t.header_format),
+                    );
+                }
+                let ((prefix, suffix), name) = split.zip(name.ok())?;
+                Inject::Header {
+                    name,
+                    prefix: prefix.to_owned(),
+                    suffix: suffix.to_owned(),
+                }
+            }
+            other => {
+                return self.fail(
+                    "token.inject",
+                    format!("{other:?} is not \"query\" or \"header\""),
+                )
+            }
+        };
+        Some(TokenConfig {
+            refresh_ahead: Duration::from_secs(t.refresh_ahead_s.get()),
+            max_fetches_per_minute: t.max_fetches_per_minute.get(),
+            path: t.path,
+            inject,
+            invalid_codes: t.invalid_codes,
+            store,
+        })
+    }
+
+    fn apps(&mut self, raw: Vec<file::App>, token: Option<&TokenConfig>) -> Vec<AppConfig> {
+        if raw.is_empty() {
+            self.err("app", "missing: configure at least one [[app]]");
+        }
+        let mut apps: Vec<AppConfig> = Vec::with_capacity(raw.len());
+        let (mut names, mut prefixes) = (Vec::new(), Vec::new());
+        for (i, mut a) in raw.into_iter().enumerate() {
+            let at = format!("app[{i}]");
+            let name_key = format!("{at}.name");
+            match &a.name {
+                None => self.err(&name_key, "missing"),
+                Some(n)
+                    if n.is_empty()
+                        || !n
+                            .chars()
+                            .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c)) =>
+                {
+                    self.err(
+                        &name_key,
+                        format!("{n:?} must be non-empty letters, digits, '-', '_' or '.'"),
+                    )
+                }
+                Some(n) if names.contains(n) => {
+                    self.err(&name_key, format!("{n:?} is used by another app"))
+                }
+                Some(n) => names.push(n.clone()),
+            }
+            let prefix = a.prefix.take().map(|p| {
+                let p = if p.len() > 1 {
+                    p.trim_end_matches('/').to_owned()
+                } else {
+                    p
+                };
+                if !p.starts_with('/')
+                    || p.contains(['?', '#'])
+                    || p.contains("/../")
+                    || p.ends_with("/..")
+                {
+                    self.err(
+                        &format!("{at}.prefix"),
+                        format!("{p:?} must be a path starting with /"),
+                    );
+                }
+                if prefixes.contains(&p) {
+                    self.err(
+                        &format!("{at}.prefix"),
+                        format!("{p:?} is used by another app"),
+                    );
+                }
+                prefixes.push(p.clone());
+                p
+            });
+            if let Some(tp) = a.token_path.as_ref().filter(|tp| !tp.starts_with('/')) {
+                self.err(
+                    &format!("{at}.token_path"),
+                    format!("{tp:?} must start with /"),
+                );
+            }
+            if let Some(codes) = &a.invalid_codes {
+                self.codes(&format!("{at}.invalid_codes"), codes);
+            }
+            let kind = match a.kind.as_deref() {
+                None | Some("app") => Some(AppKind::App),
+                Some("corp-service") => Some(AppKind::CorpService),
+                Some(other) => {
+                    let what = format!("{other:?} is not \"app\" or \"corp-service\"");
+                    self.err(&format!("{at}.kind"), what);
+                    None
+                }
+            };
+            // With the kind unknown, which credentials belong is unknown too: no more complaint.
+            let credentials = kind.and_then(|kind| self.credentials(&at, kind, &mut a));
+            let kind = kind.unwrap_or_default();
+            let invalid_codes = a
+                .invalid_codes
+                .clone()
+                .or_else(|| token.and_then(|t| t.invalid_codes.clone()))
+                .unwrap_or_else(|| kind.invalid_codes().to_vec());
+            if kind == AppKind::CorpService && invalid_codes.contains(&code::BAD_CREDENTIALS) {
+                let key = match a.invalid_codes {
+                    Some(_) => format!("{at}.invalid_codes"),
+                    None => "token.invalid_codes".to_owned(),
+                };
+                self.err(
+                    &key,
+                    "40001 means bad credentials on organisation-service APIs, never a rejected \
+                     token: replaying on it would fetch in a loop",
+                );
+            }
+            let (Some(name), Some(credentials)) = (a.name, credentials) else {
+                continue;
+            };
+            let token_path = a.token_path.unwrap_or_else(|| match kind {
+                AppKind::App => token
+                    .map_or(super::DEFAULT_TOKEN_PATH, |t| &t.path)
+                    .to_owned(),
+                AppKind::CorpService => platform::CORP_TOKEN_PATH.to_owned(),
+            });
+            let twin = apps.iter().find(|o| {
+                o.token_path == token_path && o.credentials.naming() == credentials.naming()
+            });
+            if let Some(other) = twin {
+                let what = format!(
+                    "app {name:?} has the same credentials as app {:?}: each fetch would \
+                     invalidate the other's token",
+                    other.name
+                );
+                self.err(&name_key, what);
+            }
+            apps.push(AppConfig {
+                name,
+                prefix,
+                kind,
+                token_path,
+                invalid_codes,
+                credentials,
+            });
+        }
+        apps
+    }
+
+    /// The token request's parameters of app `at`, taken out of `a`.
+    fn credentials(&mut self, at: &str, kind: AppKind, a: &mut file::App) -> Option<Credentials> {
+        if let Some(params) = a.token_params.take() {
+            let given = [
+                ("app_key", a.app_key.is_some()),
+                ("corp_id", a.corp_id.is_some()),
+                ("corp_secret", a.corp_secret.is_some()),
+                ("corp_secret_env", a.corp_secret_env.is_some()),
+                ("corp_secret_file", a.corp_secret_file.is_some()),
+                ("corp_authorization", a.corp_authorization.is_some()),
+                ("corp_authorization_env", a.corp_authorization_env.is_some()),
+                (
+                    "corp_authorization_file",
+                    a.corp_authorization_file.is_some(),
+                ),
+            ];
+            for (k, _) in given.iter().filter(|g| g.1) {
+                self.err(
+                    &format!("{at}.{k}"),
+                    "not allowed with token_params (which replace it)",
+                );
+            }
+            return self.token_params(&format!("{at}.token_params"), params);
+        }
+        let app_key = match (kind, a.app_key.take()) {
+            (AppKind::App, None) => {
+                self.err(&format!("{at}.app_key"), "missing");
+                None
+            }
+            (AppKind::App, app_key) => app_key,
+            (AppKind::CorpService, Some(_)) => {
+                self.err(
+                    &format!("{at}.app_key"),
+                    "not used by kind = \"corp-service\" apps (their token is asked for with \
+                     corp_id and corp_secret)",
+                );
+                None
+            }
+            (AppKind::CorpService, None) => None,
+        };
+        let corp_id = match a.corp_id.take() {
+            Some(Scalar(v)) if v.is_empty() => {
+                self.err(&format!("{at}.corp_id"), "is empty");
+                None
+            }
+            None => {
+                self.err(&format!("{at}.corp_id"), "missing");
+                None
+            }
+            Some(Scalar(v)) => Some(v),
+        };
+        let corp_secret = [
+            a.corp_secret_env.take(),
+            a.corp_secret_file.take(),
+            a.corp_secret.take(),
+        ];
+        let secret = self.secret(at, "corp_secret", corp_secret, true);
+        let plain = |k: &str, v: String| (k.to_owned(), ParamValue::Plain(v));
+        let params = match kind {
+            AppKind::App => vec![
+                plain("app_key", app_key?),
+                plain("corp_id", corp_id?),
+                ("corp_secret".into(), secret?),
+            ],
+            AppKind::CorpService => {
+                let auth = [
+                    a.corp_authorization_env.take(),
+                    a.corp_authorization_file.take(),
+                    a.corp_authorization.take(),
+                ];
+                let auth = self.secret(at, "corp_authorization", auth, false);
+                let mut p = vec![plain("corp_id", corp_id?), ("corp_secret".into(), secret?)];
+                p.extend(auth.map(|a| ("corp_authorization".to_owned(), a)));
+                p
+            }
+        };
+        let shape = match kind {
+            AppKind::App => Shape::Standard,
+            AppKind::CorpService => Shape::Corp,
+        };
+        Some(Credentials { shape, params })
+    }
+
+    /// `[app.token_params]`: a name ending in `_env` or `_file` reads a secret and is sent
+    /// without the suffix.
+    fn token_params(
+        &mut self,
+        at: &str,
+        raw: std::collections::BTreeMap<String, Scalar>,
+    ) -> Option<Credentials> {
+        if raw.is_empty() {
+            self.err(at, "is empty: give the token request's parameters");
+            return None;
+        }
+        let mut params = Vec::with_capacity(raw.len());
+        let mut ok = true;
+        for (k, Scalar(text)) in raw {
+            let key = format!("{at}.{k}");
+            let (name, value) = if let Some(name) = k.strip_suffix("_env") {
+                (name, self.secret_from(&key, Err(text)))
+            } else if let Some(name) = k.strip_suffix("_file") {
+                (name, self.secret_from(&key, Ok(text)))
+            } else {
+                (k.as_str(), Some(ParamValue::Plain(text)))
+            };
+            match value {
+                Some(v) => params.push((name.to_owned(), v)),
+                None => ok = false,
+            }
+        }
+        ok.then_some(Credentials {
+            shape: Shape::Params,
+            params,
+        })
+    }
+
+    fn clients(&mut self, raw: Vec<file::Client>, apps: &[AppConfig]) -> Vec<ClientConfig> {
+        let mut out = Vec::new();
+        for (i, c) in raw.into_iter().enumerate() {
+            let at = format!("client[{i}]");
+            if c.name.is_none() {
+                self.err(&format!("{at}.name"), "missing");
+            }
+            let networks = self.networks(&format!("{at}.networks"), &c.networks);
+            if networks.is_empty() && c.cert_names.is_empty() {
+                self.err(&at, "needs networks or cert_names to identify the client");
+            }
+            for (j, a) in c.apps.iter().enumerate() {
+                if !apps.iter().any(|app| &app.name == a) {
+                    self.err(
+                        &format!("{at}.apps[{j}]"),
+                        format!("no [[app]] is named {a:?}"),
+                    );
+                }
+            }
+            for (j, p) in c.paths.iter().flatten().enumerate() {
+                if !p.starts_with('/') {
+                    self.err(
+                        &format!("{at}.paths[{j}]"),
+                        format!("{p:?} must start with /"),
+                    );
+                }
+            }
+            if let Some(name) = c.name {
+                out.push(ClientConfig {
+                    name,
+                    networks,
+                    cert_names: c.cert_names,
+                    apps: c.apps,
+                    paths: c.paths,
+                });
+            }
+        }
+        out
+    }
+}
+
+/// Splits an upstream URL into scheme, authority and base path; `Err` says what is wrong.
+fn parse_upstream_url(url: &str) -> Result<(Scheme, Authority, String), &'static str> {
+    let uri: Uri = url.parse().map_err(|_| "is not a valid URL")?;
+    let scheme = uri
+        .scheme()
+        .cloned()
+        .ok_or("is not an absolute URL (https://host)")?;
+    if scheme != Scheme::HTTPS {
+        return Err("must use https:// (the upstream is always reached over TLS)");
+    }
+    let authority = uri.authority().cloned().ok_or("has no host")?;
+    if authority.host().is_empty() || authority.as_str().contains('@') {
+        return Err("has no usable host");
+    }
+    if uri.query().is_some() {
+        return Err("must not have a query");
+    }
+    let base_path = uri.path().trim_end_matches('/').to_owned();
+    Ok((scheme, authority, base_path))
+}
