@@ -19,7 +19,7 @@ fn metric(text: &str, series: &str) -> Option<f64> {
 async fn readyz_is_503_while_token_fetches_fail_and_200_after() {
     let env = EnvBuilder::new()
         .admin()
-        .extra("[token]\nmax_fetches_per_minute = 60")
+        .set("token.max_fetches_per_minute", 60)
         .prepare(|s| s.fail_token_fetches(1_000, 50002, "platform maintenance"))
         .start()
         .await;

@@ -219,7 +219,11 @@ async fn debug_logs_never_carry_the_secret_or_a_token_and_sigterm_drains() {
     let path = dir.path().join("proxy.toml");
     std::fs::write(
         &path,
-        config_text(&sandbox, dir.path(), "shutdown_grace_s = 10", &app),
+        set(
+            &config_text(&sandbox, dir.path(), &app),
+            "server.shutdown_grace_s",
+            10,
+        ),
     )
     .unwrap();
     let mut p = Proc::spawn(
@@ -387,7 +391,7 @@ async fn sighup_adds_an_app_and_refuses_a_broken_file_while_a_connection_stays_o
     .await;
     std::fs::write(dir.path().join("added_secret"), "added-secret").unwrap();
     let path = dir.path().join("proxy.toml");
-    let base_text = config_text(&sandbox, dir.path(), "", &default_app(dir.path()));
+    let base_text = config_text(&sandbox, dir.path(), &default_app(dir.path()));
     std::fs::write(&path, &base_text).unwrap();
     let mut p = Proc::spawn(
         Command::new(bin())
@@ -467,7 +471,6 @@ async fn corp_secret_exchanges_once_writes_a_private_file_and_never_prints_the_s
     let text = config_text(
         &sandbox,
         dir.path(),
-        "",
         &format!(
             "[[app]]\nname = \"corp\"\nkind = \"corp-service\"\ncorp_id = 20002\ncorp_secret_file = \"{}\"\n",
             out.display()
@@ -546,7 +549,7 @@ async fn corp_secret_exchanges_once_writes_a_private_file_and_never_prints_the_s
     let dir2 = tempfile::tempdir().unwrap();
     let fresh = support::sandbox(dir2.path(), SandboxOptions::default()).await;
     fresh.expire_temp_secrets();
-    std::fs::write(&config, config_text(&fresh, dir2.path(), "", "")).unwrap();
+    std::fs::write(&config, config_text(&fresh, dir2.path(), "")).unwrap();
     let mut p = run(&dir.path().join("late"));
     assert_eq!(p.wait().await.code(), Some(1));
     assert!(printed(&p).contains("40006"), "{}", printed(&p));

@@ -12,28 +12,29 @@ use http::Method;
 use support::*;
 
 /// Writes a CA-issued server certificate and key for the proxy port into `dir`.
-fn proxy_tls(dir: &std::path::Path, ca: &TestCa) -> String {
+/// Writes the proxy's certificate and the clients' CA into `dir`; sets them in `[server]`.
+fn proxy_tls(env: EnvBuilder, dir: &std::path::Path, ca: &TestCa, mtls: bool) -> EnvBuilder {
     let issued = ca.server_cert().unwrap();
     std::fs::write(dir.join("proxy.pem"), &issued.cert_pem).unwrap();
     std::fs::write(dir.join("proxy-key.pem"), &issued.key_pem).unwrap();
     std::fs::write(dir.join("clients.pem"), ca.pem()).unwrap();
-    format!(
-        "tls_cert = \"{0}/proxy.pem\"\ntls_key = \"{0}/proxy-key.pem\"",
-        dir.display()
-    )
+    let file = |name: &str| dir.join(name).display().to_string();
+    let env = env
+        .set("server.tls_cert", file("proxy.pem"))
+        .set("server.tls_key", file("proxy-key.pem"));
+    if mtls {
+        env.set("server.client_ca", file("clients.pem"))
+    } else {
+        env
+    }
 }
 
 async fn tls_env(mtls: bool, extra: &str) -> (Env, TestCa) {
     let ca = TestCa::new("test clients and proxy CA").unwrap();
     let dir = tempfile::tempdir().unwrap();
-    let mut server = proxy_tls(dir.path(), &ca);
-    if mtls {
-        server.push_str(&format!(
-            "\nclient_ca = \"{}/clients.pem\"",
-            dir.path().display()
-        ));
-    }
-    let env = EnvBuilder::new().server(&server).extra(extra).start().await;
+    let env = proxy_tls(EnvBuilder::new().extra(extra), dir.path(), &ca, mtls)
+        .start()
+        .await;
     // Keep the TLS files alive as long as the env.
     std::mem::forget(dir);
     (env, ca)
@@ -136,7 +137,7 @@ paths = ["/api/apps/v1/robot/"]
 #[tokio::test]
 async fn clients_outside_allow_or_their_grants_get_403() {
     let env = EnvBuilder::new()
-        .server("allow = [\"10.0.0.0/8\"]")
+        .set("server.allow", vec!["10.0.0.0/8"])
         .start()
         .await;
     assert_proxy_error(&get(&env.url("/api/x")).await, 403, "forbidden");
@@ -184,7 +185,7 @@ paths = ["/api/apps/v1/robot/"]
 #[tokio::test]
 async fn oversized_bodies_get_413_declared_or_chunked() {
     let env = EnvBuilder::new()
-        .server("max_body_bytes = 1000")
+        .set("server.max_body_bytes", 1000)
         .start()
         .await;
     env.ready().await;
@@ -213,7 +214,7 @@ async fn oversized_bodies_get_413_declared_or_chunked() {
 
 #[tokio::test]
 async fn garbage_oversized_heads_and_smuggling_neither_crash_nor_desynchronise() {
-    let env = env("").await;
+    let env = env().await;
     env.ready().await;
     let garbage: &[&[u8]] = &[
         b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03garbage\r\n\r\n",
@@ -259,7 +260,7 @@ async fn garbage_oversized_heads_and_smuggling_neither_crash_nor_desynchronise()
 #[tokio::test]
 async fn two_hundred_idle_slow_header_sockets_do_not_stop_a_normal_client() {
     use tokio::io::AsyncWriteExt;
-    let env = env("").await;
+    let env = env().await;
     env.ready().await;
     let mut idle = Vec::new();
     for _ in 0..200 {
@@ -281,7 +282,7 @@ async fn two_hundred_idle_slow_header_sockets_do_not_stop_a_normal_client() {
 #[tokio::test]
 async fn past_the_concurrency_limit_requests_get_503_overloaded() {
     let env = EnvBuilder::new()
-        .server("max_concurrent_requests = 2")
+        .set("server.max_concurrent_requests", 2)
         .prepare(|s| s.set_api_delay(Duration::from_millis(700)))
         .start()
         .await;
@@ -303,8 +304,11 @@ async fn past_the_concurrency_limit_requests_get_503_overloaded() {
 async fn an_upstream_slower_than_timeout_ms_gives_504() {
     let dir = tempfile::tempdir().unwrap();
     let s = sandbox(dir.path(), SandboxOptions::default()).await;
-    let text = config_text(&s, dir.path(), "", &default_app(dir.path()))
-        .replace("timeout_ms = 5000", "timeout_ms = 300");
+    let text = set(
+        &config_text(&s, dir.path(), &default_app(dir.path())),
+        "upstream.timeout_ms",
+        300,
+    );
     let proxy = cx_proxy::ProxyHandle::start(config(&text)).await.unwrap();
     let base = format!("http://{}", proxy.addr);
     assert_eq!(get(&format!("{base}/api/x")).await.json()["err_code"], 0);
@@ -348,12 +352,7 @@ async fn a_reload_keeps_unchanged_tokens_and_open_connections() {
         "\n[[app]]\nname = \"added\"\napp_key = \"added-app\"\ncorp_id = 2\ncorp_secret_file = \"{}/added_secret\"\nprefix = \"/added\"\n",
         dir.display()
     );
-    let text = config_text(
-        &env.sandbox,
-        dir,
-        "",
-        &format!("{}{added}", default_app(dir)),
-    );
+    let text = config_text(&env.sandbox, dir, &format!("{}{added}", default_app(dir)));
     env.proxy.gateway.apply(config(&text)).await.unwrap();
 
     let r = send_req
@@ -381,22 +380,21 @@ async fn a_reload_keeps_unchanged_tokens_and_open_connections() {
 
 #[tokio::test]
 async fn a_reload_that_moves_an_app_and_changes_injection_keeps_its_token() {
-    let env = env("").await;
+    let env = env().await;
     env.ready().await;
     let token = env.sandbox.issued_tokens().remove(0);
     let dir = env.dir.path();
     // The same app (name and credentials) under another prefix, with its own codes, and the
     // token now sent as a header: one app, one token, no fetch.
-    let app = default_app(dir).replace(
-        "prefix = \"/\"",
-        "prefix = \"/v2\"\ninvalid_codes = [49000, 41000]",
-    );
-    let text = config_text(
-        &env.sandbox,
-        dir,
-        "",
-        &format!("[token]\ninject = \"header\"\nheader = \"Authorization\"\n{app}"),
-    );
+    let mut text = config_text(&env.sandbox, dir, &default_app(dir));
+    for (key, value) in [
+        ("app.0.prefix", toml::Value::from("/v2")),
+        ("app.0.invalid_codes", toml::Value::from(vec![49000, 41000])),
+        ("token.inject", toml::Value::from("header")),
+        ("token.header", toml::Value::from("Authorization")),
+    ] {
+        text = set(&text, key, value);
+    }
     env.proxy.gateway.apply(config(&text)).await.unwrap();
     let a = get(&env.url("/v2/api/apps/v1/sso/user?oauth_code=x")).await;
     assert_eq!(a.json()["err_code"], 0, "{}", a.text());
@@ -421,9 +419,10 @@ async fn requests_over_upstream_max_connections_wait_their_turn() {
         },
     )
     .await;
-    let text = config_text(&s, dir.path(), "", &default_app(dir.path())).replace(
-        "timeout_ms = 5000",
-        "timeout_ms = 5000\nmax_connections = 1",
+    let text = set(
+        &config_text(&s, dir.path(), &default_app(dir.path())),
+        "upstream.max_connections",
+        1,
     );
     let proxy = cx_proxy::ProxyHandle::start(config(&text)).await.unwrap();
     let url = Arc::new(format!("http://{}/api/x", proxy.addr));

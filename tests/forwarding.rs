@@ -16,7 +16,7 @@ fn only_token(env: &Env) -> String {
 
 #[tokio::test]
 async fn every_method_path_query_and_body_arrives_intact_with_the_token() {
-    let env = env("").await;
+    let env = env().await;
     let c = client(false);
     let cases = [
         (
@@ -69,7 +69,7 @@ async fn every_method_path_query_and_body_arrives_intact_with_the_token() {
 
 #[tokio::test]
 async fn a_client_supplied_access_token_is_replaced() {
-    let env = env("").await;
+    let env = env().await;
     let a = get(&env.url("/api/x?access_token=forged&a=1&access%5Ftoken=forged2")).await;
     assert_eq!(a.json()["err_code"], 0, "{}", a.text());
     let r = &env.sandbox.recorded()[0];
@@ -79,7 +79,12 @@ async fn a_client_supplied_access_token_is_replaced() {
 
 #[tokio::test]
 async fn header_injection_replaces_the_clients_header() {
-    let env = env("[token]\ninject = \"header\"\nheader = \"Authorization\"\nheader_format = \"Bearer {token}\"").await;
+    let env = EnvBuilder::new()
+        .set("token.inject", "header")
+        .set("token.header", "Authorization")
+        .set("token.header_format", "Bearer {token}")
+        .start()
+        .await;
     let req = Request::builder()
         .uri(env.url("/api/x?access_token=forged&b=2"))
         .header("authorization", "Bearer forged")
@@ -99,7 +104,7 @@ async fn header_injection_replaces_the_clients_header() {
 
 #[tokio::test]
 async fn hop_by_hop_forwarding_and_host_headers_never_reach_the_platform() {
-    let env = env("").await;
+    let env = env().await;
     let req = Request::builder()
         .uri(env.url("/api/x"))
         .header("host", "evil.example")
@@ -139,7 +144,7 @@ async fn hop_by_hop_forwarding_and_host_headers_never_reach_the_platform() {
 
 #[tokio::test]
 async fn absolute_form_targets_are_refused_and_connect_is_405() {
-    let env = env("").await;
+    let env = env().await;
     let out = raw_exchange(
         env.proxy.addr,
         b"GET http://evil.example/api/x HTTP/1.1\r\nHost: evil.example\r\nConnection: close\r\n\r\n",
@@ -155,7 +160,7 @@ async fn absolute_form_targets_are_refused_and_connect_is_405() {
 
 #[tokio::test]
 async fn five_megabyte_bodies_stream_both_ways() {
-    let env = env("").await;
+    let env = env().await;
     let body = noise(5 * 1024 * 1024);
     let c = client(false);
     // Request body: the platform hashes what it received.
@@ -184,7 +189,7 @@ async fn five_megabyte_bodies_stream_both_ways() {
 
 #[tokio::test]
 async fn h2c_clients_are_served() {
-    let env = env("").await;
+    let env = env().await;
     let a = send(
         &client(true),
         request(Method::POST, &env.url("/api/x?y=1"), "h2 body"),
@@ -201,8 +206,9 @@ async fn h2c_clients_are_served() {
 async fn unmatched_paths_get_no_route_and_big_declared_bodies_413() {
     let dir = tempfile::tempdir().unwrap();
     let sandbox = sandbox(dir.path(), Default::default()).await;
-    let app = default_app(dir.path()).replace("prefix = \"/\"", "prefix = \"/only\"");
-    let text = config_text(&sandbox, dir.path(), "max_body_bytes = 1000", &app);
+    let text = config_text(&sandbox, dir.path(), &default_app(dir.path()));
+    let text = set(&text, "app.0.prefix", "/only");
+    let text = set(&text, "server.max_body_bytes", 1000);
     let proxy = cx_proxy::ProxyHandle::start(config(&text)).await.unwrap();
     let base = format!("http://{}", proxy.addr);
 

@@ -20,7 +20,8 @@ async fn steady_traffic_across_refreshes_never_fails_and_never_waits_on_a_fetch(
             reissue: Reissue::New,
             ..Default::default()
         })
-        .extra("[token]\nrefresh_ahead_s = 3\nmax_fetches_per_minute = 30")
+        .set("token.refresh_ahead_s", 3)
+        .set("token.max_fetches_per_minute", 30)
         .prepare(|s| s.set_token_delay(FETCH_DELAY))
         .start()
         .await;
@@ -83,7 +84,7 @@ async fn steady_traffic_across_refreshes_never_fails_and_never_waits_on_a_fetch(
 
 #[tokio::test]
 async fn a_revoked_token_is_replaced_through_one_replay_with_the_body_intact() {
-    let env = env("").await;
+    let env = env().await;
     env.ready().await;
     let body = r#"{"staff_ids":["s1"],"msg_type":"text","text":{"content":"replayed once"}}"#;
     let url = env.url("/api/apps/v1/robot/staffs/message?x=1");
@@ -123,7 +124,7 @@ async fn a_revoked_token_is_replaced_through_one_replay_with_the_body_intact() {
 
 #[tokio::test]
 async fn thirty_two_concurrent_rejections_of_one_token_cause_one_fetch() {
-    let env = env("").await;
+    let env = env().await;
     env.ready().await;
     let fetches = env.sandbox.token_fetches(APP_KEY);
     env.sandbox.revoke_all();
@@ -135,7 +136,10 @@ async fn thirty_two_concurrent_rejections_of_one_token_cause_one_fetch() {
 
 #[tokio::test]
 async fn a_platform_rejecting_every_token_cannot_push_fetches_past_the_cap() {
-    let env = env("[token]\nmax_fetches_per_minute = 3").await;
+    let env = EnvBuilder::new()
+        .set("token.max_fetches_per_minute", 3)
+        .start()
+        .await;
     env.ready().await;
     env.sandbox.reject_all_tokens(true);
     let mut limited = None;
@@ -157,7 +161,7 @@ async fn a_platform_rejecting_every_token_cannot_push_fetches_past_the_cap() {
 
 #[tokio::test]
 async fn legacy_token_requests_are_answered_from_the_cache() {
-    let env = env("").await;
+    let env = env().await;
     env.ready().await;
     let fetches = env.sandbox.token_fetches(APP_KEY);
     let url = env.url(&format!(

@@ -233,7 +233,10 @@ fn decoded(a: &Answer) -> serde_json::Value {
 #[tokio::test]
 async fn a_rejection_is_seen_whatever_its_encoding_type_or_framing() {
     // One fetch per shape: more than the default cap of 6 a minute.
-    let env = env("[token]\nmax_fetches_per_minute = 20").await;
+    let env = EnvBuilder::new()
+        .set("token.max_fetches_per_minute", 20)
+        .start()
+        .await;
     env.ready().await;
     let shapes = [
         ("gzip", Some("gzip"), None, false),
@@ -366,7 +369,7 @@ async fn echo_through(
 
 #[tokio::test]
 async fn large_chunked_answers_stream_on_intact_after_the_hold() {
-    let env = env("").await;
+    let env = env().await;
     env.ready().await;
     let small = noise(200 * 1024);
     let hold = 64 * 1024 + 1;
@@ -388,7 +391,7 @@ async fn an_answer_slower_than_timeout_ms_streams_on_instead_of_failing() {
     // The head comes at once; the body's first kilobyte, then nothing for longer than
     // timeout_ms: held for the probe until then, after which it streams on unprobed.
     let env = EnvBuilder::new()
-        .edit("timeout_ms = 5000", "timeout_ms = 500")
+        .set("upstream.timeout_ms", 500)
         .start()
         .await;
     env.ready().await;
@@ -459,7 +462,7 @@ async fn no_client_can_make_the_proxy_fetch_through_a_token_endpoint() {
 #[tokio::test]
 async fn odd_expires_in_values_never_stop_the_proxy() {
     let env = EnvBuilder::new()
-        .extra("[token]\nmax_fetches_per_minute = 100")
+        .set("token.max_fetches_per_minute", 100)
         .start()
         .await;
     env.ready().await;

@@ -33,7 +33,7 @@ async fn http1_connections_are_reused_also_after_answers_without_a_body() {
     // With no rejection codes to look for, the proxy never reads a body itself.
     let env = EnvBuilder::new()
         .sandbox(h1_sandbox())
-        .extra("[token]\ninvalid_codes = []")
+        .set("token.invalid_codes", toml::Value::Array(Vec::new()))
         .start()
         .await;
     let client = client(false);
@@ -56,8 +56,7 @@ async fn http1_connections_are_reused_also_after_answers_without_a_body() {
 async fn concurrent_calls_open_no_more_than_max_connections() {
     let env = EnvBuilder::new()
         .sandbox(h1_sandbox())
-        // Goes into [upstream].
-        .extra("max_connections = 3")
+        .set("upstream.max_connections", 3)
         .start()
         .await;
     assert_eq!(get(&env.url("/api/warm")).await.status, 200);

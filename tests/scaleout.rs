@@ -112,7 +112,7 @@ async fn cluster(
         redis.url(),
         default_app(dir.path())
     );
-    let text = config_text(&sandbox, dir.path(), "", &extra);
+    let text = config_text(&sandbox, dir.path(), &extra);
     let mut proxies = Vec::new();
     for _ in 0..n {
         proxies.push(ProxyHandle::start(config(&text)).await.unwrap());

@@ -12,9 +12,10 @@ async fn an_upstream_with_an_untrusted_certificate_gets_nothing() {
     let _trusted = sandbox(trusted_dir.path(), SandboxOptions::default()).await;
     let other_dir = tempfile::tempdir().unwrap();
     let other = sandbox(other_dir.path(), SandboxOptions::default()).await;
-    let text = config_text(&other, other_dir.path(), "", &default_app(other_dir.path())).replace(
-        &other_dir.path().join("ca.pem").display().to_string(),
-        &trusted_dir.path().join("ca.pem").display().to_string(),
+    let text = set(
+        &config_text(&other, other_dir.path(), &default_app(other_dir.path())),
+        "upstream.ca_file",
+        trusted_dir.path().join("ca.pem").display().to_string(),
     );
     let proxy = cx_proxy::ProxyHandle::start(config(&text)).await.unwrap();
     let a = get(&format!("http://{}/api/x", proxy.addr)).await;
@@ -34,8 +35,11 @@ async fn an_upstream_that_is_down_gives_502_upstream_unreachable() {
     let dir = tempfile::tempdir().unwrap();
     let s = sandbox(dir.path(), SandboxOptions::default()).await;
     let down = unused_addr();
-    let text = config_text(&s, dir.path(), "", &default_app(dir.path()))
-        .replace(&s.addr().to_string(), &down.to_string());
+    let text = set(
+        &config_text(&s, dir.path(), &default_app(dir.path())),
+        "upstream.url",
+        format!("https://{down}"),
+    );
     let proxy = cx_proxy::ProxyHandle::start(config(&text)).await.unwrap();
     let a = get(&format!("http://{}/api/x", proxy.addr)).await;
     assert_proxy_error(&a, 502, "upstream_unreachable");

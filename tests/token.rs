@@ -11,7 +11,7 @@ use support::*;
 
 #[tokio::test]
 async fn sixty_four_concurrent_first_requests_cause_one_token_fetch() {
-    let env = env("").await;
+    let env = env().await;
     // A slow token endpoint makes sure all 64 are waiting while the one fetch runs.
     env.sandbox.set_token_delay(Duration::from_millis(300));
     let url = env.url("/api/apps/v1/sso/user?oauth_code=c1");
@@ -52,7 +52,7 @@ async fn a_wrong_secret_is_reported_without_the_secret() {
     let dir = tempfile::tempdir().unwrap();
     let sandbox = sandbox(dir.path(), SandboxOptions::default()).await;
     let app = default_app(dir.path());
-    let text = config_text(&sandbox, dir.path(), "", &app);
+    let text = config_text(&sandbox, dir.path(), &app);
     std::fs::write(dir.path().join("corp_secret"), "wrong-secret-value").unwrap();
     let proxy = cx_proxy::ProxyHandle::start(config(&text)).await.unwrap();
     let a = get(&format!("http://{}/api/x", proxy.addr)).await;
@@ -97,8 +97,11 @@ async fn a_request_waits_no_longer_than_timeout_ms_for_a_token() {
     let dir = tempfile::tempdir().unwrap();
     let s = sandbox(dir.path(), SandboxOptions::default()).await;
     s.set_token_delay(Duration::from_secs(10));
-    let text = config_text(&s, dir.path(), "", &default_app(dir.path()))
-        .replace("timeout_ms = 5000", "timeout_ms = 500");
+    let text = set(
+        &config_text(&s, dir.path(), &default_app(dir.path())),
+        "upstream.timeout_ms",
+        500,
+    );
     let proxy = cx_proxy::ProxyHandle::start(config(&text)).await.unwrap();
     tokio::time::sleep(Duration::from_millis(100)).await;
     let started = std::time::Instant::now();

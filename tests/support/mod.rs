@@ -58,9 +58,9 @@ pub async fn sandbox(dir: &Path, opts: SandboxOptions) -> Sandbox {
     .expect("sandbox starts")
 }
 
-/// A proxy config pointing at `sandbox` (its CA trusted): `server_extra` goes into
-/// `[server]`, `extra` is appended. The demo app's secret is written to a file in `dir`.
-pub fn config_text(sandbox: &Sandbox, dir: &Path, server_extra: &str, extra: &str) -> String {
+/// A proxy config pointing at `sandbox` (its CA trusted), `extra` appended (whole tables;
+/// change single keys with [`set`]). The demo app's secret is written to a file in `dir`.
+pub fn config_text(sandbox: &Sandbox, dir: &Path, extra: &str) -> String {
     let secret = dir.join("corp_secret");
     std::fs::write(&secret, SECRET).unwrap();
     std::fs::write(dir.join("corp_secret_20002"), CORP_SECRET).unwrap();
@@ -68,7 +68,6 @@ pub fn config_text(sandbox: &Sandbox, dir: &Path, server_extra: &str, extra: &st
         r#"
 [server]
 listen = "127.0.0.1:0"
-{server_extra}
 
 [upstream]
 url = "{url}"
@@ -116,6 +115,29 @@ pub async fn get_with(url: &str, headers: &[(&str, &str)]) -> Answer {
     send(&client(false), b.body(Full::new(Bytes::new())).unwrap()).await
 }
 
+/// `text` with `key` (dotted: `upstream.timeout_ms`; a number picks an array's element:
+/// `app.0.prefix`) set to `value`, tables created as needed: configs are edited by key, not
+/// by splicing text.
+pub fn set(text: &str, key: &str, value: impl Into<toml::Value>) -> String {
+    let mut root = toml::Value::Table(text.parse().unwrap_or_else(|e| panic!("{e}\n{text}")));
+    let (path, last) = key.rsplit_once('.').map_or(("", key), |(p, l)| (p, l));
+    let mut at = &mut root;
+    for part in path.split('.').filter(|p| !p.is_empty()) {
+        at = match part.parse::<usize>() {
+            Ok(i) => &mut at.as_array_mut().expect("an array")[i],
+            Err(_) => at
+                .as_table_mut()
+                .expect("a table")
+                .entry(part)
+                .or_insert_with(|| toml::Value::Table(Default::default())),
+        };
+    }
+    at.as_table_mut()
+        .expect("a table")
+        .insert(last.to_owned(), value.into());
+    toml::to_string(&root).unwrap()
+}
+
 /// Parses config text or panics with every problem.
 pub fn config(text: &str) -> Config {
     match Config::from_toml(text, "test.toml", None) {
@@ -124,10 +146,9 @@ pub fn config(text: &str) -> Config {
     }
 }
 
-/// A default sandbox and a proxy with the default app; `token_extra` goes into the file
-/// before the app (e.g. a `[token]` table).
-pub async fn env(token_extra: &str) -> Env {
-    EnvBuilder::new().extra(token_extra).start().await
+/// A default sandbox and a proxy with the default app.
+pub async fn env() -> Env {
+    EnvBuilder::new().start().await
 }
 
 /// Like [`env`] with sandbox options and an optional clock.
@@ -143,21 +164,19 @@ type Prepare = Box<dyn FnOnce(&Sandbox)>;
 /// Builds an [`Env`] step by step.
 pub struct EnvBuilder {
     opts: SandboxOptions,
-    server: String,
     extra: String,
     apps: Option<String>,
     admin: bool,
     files: Vec<(String, String)>,
     pub clock: Option<SharedClock>,
     prepare: Option<Prepare>,
-    edits: Vec<(String, String)>,
+    edits: Vec<(String, toml::Value)>,
 }
 
 impl EnvBuilder {
     pub fn new() -> Self {
         EnvBuilder {
             opts: SandboxOptions::default(),
-            server: String::new(),
             extra: String::new(),
             apps: None,
             admin: false,
@@ -170,12 +189,6 @@ impl EnvBuilder {
 
     pub fn sandbox(mut self, opts: SandboxOptions) -> Self {
         self.opts = opts;
-        self
-    }
-
-    /// Lines for `[server]`.
-    pub fn server(mut self, lines: &str) -> Self {
-        self.server = lines.into();
         self
     }
 
@@ -208,9 +221,9 @@ impl EnvBuilder {
         self
     }
 
-    /// Replaces `from` by `to` in the generated config text (e.g. a default timeout).
-    pub fn edit(mut self, from: &str, to: &str) -> Self {
-        self.edits.push((from.into(), to.into()));
+    /// Sets one key of the generated config ([`set`]).
+    pub fn set(mut self, key: &str, value: impl Into<toml::Value>) -> Self {
+        self.edits.push((key.into(), value.into()));
         self
     }
 
@@ -241,13 +254,12 @@ impl EnvBuilder {
         let text = config_text(
             &sandbox,
             dir.path(),
-            &self.server,
             &format!("{admin}{}\n{apps}", self.extra),
         );
-        let text = self.edits.iter().fold(text, |t, (from, to)| {
-            assert!(t.contains(from.as_str()), "{from:?} is not in the config");
-            t.replace(from.as_str(), to)
-        });
+        let text = self
+            .edits
+            .into_iter()
+            .fold(text, |t, (key, value)| set(&t, &key, value));
         let cfg = config(&text);
         let proxy = match self.clock {
             Some(clock) => ProxyHandle::start_with(Proxy::with_clock(cfg, clock).unwrap())
