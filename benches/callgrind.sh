@@ -42,4 +42,10 @@ kill "$VPID"; wait "$VPID" 2>/dev/null || true
 DUMP=$(ls "$WORK"/cg.*.1 | head -1)
 TOTAL=$(grep -E '^(summary|totals):' "$DUMP" | head -1 | grep -oE '[0-9]+' | head -1)
 echo "requests=$REQS total_Ir=$TOTAL per_request=$((TOTAL / REQS))"
+# TLS handshakes that fell in the window (the upstream recycled connections): ring's key
+# exchange and signature arithmetic, by self cost. Subtracted, the rest is per-request work.
+HS=$(callgrind_annotate --threshold=100 "$DUMP" 2>/dev/null \
+  | grep -E 'x25519|fe_|ge_|sha512|table_select|p256|nistz|bn_mul|limbs_mul|GFp_' \
+  | awk '{gsub(",","",$1); s+=$1} END {print s+0}' || true)
+echo "handshake_Ir=$HS per_request_without_handshakes=$(((TOTAL - HS) / REQS))"
 rm -rf "$WORK"
