@@ -51,6 +51,12 @@ pub struct Config {
     /// `[[client]]`, in file order.
     #[serde(rename = "client", skip_serializing_if = "Vec::is_empty")]
     pub clients: Vec<ClientConfig>,
+    /// `[callbacks]`; `None` disables the callback relay.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub callbacks: Option<CallbacksConfig>,
+    /// `[[callback]]`, in file order (none without `[callbacks]`).
+    #[serde(rename = "callback", skip_serializing_if = "Vec::is_empty")]
+    pub routes: Vec<CallbackRoute>,
 }
 
 /// `[server]`.
@@ -75,7 +81,7 @@ pub struct ServerConfig {
 }
 
 /// Inbound TLS material.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct TlsFiles {
     /// Certificate chain (PEM).
     #[serde(rename = "tls_cert")]
@@ -428,6 +434,56 @@ pub struct ClientConfig {
     pub paths: Option<Vec<String>>,
 }
 
+/// `[callbacks]`: where the platform's callbacks arrive and where they are kept until
+/// delivered (SPEC sections 3 and 8).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct CallbacksConfig {
+    /// Where the platform's callbacks arrive.
+    pub listen: SocketAddr,
+    /// HTTPS, when both files are given (the platform requires a valid certificate).
+    #[serde(flatten, skip_serializing_if = "Option::is_none")]
+    pub tls: Option<TlsFiles>,
+    /// Sender networks; anyone else gets 403.
+    pub allow: Vec<IpNet>,
+    /// The durable queue: an SQLite database file.
+    pub queue: PathBuf,
+    /// A callback whose `timestamp` is further than this from now is refused; nonces are
+    /// remembered this long.
+    #[serde(rename = "max_skew_s", serialize_with = "secs")]
+    pub max_skew: Duration,
+    /// Largest callback body accepted, in bytes.
+    pub max_body_bytes: u64,
+    /// A receiver that has not answered by then failed this delivery attempt.
+    #[serde(rename = "deliver_timeout_ms", serialize_with = "millis")]
+    pub deliver_timeout: Duration,
+    /// How long after its arrival an event is retried before it is dead-lettered.
+    #[serde(rename = "retry_for_s", serialize_with = "secs")]
+    pub retry_for: Duration,
+}
+
+/// `[[callback]]`: one route of the relay, from the URL registered on the platform to an
+/// internal receiver.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct CallbackRoute {
+    /// Unique name (admin views, metrics, logs).
+    pub name: String,
+    /// The path of the URL registered on the platform.
+    pub path: String,
+    /// The `[[app]]` whose corp sends these callbacks.
+    pub app: String,
+    /// That app's `corp_id`: a callback's `corpid` must equal it.
+    #[serde(skip)]
+    pub corp_id: String,
+    /// The Key set beside the URL on the platform, which signs the callbacks.
+    #[serde(serialize_with = "masked")]
+    pub key: ParamValue,
+    /// The internal receiver (`http` or `https` URL without a query).
+    pub deliver_to: String,
+    /// Extra trusted root for an `https` receiver.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ca_file: Option<PathBuf>,
+}
+
 /// A successfully loaded configuration and the warnings worth showing.
 #[derive(Debug)]
 pub struct Loaded {
@@ -492,6 +548,11 @@ impl Config {
                 }
             }
         }
+        for (i, route) in self.routes.iter().enumerate() {
+            if let ParamValue::Secret(_, source) = &route.key {
+                out.push_str(&format!("# callback[{i}].key: {source}\n"));
+            }
+        }
         match toml::to_string(self) {
             Ok(text) => out.push_str(&text),
             Err(e) => out.push_str(&format!("# cannot be shown as TOML: {e}\n")),
@@ -520,6 +581,10 @@ fn millis<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
 
 fn opt_millis<S: Serializer>(d: &Option<Duration>, s: S) -> Result<S::Ok, S::Error> {
     s.serialize_u64(d.map_or(0, |d| d.as_millis() as u64))
+}
+
+fn masked<S: Serializer>(v: &ParamValue, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(v.masked())
 }
 
 fn kind<S: Serializer>(k: &AppKind, s: S) -> Result<S::Ok, S::Error> {

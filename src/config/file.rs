@@ -25,6 +25,8 @@ pub(super) struct File {
     pub token: Token,
     pub app: Vec<App>,
     pub client: Vec<Client>,
+    pub callbacks: Option<Callbacks>,
+    pub callback: Vec<Callback>,
 }
 
 /// Only `[upstream]` (`cx-proxy corp-secret`); the rest of the file is not looked at.
@@ -159,6 +161,52 @@ pub(super) struct Client {
     pub cert_names: Vec<String>,
     pub apps: Vec<String>,
     pub paths: Option<Vec<String>>,
+}
+
+/// `[callbacks]`: the relay's listener and queue (SPEC section 3 and 8).
+#[derive(Debug, Deserialize)]
+#[serde(default)]
+pub(super) struct Callbacks {
+    pub listen: Option<Parsed<SocketAddr>>,
+    pub tls_cert: Option<String>,
+    pub tls_key: Option<String>,
+    pub allow: Vec<String>,
+    pub queue: String,
+    pub max_skew_s: Int<1, 86_400>,
+    pub max_body_bytes: Int<1, { 64 * 1024 * 1024 }>,
+    pub deliver_timeout_ms: Int<1, 600_000>,
+    pub retry_for_s: Int<1, { 366 * 86_400 }>,
+}
+
+impl Default for Callbacks {
+    fn default() -> Self {
+        Callbacks {
+            listen: None,
+            tls_cert: None,
+            tls_key: None,
+            // The platform has no fixed address: the signature is the check.
+            allow: vec!["0.0.0.0/0".into(), "::/0".into()],
+            queue: "cx-callbacks.db".into(),
+            max_skew_s: Int(300),
+            max_body_bytes: Int(1024 * 1024),
+            deliver_timeout_ms: Int(10_000),
+            retry_for_s: Int(7 * 86_400),
+        }
+    }
+}
+
+/// One `[[callback]]` route.
+#[derive(Debug, Default, Deserialize)]
+#[serde(default)]
+pub(super) struct Callback {
+    pub name: Option<String>,
+    pub path: Option<String>,
+    pub app: Option<String>,
+    pub key: Option<String>,
+    pub key_env: Option<String>,
+    pub key_file: Option<String>,
+    pub deliver_to: Option<String>,
+    pub ca_file: Option<String>,
 }
 
 /// A value written as a string or an integer (`corp_id = 10001`), kept as text: the

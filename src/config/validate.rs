@@ -14,9 +14,9 @@ use toml::Table;
 
 use super::file::{self, File, Scalar, UpstreamOnly};
 use super::{
-    AdminConfig, AppConfig, ClientConfig, Config, ConfigError, Credentials, Inject, Loaded,
-    ParamValue, SecretReader, SecretSource, ServerConfig, Shape, StoreConfig, System, TlsFiles,
-    TokenConfig, UpstreamConfig,
+    AdminConfig, AppConfig, CallbackRoute, CallbacksConfig, ClientConfig, Config, ConfigError,
+    Credentials, Inject, Loaded, ParamValue, SecretReader, SecretSource, ServerConfig, Shape,
+    StoreConfig, System, TlsFiles, TokenConfig, UpstreamConfig,
 };
 use crate::platform::{self, code, AppKind};
 use crate::secret::Secret;
@@ -43,6 +43,7 @@ pub(super) fn config(
     let token = c.token(f.token);
     let apps = c.apps(f.app, token.as_ref());
     let clients = c.clients(f.client, &apps);
+    let (callbacks, routes) = c.callbacks(f.callbacks, f.callback, &apps);
     match (upstream, token) {
         (Some(upstream), Some(token)) if c.errors.is_empty() => Ok(Loaded {
             config: Config {
@@ -53,6 +54,8 @@ pub(super) fn config(
                 token,
                 apps,
                 clients,
+                callbacks,
+                routes,
             },
             warnings: c.warnings,
         }),
@@ -273,30 +276,35 @@ impl<'a> Check<'a> {
         Some(ParamValue::Secret(Secret::new(value), source))
     }
 
-    fn server(&mut self, s: file::Server) -> ServerConfig {
-        let cert = self.file_path("server.tls_cert", s.tls_cert);
-        let key = self.file_path("server.tls_key", s.tls_key);
-        let client_ca = self.file_path("server.client_ca", s.client_ca);
-        let tls = match (cert, key) {
+    /// `tls_cert` and `tls_key` of table `at` (with `client_ca`, for mTLS): both or none.
+    fn tls(&mut self, at: &str, [cert, key, ca]: [Option<String>; 3]) -> Option<TlsFiles> {
+        let cert = self.file_path(&format!("{at}.tls_cert"), cert);
+        let key = self.file_path(&format!("{at}.tls_key"), key);
+        let client_ca = self.file_path(&format!("{at}.client_ca"), ca);
+        match (cert, key) {
             (Some(cert), Some(key)) => Some(TlsFiles {
                 cert,
                 key,
                 client_ca,
             }),
             (Some(_), None) => self.fail(
-                "server.tls_key",
+                &format!("{at}.tls_key"),
                 "missing: tls_cert is set, so tls_key must be too",
             ),
             (None, Some(_)) => self.fail(
-                "server.tls_cert",
+                &format!("{at}.tls_cert"),
                 "missing: tls_key is set, so tls_cert must be too",
             ),
             (None, None) if client_ca.is_some() => self.fail(
-                "server.client_ca",
+                &format!("{at}.client_ca"),
                 "needs tls_cert and tls_key (mTLS runs over TLS)",
             ),
             (None, None) => None,
-        };
+        }
+    }
+
+    fn server(&mut self, s: file::Server) -> ServerConfig {
+        let tls = self.tls("server", [s.tls_cert, s.tls_key, s.client_ca]);
         ServerConfig {
             listen: s.listen.0,
             tls,
@@ -405,24 +413,8 @@ impl<'a> Check<'a> {
         for (i, mut a) in raw.into_iter().enumerate() {
             let at = format!("app[{i}]");
             let name_key = format!("{at}.name");
-            match &a.name {
-                None => self.err(&name_key, "missing"),
-                Some(n)
-                    if n.is_empty()
-                        || !n
-                            .chars()
-                            .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c)) =>
-                {
-                    self.err(
-                        &name_key,
-                        format!("{n:?} must be non-empty letters, digits, '-', '_' or '.'"),
-                    )
-                }
-                Some(n) if names.contains(n) => {
-                    self.err(&name_key, format!("{n:?} is used by another app"))
-                }
-                Some(n) => names.push(n.clone()),
-            }
+            let name = self.name(&name_key, a.name.take(), names.iter(), "app");
+            names.extend(name.clone());
             let prefix = a.prefix.take().map(|p| {
                 let p = if p.len() > 1 {
                     p.trim_end_matches('/').to_owned()
@@ -485,7 +477,7 @@ impl<'a> Check<'a> {
                      token: replaying on it would fetch in a loop",
                 );
             }
-            let (Some(name), Some(credentials)) = (a.name, credentials) else {
+            let (Some(name), Some(credentials)) = (name, credentials) else {
                 continue;
             };
             let token_path = a.token_path.unwrap_or_else(|| match kind {
@@ -631,6 +623,144 @@ impl<'a> Check<'a> {
             shape: Shape::Params,
             params,
         })
+    }
+
+    /// `[callbacks]` and its `[[callback]]` routes (SPEC section 3).
+    fn callbacks(
+        &mut self,
+        table: Option<file::Callbacks>,
+        raw: Vec<file::Callback>,
+        apps: &[AppConfig],
+    ) -> (Option<CallbacksConfig>, Vec<CallbackRoute>) {
+        let callbacks = table.and_then(|t| {
+            let tls = self.tls("callbacks", [t.tls_cert, t.tls_key, None]);
+            let listen = match t.listen {
+                Some(listen) => listen.0,
+                None => {
+                    return self.fail(
+                        "callbacks.listen",
+                        "missing: the callback listener needs an address",
+                    )
+                }
+            };
+            Some(CallbacksConfig {
+                listen,
+                tls,
+                allow: self.networks("callbacks.allow", &t.allow),
+                queue: self.path(&t.queue),
+                max_skew: Duration::from_secs(t.max_skew_s.get()),
+                max_body_bytes: t.max_body_bytes.get(),
+                deliver_timeout: Duration::from_millis(t.deliver_timeout_ms.get()),
+                retry_for: Duration::from_secs(t.retry_for_s.get()),
+            })
+        });
+        if callbacks.is_none() && !raw.is_empty() {
+            self.err(
+                "callback",
+                "needs a [callbacks] table with the listener's address",
+            );
+        }
+        let mut routes: Vec<CallbackRoute> = Vec::with_capacity(raw.len());
+        for (i, r) in raw.into_iter().enumerate() {
+            let at = format!("callback[{i}]");
+            let name = self.name(
+                &format!("{at}.name"),
+                r.name,
+                routes.iter().map(|r| &r.name),
+                "callback",
+            );
+            let path = match r.path {
+                Some(p) if !p.starts_with('/') || p.contains(['?', '#']) => self.fail(
+                    &format!("{at}.path"),
+                    format!("{p:?} must be a path starting with /"),
+                ),
+                Some(p) if routes.iter().any(|o| o.path == p) => self.fail(
+                    &format!("{at}.path"),
+                    format!("{p:?} is used by another callback"),
+                ),
+                Some(p) => Some(p),
+                None => self.fail(&format!("{at}.path"), "missing"),
+            };
+            let app = match r.app {
+                None => self.fail(&format!("{at}.app"), "missing"),
+                Some(a) => match apps.iter().find(|app| app.name == a) {
+                    None => self.fail(&format!("{at}.app"), format!("no [[app]] is named {a:?}")),
+                    Some(app) => match app
+                        .credentials
+                        .naming()
+                        .into_iter()
+                        .find(|(k, _)| *k == "corp_id")
+                    {
+                        Some((_, corp_id)) => Some((a, corp_id.to_owned())),
+                        None => self.fail(
+                            &format!("{at}.app"),
+                            format!(
+                                "app {a:?} has no corp_id to check the callbacks' corpid against"
+                            ),
+                        ),
+                    },
+                },
+            };
+            let key = self.secret(&at, "key", [r.key_env, r.key_file, r.key], true);
+            let deliver_to = match r.deliver_to.as_deref().map(|u| (u, u.parse::<http::Uri>())) {
+                None => self.fail(&format!("{at}.deliver_to"), "missing"),
+                Some((u, Ok(uri)))
+                    if matches!(uri.scheme_str(), Some("http" | "https"))
+                        && uri.host().is_some_and(|h| !h.is_empty())
+                        && uri.query().is_none() =>
+                {
+                    Some(u.to_owned())
+                }
+                Some((u, _)) => self.fail(
+                    &format!("{at}.deliver_to"),
+                    format!("{u:?} is not an http:// or https:// URL without a query"),
+                ),
+            };
+            let ca_file = self.file_path(&format!("{at}.ca_file"), r.ca_file);
+            if let (Some(name), Some(path), Some((app, corp_id)), Some(key), Some(deliver_to)) =
+                (name, path, app, key, deliver_to)
+            {
+                routes.push(CallbackRoute {
+                    name,
+                    path,
+                    app,
+                    corp_id,
+                    key,
+                    deliver_to,
+                    ca_file,
+                });
+            }
+        }
+        (callbacks, routes)
+    }
+
+    /// A name (of an app or a callback): present, letters, digits, `-`, `_` or `.`, unique
+    /// among `taken`.
+    fn name<'n>(
+        &mut self,
+        key: &str,
+        name: Option<String>,
+        mut taken: impl Iterator<Item = &'n String>,
+        what: &str,
+    ) -> Option<String> {
+        match name {
+            None => self.fail(key, "missing"),
+            Some(n)
+                if n.is_empty()
+                    || !n
+                        .chars()
+                        .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c)) =>
+            {
+                self.fail(
+                    key,
+                    format!("{n:?} must be non-empty letters, digits, '-', '_' or '.'"),
+                )
+            }
+            Some(n) if taken.any(|t| *t == n) => {
+                self.fail(key, format!("{n:?} is used by another {what}"))
+            }
+            Some(n) => Some(n),
+        }
     }
 
     fn clients(&mut self, raw: Vec<file::Client>, apps: &[AppConfig]) -> Vec<ClientConfig> {
