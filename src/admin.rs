@@ -6,6 +6,8 @@
 //! | `GET /readyz` | 200 when every app holds a usable token, else 503 naming the app and why |
 //! | `GET /metrics` | Prometheus text |
 //! | `POST /tokens/{app}/refresh` | fetches a new token now; answers its expiry, never the token |
+//! | `GET /callbacks` | each callback route's queue: pending, dead letters, oldest age |
+//! | `POST /callbacks/{name}/redeliver` | puts the route's dead letters back in its queue |
 //!
 //! It obeys `server.allow` like the proxy port: forcing refreshes spends the platform quota.
 
@@ -16,6 +18,7 @@ use serde_json::json;
 
 use crate::error::{ErrorKind, ProxyError};
 use crate::proxy::Proxy;
+use crate::relay::Relay;
 use crate::server::Peer;
 use crate::upstream::Body;
 
@@ -28,7 +31,12 @@ fn json(status: StatusCode, v: &serde_json::Value) -> Response<Body> {
 }
 
 /// Answers one admin request.
-pub async fn handle(proxy: &Proxy, peer: &Peer, req: Request<Incoming>) -> Response<Body> {
+pub async fn handle(
+    proxy: &Proxy,
+    relay: Option<&Relay>,
+    peer: &Peer,
+    req: Request<Incoming>,
+) -> Response<Body> {
     if let Err(e) = proxy.allowed(peer) {
         return e.into_response();
     }
@@ -48,15 +56,34 @@ pub async fn handle(proxy: &Proxy, peer: &Peer, req: Request<Incoming>) -> Respo
             let store = proxy.tokens().store_up().map(|up| {
                 json!({"up": up, "detail": if up { "sharing tokens with other instances" } else { "unreachable: fetching tokens locally" }})
             });
+            // The callback queue, when the relay runs: unreadable makes the gateway unready
+            // (callbacks would get 503).
+            let (queue_ok, callbacks) = match relay {
+                Some(r) => {
+                    let (ok, detail) = r.ready().await;
+                    (ok, Some(detail))
+                }
+                None => (true, None),
+            };
+            let ready = ready && queue_ok;
+            let status = if ready {
+                status
+            } else {
+                StatusCode::SERVICE_UNAVAILABLE
+            };
             json(
                 status,
-                &json!({"ready": ready, "apps": apps, "token_store": store}),
+                &json!({"ready": ready, "apps": apps, "token_store": store, "callbacks": callbacks}),
             )
         }
         (&Method::GET, "/metrics") => {
             // Refreshes the seconds-left gauges.
             proxy.tokens().status().await;
-            let mut resp = Response::new(Body::full(proxy.metrics().render()));
+            let mut text = proxy.metrics().render();
+            if let Some(r) = relay {
+                text.push_str(&r.metrics().render());
+            }
+            let mut resp = Response::new(Body::full(text));
             resp.headers_mut().insert(
                 CONTENT_TYPE,
                 HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
@@ -78,9 +105,30 @@ pub async fn handle(proxy: &Proxy, peer: &Peer, req: Request<Incoming>) -> Respo
                 Err(e) => ProxyError::from(&e).into_response(),
             }
         }
+        (&Method::GET, "/callbacks") => match relay {
+            Some(r) => match r.status().await {
+                Ok(v) => json(StatusCode::OK, &v),
+                Err(e) => e.into_response(),
+            },
+            None => json(StatusCode::OK, &json!({"routes": []})),
+        },
+        (&Method::POST, p) if p.starts_with("/callbacks/") && p.ends_with("/redeliver") => {
+            let name = &p["/callbacks/".len()..p.len() - "/redeliver".len()];
+            let result = match relay {
+                Some(r) => r.redeliver(name).await,
+                None => Err(ProxyError::new(
+                    ErrorKind::NoRoute,
+                    "no callback relay is configured",
+                )),
+            };
+            match result {
+                Ok(n) => json(StatusCode::OK, &json!({"route": name, "requeued": n})),
+                Err(e) => e.into_response(),
+            }
+        }
         _ => json(
             StatusCode::NOT_FOUND,
-            &json!({"err_code": ErrorKind::NoRoute.code(), "err_msg": "admin endpoints: /healthz /readyz /metrics POST /tokens/{app}/refresh"}),
+            &json!({"err_code": ErrorKind::NoRoute.code(), "err_msg": "admin endpoints: /healthz /readyz /metrics /callbacks POST /tokens/{app}/refresh POST /callbacks/{name}/redeliver"}),
         ),
     }
 }

@@ -36,11 +36,15 @@ pub enum ErrorKind {
     UpstreamTimeout,
     /// Concurrency limit reached.
     Overloaded,
+    /// Callback listener: bad signature, corpid, timestamp or a replayed nonce.
+    CallbackRejected,
+    /// Callback listener: the event could not be stored durably, so it is not acknowledged.
+    CallbackUnavailable,
 }
 
 impl ErrorKind {
     /// Every kind, in the order the README lists them.
-    pub const ALL: [ErrorKind; 10] = [
+    pub const ALL: [ErrorKind; 12] = [
         ErrorKind::BadRequest,
         ErrorKind::BadCredentials,
         ErrorKind::Forbidden,
@@ -51,6 +55,8 @@ impl ErrorKind {
         ErrorKind::UpstreamUnreachable,
         ErrorKind::Overloaded,
         ErrorKind::UpstreamTimeout,
+        ErrorKind::CallbackRejected,
+        ErrorKind::CallbackUnavailable,
     ];
 
     /// The name sent in `x-cx-proxy-error`.
@@ -66,6 +72,8 @@ impl ErrorKind {
             ErrorKind::UpstreamUnreachable => "upstream_unreachable",
             ErrorKind::UpstreamTimeout => "upstream_timeout",
             ErrorKind::Overloaded => "overloaded",
+            ErrorKind::CallbackRejected => "callback_rejected",
+            ErrorKind::CallbackUnavailable => "callback_unavailable",
         }
     }
 
@@ -77,15 +85,18 @@ impl ErrorKind {
             ErrorKind::BadRequest => StatusCode::BAD_REQUEST,
             ErrorKind::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             ErrorKind::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
-            ErrorKind::BadCredentials => StatusCode::UNAUTHORIZED,
+            ErrorKind::BadCredentials | ErrorKind::CallbackRejected => StatusCode::UNAUTHORIZED,
             ErrorKind::TokenUnavailable | ErrorKind::UpstreamUnreachable => StatusCode::BAD_GATEWAY,
             ErrorKind::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
-            ErrorKind::Overloaded => StatusCode::SERVICE_UNAVAILABLE,
+            ErrorKind::Overloaded | ErrorKind::CallbackUnavailable => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
         }
     }
 
     /// The `err_code` in the body: 990 followed by the status, except `token_unavailable`
-    /// (990510), which would otherwise share 990502 with `upstream_unreachable`.
+    /// (990510), which would otherwise share 990502 with `upstream_unreachable`, and the
+    /// callback kinds (990460, 990463; SPEC section 5).
     pub fn code(self) -> u32 {
         match self {
             ErrorKind::NoRoute => 990_404,
@@ -98,6 +109,8 @@ impl ErrorKind {
             ErrorKind::UpstreamUnreachable => 990_502,
             ErrorKind::UpstreamTimeout => 990_504,
             ErrorKind::Overloaded => 990_503,
+            ErrorKind::CallbackRejected => 990_460,
+            ErrorKind::CallbackUnavailable => 990_463,
         }
     }
 }
@@ -182,10 +195,12 @@ mod tests {
     use super::*;
 
     #[test]
-    fn codes_follow_the_status_except_token_unavailable() {
+    fn codes_follow_the_status_except_token_unavailable_and_callbacks() {
         for kind in ErrorKind::ALL {
             match kind {
                 ErrorKind::TokenUnavailable => assert_eq!(kind.code(), 990_510),
+                ErrorKind::CallbackRejected => assert_eq!(kind.code(), 990_460),
+                ErrorKind::CallbackUnavailable => assert_eq!(kind.code(), 990_463),
                 other => assert_eq!(other.code(), 990_000 + u32::from(other.status().as_u16())),
             }
         }

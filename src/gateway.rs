@@ -27,6 +27,7 @@ use tokio::task::JoinHandle;
 use crate::config::Config;
 use crate::error::{ErrorKind, ProxyError, StartupError};
 use crate::proxy::Proxy;
+use crate::relay::{Relay, Settings};
 use crate::server::{serve, Peer};
 use crate::upstream::Body;
 
@@ -38,6 +39,18 @@ pub struct Gateway {
     tls: Option<Arc<ArcSwap<ServerConfig>>>,
     /// The file SIGHUP reads again.
     config_path: Option<PathBuf>,
+    /// The callback relay, when `[callbacks]` is configured; it outlives reloads.
+    relay: Option<Arc<Relay>>,
+    /// The callback port's TLS config, replaced on reload.
+    callbacks_tls: Option<Arc<ArcSwap<ServerConfig>>>,
+}
+
+/// The relay's settings in `config`, if it has `[callbacks]`.
+fn relay_settings(config: &Config) -> Option<Settings> {
+    config.callbacks.as_ref().map(|table| Settings {
+        table: table.clone(),
+        routes: config.routes.clone(),
+    })
 }
 
 impl Gateway {
@@ -49,16 +62,35 @@ impl Gateway {
             ))),
             None => None,
         };
+        let callbacks_tls = match proxy
+            .config()
+            .callbacks
+            .as_ref()
+            .and_then(|c| c.tls.as_ref())
+        {
+            Some(files) => Some(Arc::new(ArcSwap::new(
+                crate::tls::server_config_from_files(files)?,
+            ))),
+            None => None,
+        };
+        let relay = relay_settings(proxy.config()).map(Relay::new);
         Ok(Arc::new(Gateway {
             current: ArcSwap::new(proxy),
             tls,
             config_path,
+            relay,
+            callbacks_tls,
         }))
     }
 
     /// The proxy in force now.
     pub fn proxy(&self) -> Arc<Proxy> {
         self.current.load_full()
+    }
+
+    /// The callback relay, if configured.
+    pub fn relay(&self) -> Option<&Arc<Relay>> {
+        self.relay.as_ref()
     }
 
     /// The TLS config source of the proxy port, if it speaks TLS.
@@ -102,6 +134,34 @@ impl Gateway {
         {
             tracing::warn!("{file}: admin.listen: a new admin address needs a restart");
         }
+        let callbacks_tls = match (&self.relay, &config.callbacks) {
+            (Some(_), Some(table)) => {
+                let was = old.config().callbacks.as_ref();
+                if was.map(|w| (&w.listen, &w.queue)) != Some((&table.listen, &table.queue)) {
+                    tracing::warn!(
+                        "{file}: callbacks: a new listen address or queue file needs a restart"
+                    );
+                }
+                match (&self.callbacks_tls, &table.tls) {
+                    (Some(_), Some(files)) => Some(
+                        crate::tls::server_config_from_files(files)
+                            .map_err(|e| vec![format!("{file}: callbacks.tls_cert: {e}")])?,
+                    ),
+                    (None, None) => None,
+                    _ => {
+                        return Err(vec![format!(
+                            "{file}: callbacks.tls_cert: switching TLS on or off needs a restart"
+                        )])
+                    }
+                }
+            }
+            (None, None) => None,
+            _ => {
+                return Err(vec![format!(
+                    "{file}: callbacks: adding or removing the callback relay needs a restart"
+                )])
+            }
+        };
         let new = Proxy::reloaded(config, &old)
             .await
             .map_err(|e| vec![format!("{file}: {e}")])?;
@@ -109,6 +169,13 @@ impl Gateway {
         self.current.store(new);
         if let (Some(slot), Some(cfg)) = (&self.tls, tls) {
             slot.store(cfg);
+        }
+        if let (Some(slot), Some(cfg)) = (&self.callbacks_tls, callbacks_tls) {
+            slot.store(cfg);
+        }
+        if let (Some(relay), Some(settings)) = (&self.relay, relay_settings(self.proxy().config()))
+        {
+            relay.apply(settings);
         }
         old.tokens().stop();
         Ok(())
@@ -122,6 +189,8 @@ pub enum Role {
     Proxy,
     /// The admin endpoints (`[admin]`).
     Admin,
+    /// The platform's callbacks (`[callbacks]`).
+    Callbacks,
 }
 
 impl Role {
@@ -130,6 +199,7 @@ impl Role {
         match self {
             Role::Proxy => "listen",
             Role::Admin => "admin",
+            Role::Callbacks => "callbacks",
         }
     }
 }
@@ -146,6 +216,10 @@ impl Listeners {
         let wanted = [
             Some((Role::Proxy, config.server.listen)),
             config.admin.as_ref().map(|a| (Role::Admin, a.listen)),
+            config
+                .callbacks
+                .as_ref()
+                .map(|c| (Role::Callbacks, c.listen)),
         ];
         let mut bound = Vec::with_capacity(wanted.len());
         for (role, addr) in wanted.into_iter().flatten() {
@@ -224,6 +298,9 @@ pub async fn run(
     });
     let first = gateway.proxy();
     first.tokens().start();
+    if let Some(relay) = gateway.relay() {
+        relay.start();
+    }
     let grace = first.config().server.shutdown_grace;
     // Requests in flight at once (`server.max_concurrent_requests`).
     let limit = Arc::new(Semaphore::new(
@@ -252,11 +329,32 @@ pub async fn run(
                     hyper::service::service_fn(move |req| {
                         let (g, peer) = (g.clone(), peer.clone());
                         async move {
-                            Ok::<_, Infallible>(crate::admin::handle(&g.proxy(), &peer, req).await)
+                            let relay = g.relay().map(|r| &**r);
+                            Ok::<_, Infallible>(
+                                crate::admin::handle(&g.proxy(), relay, &peer, req).await,
+                            )
                         }
                     })
                 };
                 tokio::spawn(serve::<_, _, Body>(listener, None, make, stopped(), grace))
+            }
+            Role::Callbacks => {
+                let tls = gateway.callbacks_tls.clone();
+                let make = move |peer: Peer| {
+                    let g = g.clone();
+                    hyper::service::service_fn(move |req| {
+                        let (g, peer) = (g.clone(), peer.clone());
+                        async move {
+                            let resp = match g.relay() {
+                                Some(relay) => relay.handle(&peer, req).await,
+                                None => ProxyError::new(ErrorKind::NoRoute, "no callback relay")
+                                    .into_response(),
+                            };
+                            Ok::<_, Infallible>(resp)
+                        }
+                    })
+                };
+                tokio::spawn(serve::<_, _, Body>(listener, tls, make, stopped(), grace))
             }
         });
     }
@@ -264,6 +362,9 @@ pub async fn run(
         let _ = task.await;
     }
     gateway.proxy().tokens().stop();
+    if let Some(relay) = gateway.relay() {
+        relay.stop();
+    }
     Ok(())
 }
 
@@ -274,6 +375,8 @@ pub struct ProxyHandle {
     pub addr: SocketAddr,
     /// Where the admin endpoints listen, if configured.
     pub admin_addr: Option<SocketAddr>,
+    /// Where the platform's callbacks arrive, if configured.
+    pub callbacks_addr: Option<SocketAddr>,
     /// The proxy as started (see [`ProxyHandle::gateway`] for the one in force).
     pub proxy: Arc<Proxy>,
     /// The swappable state.
@@ -296,6 +399,7 @@ impl ProxyHandle {
             .addr(Role::Proxy)
             .ok_or_else(|| StartupError::Other("the proxy listener has no address".into()))?;
         let admin_addr = listeners.addr(Role::Admin);
+        let callbacks_addr = listeners.addr(Role::Callbacks);
         let gateway = Gateway::new(proxy.clone(), None)?;
         let (stop, stopped) = oneshot::channel();
         let task = tokio::spawn(run(gateway.clone(), listeners, async {
@@ -304,6 +408,7 @@ impl ProxyHandle {
         Ok(ProxyHandle {
             addr,
             admin_addr,
+            callbacks_addr,
             proxy,
             gateway,
             stop: Some(stop),

@@ -63,6 +63,7 @@ pub mod logging;
 pub mod metrics;
 pub mod platform;
 pub mod proxy;
+pub mod relay;
 pub mod sandbox;
 pub mod secret;
 pub mod server;

@@ -276,6 +276,96 @@ impl Metrics {
     }
 }
 
+/// The callback relay's metrics (SPEC section 6), in a registry of their own: the relay
+/// outlives the proxy generations a reload replaces. Labels are configured route names (`-`
+/// for an unknown path) and fixed words, never anything a sender wrote.
+#[derive(Debug)]
+pub struct CallbackMetrics {
+    registry: Registry,
+    received: IntCounterVec,
+    deliveries: IntCounterVec,
+    depth: prometheus::IntGaugeVec,
+    oldest: GaugeVec,
+    dead: prometheus::IntGaugeVec,
+}
+
+impl Default for CallbackMetrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl CallbackMetrics {
+    /// Registers the relay's metrics.
+    pub fn new() -> Self {
+        let registry =
+            Registry::new_custom(Some("cx_proxy".into()), None).expect("static prefix is valid");
+        fn add<C: Collector + Clone + 'static>(registry: &Registry, m: prometheus::Result<C>) -> C {
+            let m = m.expect("static metric");
+            registry
+                .register(Box::new(m.clone()))
+                .expect("unique metric");
+            m
+        }
+        let route = &["route"];
+        CallbackMetrics {
+            received: add(&registry, IntCounterVec::new(
+                Opts::new("callbacks_received_total", "Callbacks received, by route, result (accepted, repeat, rejected, unavailable, refused) and reason"),
+                &["route", "result", "reason"],
+            )),
+            deliveries: add(&registry, IntCounterVec::new(
+                Opts::new("callback_deliveries_total", "Delivery attempts, by route and result (delivered, failed, dead_lettered)"),
+                &["route", "result"],
+            )),
+            depth: add(&registry, prometheus::IntGaugeVec::new(
+                Opts::new("callback_queue_depth", "Events waiting for delivery, by route"),
+                route,
+            )),
+            oldest: add(&registry, GaugeVec::new(
+                Opts::new("callback_oldest_pending_age_seconds", "Age of the oldest event waiting for delivery, by route (0 when none)"),
+                route,
+            )),
+            dead: add(&registry, prometheus::IntGaugeVec::new(
+                Opts::new("callback_dead_letters", "Dead-lettered events, by route"),
+                route,
+            )),
+            registry,
+        }
+    }
+
+    /// One callback answered.
+    pub fn received(&self, route: &str, result: &str, reason: &str) {
+        self.received
+            .with_label_values(&[route, result, reason])
+            .inc();
+    }
+
+    /// One delivery attempt's outcome.
+    pub fn delivery(&self, route: &str, result: &str) {
+        self.deliveries.with_label_values(&[route, result]).inc();
+    }
+
+    /// A route's queue as last seen: pending events, age of the oldest, dead letters.
+    pub fn queue(&self, route: &str, pending: u64, oldest: Duration, dead: u64) {
+        self.depth
+            .with_label_values(&[route])
+            .set(i64::try_from(pending).unwrap_or(i64::MAX));
+        self.oldest
+            .with_label_values(&[route])
+            .set(oldest.as_secs_f64());
+        self.dead
+            .with_label_values(&[route])
+            .set(i64::try_from(dead).unwrap_or(i64::MAX));
+    }
+
+    /// Prometheus text.
+    pub fn render(&self) -> String {
+        TextEncoder::new()
+            .encode_to_string(&self.registry.gather())
+            .unwrap_or_else(|e| format!("# encoding failed: {e}\n"))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

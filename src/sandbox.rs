@@ -36,12 +36,15 @@
 //! | `POST /__sandbox/answer-next?n=N&code=C&msg=M` | the next N API calls with a valid token are answered `{"err_code":C,"err_msg":M}` |
 //! | `POST /__sandbox/token-answer?expires_in=RAW` | token answers carry `expires_in` as the JSON text RAW (`absent`: none; empty: the lifetime) |
 //! | `POST /__sandbox/temp-secrets/expire` | every `temp_corp_secret` is past its 24 hours |
+//! | `POST /__sandbox/callbacks/send` | `{"url","key","corpid","body","test"}`: sends one signed callback as the platform does (up to three attempts one second apart); answers `{"attempts":[status, …]}` |
 //!
 //! An API call with `sandbox_echo=1` in its query answers with its own request body, streamed
 //! as `application/octet-stream` (`sandbox_echo=json`: as `application/json`), to test large
 //! bodies in both directions.
 
 pub mod ca;
+pub mod callbacks;
+pub mod receiver;
 
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::convert::Infallible;
@@ -345,6 +348,8 @@ pub enum ExpiresIn {
 #[derive(Debug)]
 struct Shared {
     opts: SandboxOptions,
+    /// The CA the sandbox's certificates come from (trusted when it sends callbacks).
+    ca_pem: String,
     state: Mutex<State>,
     connections: std::sync::atomic::AtomicU64,
 }
@@ -404,6 +409,7 @@ impl Sandbox {
                 ..State::default()
             }),
             opts,
+            ca_pem: ca.pem().to_owned(),
             connections: std::sync::atomic::AtomicU64::new(0),
         });
         let (stop, stopped) = oneshot::channel::<()>();
@@ -434,6 +440,12 @@ impl Sandbox {
             stop: Some(stop),
             task: Some(task),
         })
+    }
+
+    /// Sends one signed callback as the platform does (see [`callbacks::send`]); the status
+    /// of each attempt. The sandbox's CA is trusted for an `https` URL.
+    pub async fn send_callback(&self, cb: &callbacks::CallbackSend) -> Result<Vec<u16>, String> {
+        callbacks::send(cb, Some(&self.shared.ca_pem)).await
     }
 
     /// Where it listens.
@@ -676,6 +688,9 @@ pub use crate::wire::hex;
 
 async fn handle(shared: &Shared, req: Request<Incoming>) -> Answer {
     let path = req.uri().path().to_owned();
+    if path == "/__sandbox/callbacks/send" && req.method() == Method::POST {
+        return send_callback(shared, req).await;
+    }
     if let Some(control) = path.strip_prefix("/__sandbox/") {
         return control_endpoint(shared, req.method(), control, req.uri().query());
     }
@@ -697,6 +712,31 @@ async fn handle(shared: &Shared, req: Request<Incoming>) -> Answer {
         StatusCode::NOT_FOUND,
         &json!({"err_code": 404, "err_msg": "not found"}),
     )
+}
+
+/// `POST /__sandbox/callbacks/send`: `{"attempts":[status, …]}`.
+async fn send_callback(shared: &Shared, req: Request<Incoming>) -> Answer {
+    let bad = |msg: String| {
+        json_response(
+            StatusCode::BAD_REQUEST,
+            &json!({"err_code": 400, "err_msg": msg}),
+        )
+    };
+    let body = match http_body_util::Limited::new(req.into_body(), 1024 * 1024)
+        .collect()
+        .await
+    {
+        Ok(b) => b.to_bytes(),
+        Err(e) => return bad(format!("body: {e}")),
+    };
+    let cb: callbacks::CallbackSend = match serde_json::from_slice(&body) {
+        Ok(cb) => cb,
+        Err(e) => return bad(format!("expected {{url, key, corpid, body, test}}: {e}")),
+    };
+    match callbacks::send(&cb, Some(&shared.ca_pem)).await {
+        Ok(attempts) => json_response(StatusCode::OK, &json!({ "attempts": attempts })),
+        Err(e) => bad(e),
+    }
 }
 
 fn control_endpoint(shared: &Shared, method: &Method, what: &str, query: Option<&str>) -> Answer {

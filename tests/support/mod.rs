@@ -192,7 +192,7 @@ impl EnvBuilder {
         self
     }
 
-    /// Tables placed before the apps (`[token]`, …).
+    /// Tables placed before the apps (`[token]`, …); `{dir}` is replaced by the temp dir.
     pub fn extra(mut self, text: &str) -> Self {
         self.extra = text.into();
         self
@@ -251,11 +251,10 @@ impl EnvBuilder {
         } else {
             ""
         };
-        let text = config_text(
-            &sandbox,
-            dir.path(),
-            &format!("{admin}{}\n{apps}", self.extra),
-        );
+        let extra = self
+            .extra
+            .replace("{dir}", &dir.path().display().to_string());
+        let text = config_text(&sandbox, dir.path(), &format!("{admin}{extra}\n{apps}"));
         let text = self
             .edits
             .into_iter()

@@ -1,0 +1,501 @@
+//! The callback relay (SPEC section 8): the sandbox sends callbacks as the platform does, the
+//! relay checks and keeps them, a test receiver takes them.
+
+mod support;
+
+use std::time::Duration;
+
+use cx_proxy::relay::verify::{base_string, sign, Signed};
+use cx_proxy::sandbox::callbacks::CallbackSend;
+use cx_proxy::sandbox::receiver::Receiver;
+use http::Method;
+use serde_json::{json, Map, Value};
+use support::*;
+
+const KEY: &str = "the-callback-key";
+
+struct Relay {
+    env: Env,
+    receiver: Receiver,
+}
+
+impl Relay {
+    /// The callback URL registered on the platform.
+    fn url(&self) -> String {
+        format!(
+            "http://{}/cx/callback",
+            self.env.proxy.callbacks_addr.expect("callbacks listener")
+        )
+    }
+
+    fn send(&self, body: Value) -> CallbackSend {
+        CallbackSend {
+            url: self.url(),
+            key: KEY.into(),
+            corpid: json!(10001),
+            body: body.as_object().cloned().unwrap_or_default(),
+            test: false,
+        }
+    }
+
+    async fn admin_json(&self, method: Method, path: &str) -> Value {
+        send(
+            &client(false),
+            request(method, &self.env.admin_url(path), Vec::new()),
+        )
+        .await
+        .json()
+    }
+}
+
+/// A proxy with a relay on route `contacts` (path `/cx/callback`, app `default`) to a fresh
+/// receiver; `table` adds lines to `[callbacks]`.
+async fn relay(table: &str) -> Relay {
+    let receiver = Receiver::start("127.0.0.1:0".parse().unwrap())
+        .await
+        .unwrap();
+    let extra = format!(
+        "[callbacks]\nlisten = \"127.0.0.1:0\"\nallow = [\"127.0.0.1\"]\nqueue = \"{{dir}}/queue.db\"\n{table}\n\n\
+         [[callback]]\nname = \"contacts\"\npath = \"/cx/callback\"\napp = \"default\"\n\
+         key_file = \"{{dir}}/cb_key\"\ndeliver_to = \"{}\"\n",
+        receiver.url("/events")
+    );
+    let env = EnvBuilder::new()
+        .admin()
+        .file("cb_key", KEY)
+        .extra(&extra)
+        .start()
+        .await;
+    Relay { env, receiver }
+}
+
+/// The query of a callback signed with `key` as the platform signs it.
+fn signed_query(key: &str, corpid: &str, ts: u64, nonce: &str, body: &Value) -> String {
+    let mut s = Signed {
+        corpid: corpid.into(),
+        timestamp: ts.to_string(),
+        nonce: nonce.into(),
+        signature: String::new(),
+    };
+    let empty = Map::new();
+    s.signature = sign(
+        key.as_bytes(),
+        &base_string(body.as_object().unwrap_or(&empty), &s),
+    );
+    format!(
+        "corpid={}&timestamp={}&nonce={}&signature={}",
+        s.corpid, s.timestamp, s.nonce, s.signature
+    )
+}
+
+fn now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+}
+
+async fn post(url: &str, body: &Value) -> Answer {
+    let mut req = request(Method::POST, url, body.to_string());
+    req.headers_mut().insert(
+        http::header::CONTENT_TYPE,
+        http::HeaderValue::from_static("application/json"),
+    );
+    send(&client(false), req).await
+}
+
+#[tokio::test]
+async fn a_valid_callback_is_acknowledged_and_delivered_once_as_it_was_sent() {
+    let r = relay("").await;
+    let body = json!({"event_type": "user_add", "user_ids": ["u1", "u2"], "n": 3});
+    let attempts = r
+        .env
+        .sandbox
+        .send_callback(&r.send(body.clone()))
+        .await
+        .unwrap();
+    assert_eq!(attempts, vec![200]);
+    assert_eq!(r.receiver.wait_for(1, Duration::from_secs(10)).await, 1);
+    let got = &r.receiver.received()[0];
+    assert_eq!(got.method, "POST");
+    assert_eq!(got.path, "/events");
+    let q: Vec<&str> = got
+        .query
+        .split('&')
+        .map(|p| p.split('=').next().unwrap())
+        .collect();
+    assert_eq!(
+        q,
+        ["corpid", "timestamp", "nonce", "signature"],
+        "{}",
+        got.query
+    );
+    assert_eq!(serde_json::from_slice::<Value>(&got.body).unwrap(), body);
+    assert_eq!(got.header("x-cx-verified"), Some("1"));
+    assert!(got.header("x-cx-callback-id").unwrap().starts_with("cb-"));
+    assert!(got
+        .header("content-type")
+        .unwrap()
+        .starts_with("application/json"));
+
+    // The address-test request likewise.
+    let mut test = r.send(json!({}));
+    test.test = true;
+    assert_eq!(r.env.sandbox.send_callback(&test).await.unwrap(), vec![200]);
+    assert_eq!(r.receiver.wait_for(2, Duration::from_secs(10)).await, 2);
+    let got = &r.receiver.received()[1];
+    assert_eq!(
+        serde_json::from_slice::<Value>(&got.body).unwrap(),
+        json!({"event_type": "callback_url_test"})
+    );
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(r.receiver.received().len(), 2, "each delivered once");
+}
+
+#[tokio::test]
+async fn forged_stale_foreign_and_replayed_callbacks_are_401_and_never_delivered() {
+    let r = relay("max_skew_s = 60").await;
+    let body = json!({"event_type": "user_add"});
+    let url = |q: &str| format!("{}?{q}", r.url());
+    let cases = [
+        (
+            "signature",
+            signed_query("wrong-key", "10001", now(), "n1", &body),
+        ),
+        ("corpid", signed_query(KEY, "10002", now(), "n2", &body)),
+        (
+            "timestamp",
+            signed_query(KEY, "10001", now() - 3600, "n3", &body),
+        ),
+    ];
+    for (reason, q) in &cases {
+        let a = post(&url(q), &body).await;
+        let v = assert_proxy_error(&a, 401, "callback_rejected");
+        assert!(v["err_msg"].as_str().unwrap().contains(reason), "{v}");
+        assert!(!a.text().contains(KEY));
+    }
+    // The same callback twice (a platform retry): acknowledged twice, delivered once.
+    let q = signed_query(KEY, "10001", now(), "n4", &body);
+    let first = post(&url(&q), &body).await;
+    let second = post(&url(&q), &body).await;
+    assert_eq!(
+        (first.status.as_u16(), second.status.as_u16()),
+        (200, 200),
+        "{}",
+        second.text()
+    );
+    assert_eq!(
+        first.headers.get("x-cx-callback-id"),
+        second.headers.get("x-cx-callback-id")
+    );
+    // The nonce again with another signature (another body): a replay.
+    let other = json!({"event_type": "user_delete"});
+    let replay = signed_query(KEY, "10001", now(), "n4", &other);
+    let a = post(&url(&replay), &other).await;
+    let v = assert_proxy_error(&a, 401, "callback_rejected");
+    assert!(v["err_msg"].as_str().unwrap().contains("nonce"), "{v}");
+
+    assert_eq!(r.receiver.wait_for(1, Duration::from_secs(10)).await, 1);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let got = r.receiver.received();
+    assert_eq!(got.len(), 1, "only the genuine callback, once");
+    assert!(got[0].query.contains("nonce=n4"));
+    let metrics = send(
+        &client(false),
+        request(Method::GET, &r.env.admin_url("/metrics"), Vec::new()),
+    )
+    .await
+    .text();
+    for reason in ["signature", "corpid", "timestamp", "nonce"] {
+        assert!(
+            metrics.contains(&format!(
+                "cx_proxy_callbacks_received_total{{reason=\"{reason}\",result=\"rejected\",route=\"contacts\"}} 1"
+            )),
+            "{reason}: {metrics}"
+        );
+    }
+    assert!(!metrics.contains(KEY));
+}
+
+#[tokio::test]
+async fn bad_input_gets_a_clear_error_and_nothing_is_kept() {
+    let r = relay("max_body_bytes = 200").await;
+    let body = json!({"event_type": "user_add"});
+    let q = signed_query(KEY, "10001", now(), "b1", &body);
+    let base = format!(
+        "http://{}",
+        r.env.proxy.callbacks_addr.expect("callbacks listener")
+    );
+    let big = json!({"event_type": "x".repeat(300)});
+    let big_q = signed_query(KEY, "10001", now(), "b2", &big);
+    assert_proxy_error(
+        &post(&format!("{base}/cx/callback?{big_q}"), &big).await,
+        413,
+        "payload_too_large",
+    );
+    let a = send(
+        &client(false),
+        request(Method::POST, &format!("{base}/cx/callback?{q}"), "not json"),
+    )
+    .await;
+    assert_proxy_error(&a, 400, "bad_request");
+    let a = post(&format!("{base}/cx/callback?corpid=10001&nonce=b3"), &body).await;
+    let v = assert_proxy_error(&a, 400, "bad_request");
+    assert!(v["err_msg"].as_str().unwrap().contains("timestamp"), "{v}");
+    let a = post(&format!("{base}/cx/callback?{q}&nonce=again"), &body).await;
+    let v = assert_proxy_error(&a, 400, "bad_request");
+    assert!(v["err_msg"].as_str().unwrap().contains("twice"), "{v}");
+    assert_proxy_error(
+        &post(&format!("{base}/elsewhere?{q}"), &body).await,
+        404,
+        "no_route",
+    );
+    let a = send(
+        &client(false),
+        request(Method::GET, &format!("{base}/cx/callback?{q}"), Vec::new()),
+    )
+    .await;
+    assert_proxy_error(&a, 405, "method_not_allowed");
+    // Nothing of that was kept or delivered; the genuine one still is.
+    assert_eq!(
+        post(&format!("{base}/cx/callback?{q}"), &body).await.status,
+        200
+    );
+    assert_eq!(r.receiver.wait_for(1, Duration::from_secs(10)).await, 1);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(r.receiver.received().len(), 1);
+}
+
+#[tokio::test]
+async fn two_hundred_callbacks_twenty_at_a_time_arrive_in_order() {
+    let r = relay("").await;
+    let mut sent = Vec::new();
+    for batch in 0..10 {
+        let calls = (0..20).map(|i| {
+            let n = batch * 20 + i;
+            let body = json!({"event_type": "user_add", "seq": n});
+            let q = signed_query(KEY, "10001", now(), &format!("seq-{n}"), &body);
+            let url = format!("{}?{q}", r.url());
+            async move { (n, post(&url, &body).await.status) }
+        });
+        for (n, status) in futures_join(calls).await {
+            assert_eq!(status, 200, "callback {n}");
+            sent.push(n);
+        }
+    }
+    assert_eq!(r.receiver.wait_for(200, Duration::from_secs(60)).await, 200);
+    let seqs: Vec<u64> = r
+        .receiver
+        .received()
+        .iter()
+        .map(|g| {
+            serde_json::from_slice::<Value>(&g.body).unwrap()["seq"]
+                .as_u64()
+                .unwrap()
+        })
+        .collect();
+    // Every batch was acknowledged before the next was sent: batches arrive in order, and
+    // each callback once.
+    for (i, s) in seqs.iter().enumerate() {
+        assert_eq!(*s / 20, i as u64 / 20, "order: {seqs:?}");
+    }
+    let mut sorted = seqs.clone();
+    sorted.sort();
+    sorted.dedup();
+    assert_eq!(sorted.len(), 200);
+}
+
+/// Runs the futures concurrently on this task.
+async fn futures_join<F: std::future::Future>(futs: impl Iterator<Item = F>) -> Vec<F::Output> {
+    let handles: Vec<_> = futs.map(Box::pin).collect();
+    let mut out = Vec::with_capacity(handles.len());
+    let mut pending: Vec<_> = handles.into_iter().map(Some).collect();
+    let mut results: Vec<Option<F::Output>> = (0..pending.len()).map(|_| None).collect();
+    std::future::poll_fn(|cx| {
+        let mut done = true;
+        for (i, slot) in pending.iter_mut().enumerate() {
+            if let Some(f) = slot {
+                match f.as_mut().poll(cx) {
+                    std::task::Poll::Ready(v) => {
+                        results[i] = Some(v);
+                        *slot = None;
+                    }
+                    std::task::Poll::Pending => done = false,
+                }
+            }
+        }
+        if done {
+            std::task::Poll::Ready(())
+        } else {
+            std::task::Poll::Pending
+        }
+    })
+    .await;
+    out.extend(results.into_iter().flatten());
+    out
+}
+
+#[tokio::test]
+async fn a_receiver_down_for_five_seconds_gets_every_event_after_in_order() {
+    let r = relay("").await;
+    r.receiver.answer(503);
+    for n in 0..5 {
+        let attempts = r
+            .env
+            .sandbox
+            .send_callback(&r.send(json!({"event_type": "user_add", "seq": n})))
+            .await
+            .unwrap();
+        assert_eq!(
+            attempts,
+            vec![200],
+            "acknowledged while the receiver is down"
+        );
+    }
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    assert_eq!(r.receiver.received().len(), 0);
+    r.receiver.answer(200);
+    assert_eq!(r.receiver.wait_for(5, Duration::from_secs(30)).await, 5);
+    let seqs: Vec<u64> = r
+        .receiver
+        .received()
+        .iter()
+        .map(|g| {
+            serde_json::from_slice::<Value>(&g.body).unwrap()["seq"]
+                .as_u64()
+                .unwrap()
+        })
+        .collect();
+    assert_eq!(seqs, [0, 1, 2, 3, 4]);
+}
+
+#[tokio::test]
+async fn a_dead_letter_is_shown_and_redelivered_on_request() {
+    let r = relay("retry_for_s = 1").await;
+    r.receiver.answer(500);
+    let attempts = r
+        .env
+        .sandbox
+        .send_callback(&r.send(json!({"event_type": "user_add", "seq": 1})))
+        .await
+        .unwrap();
+    assert_eq!(attempts, vec![200]);
+    // Tried at once and after about a second, then dead.
+    let mut view = Value::Null;
+    for _ in 0..100 {
+        view = r.admin_json(Method::GET, "/callbacks").await;
+        if view["routes"][0]["dead"] == 1 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let route = &view["routes"][0];
+    assert_eq!(route["name"], "contacts");
+    assert_eq!(route["dead"], 1, "{view}");
+    assert_eq!(route["pending"], 0, "{view}");
+    let letter = &route["dead_letters"][0];
+    assert!(letter["attempts"].as_u64().unwrap() >= 2, "{view}");
+    assert!(
+        letter["last_error"].as_str().unwrap().contains("500"),
+        "{view}"
+    );
+    assert!(!view.to_string().contains(KEY));
+
+    // Something behind it is not blocked.
+    r.receiver.answer(200);
+    r.env
+        .sandbox
+        .send_callback(&r.send(json!({"event_type": "user_add", "seq": 2})))
+        .await
+        .unwrap();
+    assert_eq!(r.receiver.wait_for(1, Duration::from_secs(10)).await, 1);
+
+    let v = r
+        .admin_json(Method::POST, "/callbacks/contacts/redeliver")
+        .await;
+    assert_eq!(v["requeued"], 1, "{v}");
+    assert_eq!(r.receiver.wait_for(2, Duration::from_secs(10)).await, 2);
+    let got = r.receiver.received();
+    assert_eq!(
+        serde_json::from_slice::<Value>(&got[1].body).unwrap()["seq"],
+        1
+    );
+    assert_eq!(
+        got[1].header("x-cx-callback-id").unwrap(),
+        letter["id"].as_str().unwrap(),
+        "the same id as before"
+    );
+    let v = r.admin_json(Method::GET, "/callbacks").await;
+    assert_eq!(v["routes"][0]["dead"], 0, "{v}");
+}
+
+#[tokio::test]
+async fn a_queue_that_cannot_commit_answers_503_until_it_can() {
+    let r = relay("").await;
+    // First callback: the file exists and commits.
+    let attempts = r
+        .env
+        .sandbox
+        .send_callback(&r.send(json!({"event_type": "user_add", "seq": 1})))
+        .await
+        .unwrap();
+    assert_eq!(attempts, vec![200]);
+    // Delivered and let go before the disk turns read-only.
+    assert_eq!(r.receiver.wait_for(1, Duration::from_secs(10)).await, 1);
+    for _ in 0..100 {
+        if r.admin_json(Method::GET, "/callbacks").await["routes"][0]["pending"] == 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let db = r.env.dir.path().join("queue.db");
+    let files: Vec<_> = ["queue.db", "queue.db-wal"]
+        .iter()
+        .map(|f| r.env.dir.path().join(f))
+        .filter(|p| p.exists())
+        .collect();
+    assert!(db.exists());
+    let chattr = |flag: &str| {
+        for f in &files {
+            let ok = std::process::Command::new("chattr")
+                .arg(flag)
+                .arg(f)
+                .status()
+                .map(|s| s.success())
+                .unwrap_or(false);
+            assert!(ok, "chattr {flag} {} (needs root and ext4)", f.display());
+        }
+    };
+    chattr("+i");
+    let body = json!({"event_type": "user_add", "seq": 2});
+    let q = signed_query(KEY, "10001", now(), "imm-1", &body);
+    let a = post(&format!("{}?{q}", r.url()), &body).await;
+    let unavailable = a.status.as_u16();
+    let text = a.text();
+    // The sandbox's own retries succeed once the queue can commit again.
+    let cb = r.send(json!({"event_type": "user_add", "seq": 3}));
+    let (attempts, ()) = tokio::join!(r.env.sandbox.send_callback(&cb), async {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        chattr("-i");
+    });
+    assert_eq!(unavailable, 503, "{text}");
+    assert!(
+        text.contains("callback_unavailable") || text.contains("990463"),
+        "{text}"
+    );
+    let attempts = attempts.unwrap();
+    assert_eq!(attempts.first(), Some(&503), "{attempts:?}");
+    assert_eq!(attempts.last(), Some(&200), "{attempts:?}");
+    assert_eq!(r.receiver.wait_for(2, Duration::from_secs(10)).await, 2);
+    let seqs: Vec<u64> = r
+        .receiver
+        .received()
+        .iter()
+        .map(|g| {
+            serde_json::from_slice::<Value>(&g.body).unwrap()["seq"]
+                .as_u64()
+                .unwrap()
+        })
+        .collect();
+    assert_eq!(seqs, [1, 3], "the refused one was not kept");
+}
