@@ -216,16 +216,44 @@ fn load_or_report(path: &Path) -> Option<Loaded> {
     }
 }
 
-/// Checks what only opening the files can tell (certificates, keys), as `file: key: problem`.
+/// Checks what only opening the files can tell (certificates, keys), as `file: key: problem`,
+/// naming the key whose file is wrong.
 fn check_tls(config: &Config) -> Vec<String> {
     let mut problems = Vec::new();
     let file = &config.source;
     if let Err(e) = crate::tls::upstream_roots(config.upstream.ca_file.as_deref()) {
         problems.push(format!("{file}: upstream.ca_file: {e}"));
     }
-    if let Some(files) = &config.server.tls {
-        if let Err(e) = crate::tls::server_config_from_files(files) {
-            problems.push(format!("{file}: server.tls_cert: {e}"));
+    let listeners = [
+        ("server", config.server.tls.as_ref()),
+        (
+            "callbacks",
+            config.callbacks.as_ref().and_then(|c| c.tls.as_ref()),
+        ),
+    ];
+    for (table, files) in listeners {
+        let Some(files) = files else { continue };
+        let problem = if let Err(e) = crate::tls::load_certs(&files.cert) {
+            Some(("tls_cert", e))
+        } else if let Err(e) = crate::tls::load_key(&files.key) {
+            Some(("tls_key", e))
+        } else if let Some(Err(e)) = files.client_ca.as_deref().map(crate::tls::load_certs) {
+            Some(("client_ca", e))
+        } else {
+            // Both read: what is left is that they do not belong together.
+            crate::tls::server_config_from_files(files)
+                .err()
+                .map(|e| ("tls_key", e))
+        };
+        if let Some((key, e)) = problem {
+            problems.push(format!("{file}: {table}.{key}: {e}"));
+        }
+    }
+    for (i, route) in config.routes.iter().enumerate() {
+        if let Some(ca) = &route.ca_file {
+            if let Err(e) = crate::tls::upstream_roots(Some(ca)) {
+                problems.push(format!("{file}: callback[{i}].ca_file: {e}"));
+            }
         }
     }
     problems

@@ -540,17 +540,19 @@ impl Config {
     /// The effective configuration as TOML, secrets shown as `***` and where each came from
     /// as a comment (for `check`).
     pub fn render(&self) -> String {
-        let mut out = format!("# effective configuration of {}\n", self.source);
+        // Comments are escaped: a file name with a line break must not add TOML lines.
+        let line = |text: String| format!("# {}\n", text.escape_debug());
+        let mut out = line(format!("effective configuration of {}", self.source));
         for (i, app) in self.apps.iter().enumerate() {
             for (k, v) in &app.credentials.params {
                 if let ParamValue::Secret(_, source) = v {
-                    out.push_str(&format!("# app[{i}].{k}: {source}\n"));
+                    out.push_str(&line(format!("app[{i}].{k}: {source}")));
                 }
             }
         }
         for (i, route) in self.routes.iter().enumerate() {
             if let ParamValue::Secret(_, source) = &route.key {
-                out.push_str(&format!("# callback[{i}].key: {source}\n"));
+                out.push_str(&line(format!("callback[{i}].key: {source}")));
             }
         }
         match toml::to_string(self) {

@@ -101,15 +101,16 @@ pub fn server_config(
     Ok(Arc::new(config))
 }
 
-/// Server config from `[server]` TLS files.
+/// A private key from a PEM file.
+pub fn load_key(path: &Path) -> Result<PrivateKeyDer<'static>, StartupError> {
+    PrivateKeyDer::from_pem_file(path)
+        .map_err(|e| StartupError::Tls(format!("{}: cannot read private key: {e}", path.display())))
+}
+
+/// Server config from a listener's TLS files.
 pub fn server_config_from_files(files: &TlsFiles) -> Result<Arc<ServerConfig>, StartupError> {
     let certs = load_certs(&files.cert)?;
-    let key = PrivateKeyDer::from_pem_file(&files.key).map_err(|e| {
-        StartupError::Tls(format!(
-            "{}: cannot read private key: {e}",
-            files.key.display()
-        ))
-    })?;
+    let key = load_key(&files.key)?;
     let client_roots = match &files.client_ca {
         Some(path) => {
             let mut roots = RootCertStore::empty();

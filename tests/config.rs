@@ -381,7 +381,14 @@ fn secrets_are_read_through_the_reader_given() {
     let all = Config::from_toml_with(&text, "p.toml", None, &Fake)
         .unwrap_err()
         .to_string();
-    assert_eq!(all, "p.toml: app[0].corp_authorization_file: auth is empty");
+    assert!(
+        all.starts_with("p.toml: app[0].corp_authorization_file: /"),
+        "{all}"
+    );
+    assert!(
+        all.ends_with("/auth is empty") && all.lines().count() == 1,
+        "{all}"
+    );
 }
 
 #[test]
@@ -413,4 +420,56 @@ fn check_prints_a_file_that_reads_back_as_the_same_config() {
     let again = load(&back).unwrap_or_else(|e| panic!("{e}\n{back}")).config;
     assert_eq!(again.render(), shown);
     assert_eq!(again.apps, c.apps);
+}
+
+#[test]
+fn what_a_new_operator_got_wrong_is_named_once_at_its_key() {
+    let check = |text: &str| -> String {
+        match load(text) {
+            Ok(_) => String::new(),
+            Err(e) => e.problems.join("\n"),
+        }
+    };
+    // A huge number as a secret: the parser's own message would have shown it.
+    let all = check(&MINIMAL.replace("\"s3cret\"", "98765432109876543210"));
+    assert!(
+        !all.contains("98765432109876543210") && !all.is_empty(),
+        "{all}"
+    );
+    // A table written as an array is not read by position.
+    let all = check(&format!("server = [\"0.0.0.0:9999\"]\n{MINIMAL}"));
+    assert_eq!(all, "proxy.toml: server: expected a table, found array");
+    // Quoted keys stay quoted.
+    let all = check(&format!("[server]\n\"a.b\" = 1\n{MINIMAL}"));
+    assert_eq!(all, "proxy.toml: server.\"a.b\": unknown key");
+    // token_params sending one name twice.
+    let params = "[[app]]\nname = \"p\"\nprefix = \"/p\"\ntoken_path = \"/t\"\n[app.token_params]\nclient_secret = \"a\"\nclient_secret_env = \"CX_TEST_SURELY_UNSET_VAR\"\n";
+    let all = check(params);
+    assert!(
+        all.contains(
+            "app[0].token_params.client_secret_env: sends client_secret, which another key"
+        ),
+        "{all}"
+    );
+    // An app refused for its secret is not also missing for the client that names it.
+    let broken = MINIMAL.replace(
+        "corp_secret = \"s3cret\"",
+        "corp_secret_env = \"CX_TEST_SURELY_UNSET_VAR\"",
+    );
+    let all = check(&format!(
+        "{broken}\n[[client]]\nname = \"c\"\nnetworks = [\"10.0.0.0/8\"]\napps = [\"default\"]\n"
+    ));
+    assert_eq!(all.lines().count(), 1, "{all}");
+    // SPEC section 3: a client granted no app, two clients of one name, two listeners on one address.
+    let all = check(&format!(
+        "[admin]\nlisten = \"127.0.0.1:8080\"\n{MINIMAL}\n[[client]]\nname = \"c\"\nnetworks = [\"10.0.0.0/8\"]\napps = []\n\
+         [[client]]\nname = \"c\"\nnetworks = [\"10.0.0.0/8\"]\napps = [\"default\"]\n"
+    ));
+    for line in [
+        "proxy.toml: admin.listen: 127.0.0.1:8080 is already server.listen",
+        "proxy.toml: client[0].apps: grants no app",
+        "proxy.toml: client[1].name: \"c\" is used by another client",
+    ] {
+        assert!(all.contains(line), "{line:?} not in\n{all}");
+    }
 }

@@ -296,10 +296,11 @@ pub(super) struct Read<T> {
 /// Reads `table` into `T`. A key of the wrong type is reported and removed, and the table
 /// read again, so one pass finds every such key (bounded: a table has finitely many keys).
 /// Messages name the type found, never the value (it may be a secret).
-pub(super) fn read<T: DeserializeOwned + Default>(table: Table) -> Read<T> {
-    let mut root = Value::Table(table);
+pub(super) fn read<T: DeserializeOwned + Default>(mut table: Table) -> Read<T> {
     let mut problems = Vec::new();
     let mut refused = Vec::new();
+    not_tables(&mut table, &mut problems, &mut refused);
+    let mut root = Value::Table(table);
     loop {
         let mut unknown = Vec::new();
         let mut note = |path: serde_ignored::Path<'_>| unknown.push(ignored_key(&path));
@@ -325,15 +326,7 @@ pub(super) fn read<T: DeserializeOwned + Default>(table: Table) -> Read<T> {
                     .collect();
                 let key = key_path(&segments);
                 let found = lookup(&root, &segments).map_or("nothing", Value::type_str);
-                let what = match describe(e.inner().message(), found) {
-                    // `[app]` written for `[[app]]`.
-                    w if w == "expected an array, found table" => {
-                        let name = key.rsplit('.').next().unwrap_or(&key);
-                        format!("expected [[{name}]] tables, found table")
-                    }
-                    w => w,
-                };
-                problems.push((key.clone(), what));
+                problems.push((key.clone(), describe(e.inner().message(), found)));
                 refused.push(key);
                 if !remove(&mut root, &segments) {
                     return Read {
@@ -343,6 +336,54 @@ pub(super) fn read<T: DeserializeOwned + Default>(table: Table) -> Read<T> {
                     };
                 }
             }
+        }
+    }
+}
+
+/// The keys that hold a table, and those that hold an array of tables (`[[app]]`).
+const TABLES: [&str; 5] = ["server", "admin", "upstream", "token", "callbacks"];
+const TABLE_ARRAYS: [&str; 3] = ["app", "client", "callback"];
+
+/// serde reads a struct from an array by position (`server = ["0.0.0.0:1"]` would set
+/// `listen`): every value that must be a table and is not is refused here, with its key.
+fn not_tables(table: &mut Table, problems: &mut Vec<(String, String)>, refused: &mut Vec<String>) {
+    let mut refuse = |key: String, v: &Value, what: &str| {
+        problems.push((
+            key.clone(),
+            format!("expected {what}, found {}", v.type_str()),
+        ));
+        refused.push(key);
+    };
+    for k in TABLES {
+        if let Some(v) = table.get(k).filter(|v| !v.is_table()) {
+            refuse(k.to_owned(), v, "a table");
+            table.remove(k);
+        }
+    }
+    if let Some(Value::Table(token)) = table.get_mut("token") {
+        if let Some(v) = token.get("store").filter(|v| !v.is_table()) {
+            refuse("token.store".to_owned(), v, "a table");
+            token.remove("store");
+        }
+    }
+    for k in TABLE_ARRAYS {
+        match table.get(k) {
+            Some(Value::Array(items)) => {
+                if let Some((i, v)) = items.iter().enumerate().find(|(_, v)| !v.is_table()) {
+                    refuse(format!("{k}[{i}]"), v, &format!("a table ([[{k}]])"));
+                    table.remove(k);
+                }
+            }
+            Some(Value::Table(_)) => {
+                let what = format!("[[{k}]] tables");
+                refuse(k.to_owned(), &Value::Table(Table::new()), &what);
+                table.remove(k);
+            }
+            Some(v) => {
+                refuse(k.to_owned(), v, &format!("[[{k}]] tables"));
+                table.remove(k);
+            }
+            None => {}
         }
     }
 }
@@ -358,15 +399,29 @@ fn key_path(segments: &[Seg<'_>]) -> String {
     let mut out = String::new();
     for s in segments {
         match s {
-            Seg::Key(k) if out.is_empty() => out.push_str(k),
             Seg::Key(k) => {
-                out.push('.');
-                out.push_str(k);
+                if !out.is_empty() {
+                    out.push('.');
+                }
+                out.push_str(&key(k));
             }
             Seg::Index(i) => out.push_str(&format!("[{i}]")),
         }
     }
     out
+}
+
+/// A key as TOML writes it: bare when it can be, else quoted and escaped (so a key holding
+/// a dot or a line break cannot pass for another key or another message).
+pub(super) fn key(k: &str) -> std::borrow::Cow<'_, str> {
+    let bare = !k.is_empty()
+        && k.chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-');
+    if bare {
+        k.into()
+    } else {
+        format!("{k:?}").into()
+    }
 }
 
 fn ignored_key(path: &serde_ignored::Path<'_>) -> String {

@@ -42,8 +42,24 @@ pub(super) fn config(
     let upstream = c.upstream(f.upstream);
     let token = c.token(f.token);
     let apps = c.apps(f.app, token.as_ref());
-    let clients = c.clients(f.client, &apps);
+    let clients = c.clients(f.client);
     let (callbacks, routes) = c.callbacks(f.callbacks, f.callback, &apps);
+    // Two listeners cannot share an address (port 0 picks a free one for each).
+    let listens = [
+        ("admin.listen", admin.as_ref().map(|a| a.0)),
+        ("callbacks.listen", callbacks.as_ref().map(|t| t.listen)),
+    ];
+    for (i, (key, addr)) in listens.iter().enumerate() {
+        let Some(addr) = addr.filter(|a| a.port() != 0) else {
+            continue;
+        };
+        let earlier = std::iter::once(("server.listen", Some(server.listen)))
+            .chain(listens[..i].iter().copied())
+            .find(|(_, other)| *other == Some(addr));
+        if let Some((other, _)) = earlier {
+            c.err(key, format!("{addr} is already {other}"));
+        }
+    }
     match (upstream, token) {
         (Some(upstream), Some(token)) if c.errors.is_empty() => Ok(Loaded {
             config: Config {
@@ -92,12 +108,27 @@ fn parse_table(text: &str, name: &str) -> Result<Table, ConfigError> {
             },
         );
         ConfigError {
-            problems: vec![format!("{name}: {at}: {}", e.message().trim())],
+            problems: vec![format!(
+                "{name}: {at}: {}",
+                without_values(e.message().trim())
+            )],
         }
     })
 }
 
+/// A TOML parser message with every `quoted` value left out (the value may be a secret).
+fn without_values(message: &str) -> String {
+    let mut out = String::with_capacity(message.len());
+    for (i, part) in message.split('`').enumerate() {
+        out.push_str(if i % 2 == 0 { part } else { "…" });
+    }
+    out
+}
+
 struct Check<'a> {
+    /// Every well-formed `[[app]]` name, also of apps refused for other reasons (so a
+    /// client or callback naming one is not a second problem).
+    app_names: Vec<String>,
     file: &'a str,
     dir: Option<&'a Path>,
     secrets: &'a dyn SecretReader,
@@ -120,6 +151,7 @@ impl<'a> Check<'a> {
             .map(|(k, what)| format!("{file}: {k}: {what}"))
             .collect();
         Check {
+            app_names: Vec::new(),
             file,
             dir,
             secrets,
@@ -131,11 +163,24 @@ impl<'a> Check<'a> {
 
     fn err(&mut self, key: &str, what: impl Display) {
         // `corp_secret` is not missing when `corp_secret_env` was refused for its type.
-        let refused =
-            |r: &String| r == key || r.strip_prefix(key).is_some_and(|r| r.starts_with('_'));
-        if !self.refused.iter().any(refused) {
-            self.errors.push(format!("{}: {key}: {what}", self.file));
+        let refused = |r: &String| {
+            r == key
+                || r.strip_prefix(key)
+                    .is_some_and(|rest| rest == "_env" || rest == "_file")
+        };
+        let line = format!("{}: {key}: {what}", self.file);
+        // One problem found from two places (a code in [token] for two apps) shows once.
+        if !self.refused.iter().any(refused) && !self.errors.contains(&line) {
+            self.errors.push(line);
         }
+    }
+
+    /// Whether the first layer refused `key` or anything under it.
+    fn refused_at(&self, key: &str) -> bool {
+        self.refused.iter().any(|r| {
+            r.strip_prefix(key)
+                .is_some_and(|rest| rest.is_empty() || rest.starts_with(['.', '[']))
+        })
     }
 
     fn fail<T>(&mut self, key: &str, what: impl Display) -> Option<T> {
@@ -147,12 +192,15 @@ impl<'a> Check<'a> {
         self.warnings.push(format!("{}: {key}: {what}", self.file));
     }
 
+    /// A path as written, relative to the config file's folder, made absolute (so `check`
+    /// prints where it really is).
     fn path(&self, p: &str) -> PathBuf {
         let p = PathBuf::from(p);
-        match self.dir {
+        let p = match self.dir {
             Some(dir) if p.is_relative() && !dir.as_os_str().is_empty() => dir.join(p),
             _ => p,
-        }
+        };
+        std::path::absolute(&p).unwrap_or(p)
     }
 
     fn file_path(&mut self, key: &str, p: Option<String>) -> Option<PathBuf> {
@@ -203,6 +251,11 @@ impl<'a> Check<'a> {
         required: bool,
     ) -> Option<ParamValue> {
         let key = format!("{at}.{base}");
+        for (given, suffix) in [(&env, "_env"), (&file, "_file")] {
+            if given.as_deref() == Some("") {
+                return self.fail(&format!("{key}{suffix}"), "is empty");
+            }
+        }
         match (env, file, inline) {
             (Some(var), None, None) => self.secret_from(&format!("{key}_env"), Err(var)),
             (None, Some(path), None) => self.secret_from(&format!("{key}_file"), Ok(path)),
@@ -415,23 +468,24 @@ impl<'a> Check<'a> {
             let name_key = format!("{at}.name");
             let name = self.name(&name_key, a.name.take(), names.iter(), "app");
             names.extend(name.clone());
+            self.app_names.extend(name.clone());
             let prefix = a.prefix.take().map(|p| {
                 let p = if p.len() > 1 {
                     p.trim_end_matches('/').to_owned()
                 } else {
                     p
                 };
-                if !p.starts_with('/')
+                let bad = !p.starts_with('/')
                     || p.contains(['?', '#'])
-                    || p.contains("/../")
-                    || p.ends_with("/..")
-                {
+                    || p.split('/').any(|seg| seg == ".." || seg == ".");
+                if bad {
                     self.err(
                         &format!("{at}.prefix"),
-                        format!("{p:?} must be a path starting with /"),
+                        format!(
+                            "{p:?} must be a path starting with /, without ?, # or dot segments"
+                        ),
                     );
-                }
-                if prefixes.contains(&p) {
+                } else if prefixes.contains(&p) {
                     self.err(
                         &format!("{at}.prefix"),
                         format!("{p:?} is used by another app"),
@@ -459,7 +513,13 @@ impl<'a> Check<'a> {
                 }
             };
             // With the kind unknown, which credentials belong is unknown too: no more complaint.
-            let credentials = kind.and_then(|kind| self.credentials(&at, kind, &mut a));
+            // A kind or token_params refused for its type leaves unknown which credentials
+            // belong: no more complaint about them.
+            let unsure = self.refused_at(&format!("{at}.kind"))
+                || self.refused_at(&format!("{at}.token_params"));
+            let credentials = kind
+                .filter(|_| !unsure)
+                .and_then(|kind| self.credentials(&at, kind, &mut a));
             let kind = kind.unwrap_or_default();
             let invalid_codes = a
                 .invalid_codes
@@ -486,8 +546,16 @@ impl<'a> Check<'a> {
                     .to_owned(),
                 AppKind::CorpService => platform::CORP_TOKEN_PATH.to_owned(),
             });
+            let secret_names = |c: &Credentials| -> Vec<String> {
+                c.secret_params()
+                    .iter()
+                    .map(|(k, _)| (*k).to_owned())
+                    .collect()
+            };
             let twin = apps.iter().find(|o| {
-                o.token_path == token_path && o.credentials.naming() == credentials.naming()
+                o.token_path == token_path
+                    && o.credentials.naming() == credentials.naming()
+                    && secret_names(&o.credentials) == secret_names(&credentials)
             });
             if let Some(other) = twin {
                 let what = format!(
@@ -537,6 +605,9 @@ impl<'a> Check<'a> {
             (AppKind::App, None) => {
                 self.err(&format!("{at}.app_key"), "missing");
                 None
+            }
+            (AppKind::App, Some(k)) if k.is_empty() => {
+                self.fail(&format!("{at}.app_key"), "is empty")
             }
             (AppKind::App, app_key) => app_key,
             (AppKind::CorpService, Some(_)) => {
@@ -600,13 +671,15 @@ impl<'a> Check<'a> {
         raw: std::collections::BTreeMap<String, Scalar>,
     ) -> Option<Credentials> {
         if raw.is_empty() {
-            self.err(at, "is empty: give the token request's parameters");
+            if !self.refused_at(at) {
+                self.err(at, "is empty: give the token request's parameters");
+            }
             return None;
         }
-        let mut params = Vec::with_capacity(raw.len());
+        let mut params: Vec<(String, ParamValue)> = Vec::with_capacity(raw.len());
         let mut ok = true;
         for (k, Scalar(text)) in raw {
-            let key = format!("{at}.{k}");
+            let key = format!("{at}.{}", file::key(&k));
             let (name, value) = if let Some(name) = k.strip_suffix("_env") {
                 (name, self.secret_from(&key, Err(text)))
             } else if let Some(name) = k.strip_suffix("_file") {
@@ -614,9 +687,18 @@ impl<'a> Check<'a> {
             } else {
                 (k.as_str(), Some(ParamValue::Plain(text)))
             };
-            match value {
-                Some(v) => params.push((name.to_owned(), v)),
-                None => ok = false,
+            if name.is_empty() {
+                self.err(&key, "is not a parameter name");
+                ok = false;
+            } else if params.iter().any(|(n, _)| n == name) {
+                let what = format!("sends {name}, which another key of the table sends too");
+                self.err(&key, what);
+                ok = false;
+            } else {
+                match value {
+                    Some(v) => params.push((name.to_owned(), v)),
+                    None => ok = false,
+                }
             }
         }
         ok.then_some(Credentials {
@@ -632,7 +714,14 @@ impl<'a> Check<'a> {
         raw: Vec<file::Callback>,
         apps: &[AppConfig],
     ) -> (Option<CallbacksConfig>, Vec<CallbackRoute>) {
+        let present = table.is_some();
         let callbacks = table.and_then(|t| {
+            if t.queue.is_empty() {
+                self.err(
+                    "callbacks.queue",
+                    "is empty: name the queue's database file",
+                );
+            }
             let tls = self.tls("callbacks", [t.tls_cert, t.tls_key, None]);
             let listen = match t.listen {
                 Some(listen) => listen.0,
@@ -654,35 +743,37 @@ impl<'a> Check<'a> {
                 retry_for: Duration::from_secs(t.retry_for_s.get()),
             })
         });
-        if callbacks.is_none() && !raw.is_empty() {
+        if !present && !raw.is_empty() {
             self.err(
                 "callback",
                 "needs a [callbacks] table with the listener's address",
             );
         }
         let mut routes: Vec<CallbackRoute> = Vec::with_capacity(raw.len());
+        let (mut names, mut paths) = (Vec::new(), Vec::new());
         for (i, r) in raw.into_iter().enumerate() {
             let at = format!("callback[{i}]");
-            let name = self.name(
-                &format!("{at}.name"),
-                r.name,
-                routes.iter().map(|r| &r.name),
-                "callback",
-            );
+            let name = self.name(&format!("{at}.name"), r.name, names.iter(), "callback");
+            names.extend(name.clone());
             let path = match r.path {
                 Some(p) if !p.starts_with('/') || p.contains(['?', '#']) => self.fail(
                     &format!("{at}.path"),
                     format!("{p:?} must be a path starting with /"),
                 ),
-                Some(p) if routes.iter().any(|o| o.path == p) => self.fail(
+                Some(p) if paths.contains(&p) => self.fail(
                     &format!("{at}.path"),
                     format!("{p:?} is used by another callback"),
                 ),
                 Some(p) => Some(p),
                 None => self.fail(&format!("{at}.path"), "missing"),
             };
+            paths.extend(path.clone());
             let app = match r.app {
                 None => self.fail(&format!("{at}.app"), "missing"),
+                // An app refused for another reason is not a second problem here.
+                Some(a) if self.app_names.contains(&a) && !apps.iter().any(|app| app.name == a) => {
+                    None
+                }
                 Some(a) => match apps.iter().find(|app| app.name == a) {
                     None => self.fail(&format!("{at}.app"), format!("no [[app]] is named {a:?}")),
                     Some(app) => match app
@@ -707,13 +798,17 @@ impl<'a> Check<'a> {
                 Some((u, Ok(uri)))
                     if matches!(uri.scheme_str(), Some("http" | "https"))
                         && uri.host().is_some_and(|h| !h.is_empty())
+                        && usable_port(&uri)
+                        && !u.contains(['#', '@'])
                         && uri.query().is_none() =>
                 {
                     Some(u.to_owned())
                 }
-                Some((u, _)) => self.fail(
+                // Not echoed: it might carry a password.
+                Some(_) => self.fail(
                     &format!("{at}.deliver_to"),
-                    format!("{u:?} is not an http:// or https:// URL without a query"),
+                    "is not an http:// or https:// URL (host, optional port and path; no user, \
+                     query or fragment)",
                 ),
             };
             let ca_file = self.file_path(&format!("{at}.ca_file"), r.ca_file);
@@ -763,19 +858,34 @@ impl<'a> Check<'a> {
         }
     }
 
-    fn clients(&mut self, raw: Vec<file::Client>, apps: &[AppConfig]) -> Vec<ClientConfig> {
+    fn clients(&mut self, raw: Vec<file::Client>) -> Vec<ClientConfig> {
         let mut out = Vec::new();
         for (i, c) in raw.into_iter().enumerate() {
             let at = format!("client[{i}]");
-            if c.name.is_none() {
-                self.err(&format!("{at}.name"), "missing");
-            }
+            let taken: Vec<String> = out.iter().map(|c: &ClientConfig| c.name.clone()).collect();
+            let name = self.name(&format!("{at}.name"), c.name, taken.iter(), "client");
             let networks = self.networks(&format!("{at}.networks"), &c.networks);
-            if networks.is_empty() && c.cert_names.is_empty() {
+            let unsure = self.refused_at(&format!("{at}.networks"))
+                || self.refused_at(&format!("{at}.cert_names"));
+            if c.networks.is_empty() && c.cert_names.is_empty() && !unsure {
                 self.err(&at, "needs networks or cert_names to identify the client");
             }
+            for (j, n) in c.cert_names.iter().enumerate() {
+                if n.is_empty() || n.contains(|ch: char| ch.is_whitespace() || ch.is_control()) {
+                    self.err(
+                        &format!("{at}.cert_names[{j}]"),
+                        format!("{n:?} is not a DNS name"),
+                    );
+                }
+            }
+            if c.apps.is_empty() && !self.refused_at(&format!("{at}.apps")) {
+                self.err(
+                    &format!("{at}.apps"),
+                    "grants no app: name the apps this client may use",
+                );
+            }
             for (j, a) in c.apps.iter().enumerate() {
-                if !apps.iter().any(|app| &app.name == a) {
+                if !self.app_names.contains(a) {
                     self.err(
                         &format!("{at}.apps[{j}]"),
                         format!("no [[app]] is named {a:?}"),
@@ -790,7 +900,7 @@ impl<'a> Check<'a> {
                     );
                 }
             }
-            if let Some(name) = c.name {
+            if let Some(name) = name {
                 out.push(ClientConfig {
                     name,
                     networks,
@@ -801,6 +911,18 @@ impl<'a> Check<'a> {
             }
         }
         out
+    }
+}
+
+/// Whether a URL's port, if it has one, is one a connection can go to (1 to 65535).
+fn usable_port(uri: &Uri) -> bool {
+    let Some(authority) = uri.authority() else {
+        return false;
+    };
+    match authority.as_str().rsplit_once(':') {
+        // An IPv6 literal's colons are inside brackets.
+        Some((_, port)) if !port.ends_with(']') => port.parse::<u16>().is_ok_and(|p| p > 0),
+        _ => true,
     }
 }
 
@@ -817,6 +939,12 @@ fn parse_upstream_url(url: &str) -> Result<(Scheme, Authority, String), &'static
     let authority = uri.authority().cloned().ok_or("has no host")?;
     if authority.host().is_empty() || authority.as_str().contains('@') {
         return Err("has no usable host");
+    }
+    if !usable_port(&uri) {
+        return Err("has no usable port (1 to 65535)");
+    }
+    if url.contains('#') {
+        return Err("must not have a fragment");
     }
     if uri.query().is_some() {
         return Err("must not have a query");
