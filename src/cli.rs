@@ -315,6 +315,7 @@ async fn run_proxy(config: Config, path: &Path) -> Result<(), StartupError> {
     tracing::info!(
         listen = listeners.addr(Role::Proxy).map(|a| a.to_string()),
         admin = listeners.addr(Role::Admin).map(|a| a.to_string()),
+        callbacks = listeners.addr(Role::Callbacks).map(|a| a.to_string()),
         upstream = %proxy.config().upstream.url,
         apps = ?apps,
         "cx-proxy listening"

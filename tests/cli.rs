@@ -554,3 +554,106 @@ async fn corp_secret_exchanges_once_writes_a_private_file_and_never_prints_the_s
     assert_eq!(p.wait().await.code(), Some(1));
     assert!(printed(&p).contains("40006"), "{}", printed(&p));
 }
+
+#[tokio::test]
+async fn acknowledged_callbacks_survive_sighup_and_kill_9_and_the_key_never_shows() {
+    use cx_proxy::sandbox::callbacks::CallbackSend;
+    use cx_proxy::sandbox::receiver::Receiver;
+    const KEY: &str = "callback-key-never-shown";
+    let dir = tempfile::tempdir().unwrap();
+    let sandbox = sandbox(dir.path(), SandboxOptions::default()).await;
+    let receiver = Receiver::start("127.0.0.1:0".parse().unwrap())
+        .await
+        .unwrap();
+    // The receiver is busy: nothing is taken before the crash.
+    receiver.answer(503);
+    std::fs::write(dir.path().join("cb_key"), KEY).unwrap();
+    let (cb, admin) = (unused_addr(), unused_addr());
+    let text = config_text(
+        &sandbox,
+        dir.path(),
+        &format!(
+            "[admin]\nlisten = \"{admin}\"\n\n[callbacks]\nlisten = \"{cb}\"\nallow = [\"127.0.0.1\"]\n\
+             queue = \"queue.db\"\n\n[[callback]]\nname = \"contacts\"\npath = \"/cx/callback\"\n\
+             app = \"default\"\nkey_file = \"cb_key\"\ndeliver_to = \"{}\"\n{}",
+            receiver.url("/events"),
+            default_app(dir.path())
+        ),
+    );
+    let path = dir.path().join("proxy.toml");
+    std::fs::write(&path, &text).unwrap();
+    let run = || {
+        Proc::spawn(
+            Command::new(bin())
+                .args(["--log-format", "json", "--log-level", "debug", "run", "-c"])
+                .arg(&path),
+        )
+    };
+    let callback = |seq: u64| CallbackSend {
+        url: format!("http://{cb}/cx/callback"),
+        key: KEY.into(),
+        corpid: serde_json::json!(10001),
+        body: serde_json::json!({"event_type": "user_add", "seq": seq})
+            .as_object()
+            .cloned()
+            .unwrap(),
+        test: false,
+    };
+    let mut first = run();
+    first.wait_for("the listening line", listening).await;
+    for seq in 0..3 {
+        assert_eq!(
+            sandbox.send_callback(&callback(seq)).await.unwrap(),
+            vec![200]
+        );
+    }
+    // A reload keeps what is queued.
+    std::fs::write(
+        &path,
+        text.replace("[callbacks]", "[callbacks]\ndeliver_timeout_ms = 4000"),
+    )
+    .unwrap();
+    first.signal("HUP");
+    first
+        .wait_for("the reload", |_, err| {
+            err.contains("configuration reloaded").then_some(())
+        })
+        .await;
+    for seq in 3..5 {
+        assert_eq!(
+            sandbox.send_callback(&callback(seq)).await.unwrap(),
+            vec![200]
+        );
+    }
+    let view = get(&format!("http://{admin}/callbacks")).await.json();
+    assert_eq!(view["routes"][0]["pending"], 5, "{view}");
+    let metrics = get(&format!("http://{admin}/metrics")).await.text();
+    assert!(metrics.contains("cx_proxy_callbacks_received_total{reason=\"\",result=\"accepted\",route=\"contacts\"} 5"), "{metrics}");
+    first.signal("KILL");
+    first.wait().await;
+    assert!(receiver.received().is_empty());
+
+    // After the crash, with the receiver back: every acknowledged event, in order.
+    receiver.answer(200);
+    let mut second = run();
+    second.wait_for("the listening line", listening).await;
+    assert_eq!(receiver.wait_for(5, Duration::from_secs(30)).await, 5);
+    let seqs: Vec<u64> = receiver
+        .received()
+        .iter()
+        .map(|r| {
+            serde_json::from_slice::<serde_json::Value>(&r.body).unwrap()["seq"]
+                .as_u64()
+                .unwrap()
+        })
+        .collect();
+    assert_eq!(seqs, [0, 1, 2, 3, 4]);
+    second.sigterm();
+    assert_eq!(second.wait().await.code(), Some(0));
+    for p in [&first, &second] {
+        let logs = format!("{}{}", p.stdout.lock().unwrap(), p.stderr.lock().unwrap());
+        assert!(logs.contains("callback"), "the relay logs its work");
+        assert!(!logs.contains(KEY), "the callback key reached a log line");
+    }
+    assert!(!view.to_string().contains(KEY) && !metrics.contains(KEY));
+}
