@@ -408,12 +408,16 @@ async fn sandbox(args: SandboxArgs) -> ExitCode {
 
 /// The config `demo` runs the proxy with (also written to `DIR/proxy.toml` for reading): the
 /// sandbox's demo app on every path, its demo corp under `/corp`.
-fn demo_config(listen: SocketAddr, sandbox_url: &str, dir: &Path) -> String {
+fn demo_config(listen: SocketAddr, sandbox_url: &str, dir: &Path, receiver: &str) -> String {
     let q = |s: &str| toml::Value::String(s.to_owned()).to_string();
     format!(
         "# Written by `cx-proxy demo`: the proxy in front of the offline sandbox.\n\
          [server]\nlisten = {listen}\n\n\
+         [admin]\nlisten = \"127.0.0.1:0\"\n\n\
          [upstream]\nurl = {url}\nca_file = {ca}\n\n\
+         [callbacks]\nlisten = \"127.0.0.1:0\"\nallow = [\"127.0.0.1\", \"::1\"]\nqueue = {queue}\n\n\
+         [[callback]]\nname = \"contacts\"\npath = \"/cx/callback\"\napp = \"demo\"\n\
+         key_file = {key}\ndeliver_to = {receiver}\n\n\
          [[app]]\nname = \"demo\"\napp_key = \"demo-app\"\ncorp_id = 10001\ncorp_secret_file = {secret}\nprefix = \"/\"\n\n\
          [[app]]\nname = \"demo-corp\"\nkind = \"corp-service\"\ncorp_id = 20002\ncorp_secret_file = {corp_secret}\nprefix = \"/corp\"\n",
         listen = q(&listen.to_string()),
@@ -421,8 +425,14 @@ fn demo_config(listen: SocketAddr, sandbox_url: &str, dir: &Path) -> String {
         ca = q(&dir.join("ca.pem").display().to_string()),
         secret = q(&dir.join("corp_secret").display().to_string()),
         corp_secret = q(&dir.join("corp_secret_20002").display().to_string()),
+        queue = q(&dir.join("callbacks.db").display().to_string()),
+        key = q(&dir.join("callback_key").display().to_string()),
+        receiver = q(receiver),
     )
 }
+
+/// The demo's callback Key (what an org admin sets beside the URL on the platform).
+const DEMO_CALLBACK_KEY: &str = "demo-callback-key";
 
 /// The calls `demo` prints, on the platform's documented paths (PLATFORM.md section 1):
 /// method, path and JSON body.
@@ -511,7 +521,16 @@ async fn demo_inner(args: DemoArgs) -> Result<(), StartupError> {
     };
     write("corp_secret", &SandboxApp::demo().secret)?;
     write("corp_secret_20002", &SandboxCorp::demo().secret)?;
-    let text = demo_config(args.listen, &sandbox.url(), &dir);
+    write("callback_key", DEMO_CALLBACK_KEY)?;
+    // The organisation's internal receiver of relayed callbacks.
+    let receiver =
+        crate::sandbox::receiver::Receiver::start(SocketAddr::from(([127, 0, 0, 1], 0))).await?;
+    let text = demo_config(
+        args.listen,
+        &sandbox.url(),
+        &dir,
+        &receiver.url("/contacts-events"),
+    );
     write("proxy.toml", &text)?;
     let config = Config::from_toml(&text, &dir.join("proxy.toml").display().to_string(), None)
         .map_err(|e| StartupError::Config(e.problems))?
@@ -536,8 +555,49 @@ async fn demo_inner(args: DemoArgs) -> Result<(), StartupError> {
         "(the last one goes through the organisation-service app \"demo-corp\", prefix /corp; \
          the demo's sandbox does not enforce the platform's rate limits, `cx-proxy sandbox` does)"
     );
+    if let (Some(cb), Some(admin)) = (proxy.callbacks_addr, proxy.admin_addr) {
+        let send = serde_json::json!({
+            "url": format!("http://{cb}/cx/callback"),
+            "key": DEMO_CALLBACK_KEY,
+            "corpid": 10001,
+            "body": {"event_type": "user_add", "user_ids": ["staff-001"]},
+        });
+        println!(
+            "Callbacks: the sandbox calls back as the platform does; the proxy checks, keeps and \
+             relays them to a receiver at {}. Make it send one:",
+            receiver.url("/contacts-events")
+        );
+        println!(
+            "  curl -sS --cacert '{}' -X POST '{}' -H 'Content-Type: application/json' -d '{send}'",
+            dir.join("ca.pem").display(),
+            sandbox.url().trim_end_matches('/').to_owned() + "/__sandbox/callbacks/send",
+        );
+        println!(
+            "  (the queue: curl -sS 'http://{admin}/callbacks'; the receiver prints what arrives)"
+        );
+    }
     println!("Ctrl-C stops both.");
+    let shown = tokio::spawn(async move {
+        // Prints each callback the receiver takes (bounded by the demo's lifetime).
+        let mut seen = 0;
+        loop {
+            let got = receiver.received();
+            for r in got.iter().skip(seen) {
+                println!(
+                    "receiver: POST {}?{} X-CX-Callback-Id: {} X-CX-Verified: {} body: {}",
+                    r.path,
+                    r.query,
+                    r.header("x-cx-callback-id").unwrap_or("-"),
+                    r.header("x-cx-verified").unwrap_or("-"),
+                    String::from_utf8_lossy(&r.body)
+                );
+            }
+            seen = got.len();
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    });
     shutdown_signal().await;
+    shown.abort();
     proxy.shutdown().await?;
     sandbox.shutdown().await;
     Ok(())

@@ -361,6 +361,40 @@ async fn demo_prints_curl_lines_that_all_work_on_documented_paths() {
             .starts_with("/api/corp-service/");
     }
     assert!(corp_service, "one line goes through the corp-service app");
+    // The callback line, pasted into a shell as a user would: the sandbox calls back, the
+    // relay checks and keeps it, the demo's receiver shows it.
+    let callback_line = p
+        .stdout
+        .lock()
+        .unwrap()
+        .lines()
+        .find_map(|l| {
+            l.trim()
+                .starts_with("curl -sS --cacert")
+                .then(|| l.trim().to_owned())
+        })
+        .expect("a line that sends a callback");
+    let out = Command::new("sh")
+        .arg("-c")
+        .arg(&callback_line)
+        .output()
+        .unwrap();
+    let answer = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        answer.contains("\"attempts\":[200]"),
+        "{callback_line}: {answer}"
+    );
+    let arrived = p
+        .wait_for("the receiver's line", |out, _| {
+            out.lines()
+                .find(|l| l.starts_with("receiver: POST /contacts-events?corpid=10001&"))
+                .map(str::to_owned)
+        })
+        .await;
+    assert!(
+        arrived.contains("X-CX-Verified: 1") && arrived.contains("user_add"),
+        "{arrived}"
+    );
     for file in ["corp_secret", "corp_secret_20002"] {
         use std::os::unix::fs::PermissionsExt as _;
         let mode = std::fs::metadata(dir.path().join(file))
