@@ -346,7 +346,10 @@ pub async fn run(
                         let (g, peer) = (g.clone(), peer.clone());
                         async move {
                             let resp = match g.relay() {
-                                Some(relay) => relay.handle(&peer, req).await,
+                                Some(relay) => {
+                                    let store = g.proxy().tokens().store();
+                                    relay.handle(&peer, req, store.as_deref()).await
+                                }
                                 None => ProxyError::new(ErrorKind::NoRoute, "no callback relay")
                                     .into_response(),
                             };

@@ -26,6 +26,7 @@ use http_body_util::{BodyExt, Limited};
 use hyper::body::Incoming;
 use tokio::sync::Notify;
 
+use crate::auth::store::TokenStore;
 use crate::config::{CallbackRoute, CallbacksConfig};
 use crate::error::{ErrorKind, ProxyError};
 use crate::metrics::CallbackMetrics;
@@ -145,12 +146,18 @@ impl Relay {
         }
     }
 
-    /// Answers one request on the callback listener (SPEC section 8, steps 1 to 3).
-    pub async fn handle(&self, peer: &Peer, req: Request<Incoming>) -> Response<Body> {
+    /// Answers one request on the callback listener (SPEC section 8, steps 1 to 3). With
+    /// `store` (`[token.store]`), nonces are shared with the other instances.
+    pub async fn handle(
+        &self,
+        peer: &Peer,
+        req: Request<Incoming>,
+        store: Option<&TokenStore>,
+    ) -> Response<Body> {
         let settings = self.settings();
         let route = settings.routes.iter().find(|r| r.path == req.uri().path());
         let name = route.map_or("-", |r| r.name.as_str());
-        let (result, reason, resp) = match self.accept(&settings, route, peer, req).await {
+        let (result, reason, resp) = match self.accept(&settings, route, peer, req, store).await {
             Ok(Stored::New(id)) => ("accepted", "", ok(&id)),
             Ok(Stored::Repeat(id)) => ("repeat", "", ok(&id)),
             Ok(Stored::Replay) => {
@@ -192,6 +199,7 @@ impl Relay {
         route: Option<&CallbackRoute>,
         peer: &Peer,
         req: Request<Incoming>,
+        store: Option<&TokenStore>,
     ) -> Result<Stored, Refused> {
         let refuse = |kind, msg: &str| Refused::Input(ProxyError::new(kind, msg.to_owned()));
         let table = &settings.table;
@@ -280,6 +288,24 @@ impl Relay {
             table.max_skew,
         )
         .map_err(Refused::Rejected)?;
+        // Another instance may have kept this callback (a platform retry that landed
+        // elsewhere) or seen its nonce with another signature. An unreachable store leaves
+        // this instance's own memory of nonces, as the token store falls back to fetching
+        // locally.
+        if let Some(store) = store {
+            if let Ok(Some(seen)) = store.callback_nonce(&route.name, &signed.nonce).await {
+                return Ok(if seen.eq_ignore_ascii_case(&signed.signature) {
+                    Stored::Repeat(queue::callback_id(
+                        &route.name,
+                        &signed.nonce,
+                        &signed.signature,
+                    ))
+                } else {
+                    Stored::Replay
+                });
+            }
+        }
+        let (nonce, signature) = (signed.nonce.clone(), signed.signature.clone());
         let stored = self
             .queue
             .store(NewEvent {
@@ -299,6 +325,17 @@ impl Relay {
                     "the callback could not be stored durably; it is not acknowledged, send it again",
                 ))
             })?;
+        if let (Some(store), Stored::New(_)) = (store, &stored) {
+            // Remembered only once committed: a callback this instance failed to keep must
+            // not look kept to the instance the platform's retry reaches.
+            let window = table.max_skew * 2;
+            if let Err(e) = store
+                .remember_callback_nonce(&route.name, &nonce, &signature, window)
+                .await
+            {
+                tracing::debug!(error = %e, "callback nonce not shared");
+            }
+        }
         Ok(stored)
     }
 

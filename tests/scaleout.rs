@@ -299,3 +299,77 @@ async fn with_redis_down_requests_keep_succeeding_and_sharing_resumes_when_it_re
     all_ok(&spread(&proxies, 90, "/api/d").await);
     assert_eq!(sandbox.token_fetches(APP_KEY), before + 1, "sharing again");
 }
+
+#[tokio::test]
+async fn instances_share_callback_nonces_so_a_retry_elsewhere_is_not_kept_twice() {
+    use cx_proxy::relay::verify::{base_string, sign, Signed};
+    use cx_proxy::sandbox::receiver::Receiver;
+    let Some(redis) = Redis::start() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let sandbox = sandbox(dir.path(), SandboxOptions::default()).await;
+    let receiver = Receiver::start("127.0.0.1:0".parse().unwrap())
+        .await
+        .unwrap();
+    std::fs::write(dir.path().join("cb_key"), "k").unwrap();
+    let mut proxies = Vec::new();
+    for i in 0..2 {
+        let extra = format!(
+            "[token.store]\nredis_url = \"{}\"\n[callbacks]\nlisten = \"127.0.0.1:0\"\nallow = [\"127.0.0.1\"]\n\
+             queue = \"{d}/q{i}.db\"\n[[callback]]\nname = \"contacts\"\npath = \"/cb\"\napp = \"default\"\n\
+             key_file = \"{d}/cb_key\"\ndeliver_to = \"{}\"\n{}",
+            redis.url(),
+            receiver.url("/events"),
+            default_app(dir.path()),
+            d = dir.path().display(),
+        );
+        proxies.push(
+            ProxyHandle::start(config(&config_text(&sandbox, dir.path(), &extra)))
+                .await
+                .unwrap(),
+        );
+    }
+    let post = |p: &ProxyHandle, body: &serde_json::Value, nonce: &str| {
+        let mut s = Signed {
+            corpid: "10001".into(),
+            timestamp: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_secs()
+                .to_string(),
+            nonce: nonce.into(),
+            signature: String::new(),
+        };
+        s.signature = sign(b"k", &base_string(body.as_object().unwrap(), &s));
+        let url = format!(
+            "http://{}/cb?corpid={}&timestamp={}&nonce={}&signature={}",
+            p.callbacks_addr.unwrap(),
+            s.corpid,
+            s.timestamp,
+            s.nonce,
+            s.signature
+        );
+        let body = body.to_string();
+        async move { send(&client(false), request(Method::POST, &url, body)).await }
+    };
+    let body = serde_json::json!({"event_type": "user_add", "seq": 1});
+    let first = post(&proxies[0], &body, "shared-1").await;
+    assert_eq!(first.status, 200, "{}", first.text());
+    // The platform's retry lands on the other instance: acknowledged, not kept again.
+    let retry = post(&proxies[1], &body, "shared-1").await;
+    assert_eq!(retry.status, 200, "{}", retry.text());
+    assert_eq!(
+        first.headers.get("x-cx-callback-id"),
+        retry.headers.get("x-cx-callback-id")
+    );
+    // The nonce with another signature, on the other instance: a replay.
+    let other = serde_json::json!({"event_type": "user_delete"});
+    let replay = post(&proxies[1], &other, "shared-1").await;
+    assert_proxy_error(&replay, 401, "callback_rejected");
+    assert_eq!(receiver.wait_for(1, Duration::from_secs(10)).await, 1);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(
+        receiver.received().len(),
+        1,
+        "delivered once, by the instance that kept it"
+    );
+}

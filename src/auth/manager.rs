@@ -239,6 +239,11 @@ impl TokenManager {
         Ok(t)
     }
 
+    /// The shared store, if configured (the callback relay shares nonces through it).
+    pub fn store(&self) -> Option<Arc<TokenStore>> {
+        self.store.clone()
+    }
+
     /// Whether the shared token store answers (`None`: none configured).
     pub fn store_up(&self) -> Option<bool> {
         self.store.as_ref().map(|s| s.up())

@@ -101,6 +101,12 @@ pub fn app_key(app: &AppConfig) -> String {
     format!("cx-proxy:{}", app.fingerprint())
 }
 
+/// The key under which instances share a callback nonce (route names are configured, the
+/// nonce was signed by the platform's key).
+fn nonce_key(route: &str, nonce: &str) -> String {
+    format!("cx-proxy:callback:{route}:{nonce}")
+}
+
 /// The Redis side of the token lifecycle.
 pub struct TokenStore {
     client: redis::Client,
@@ -224,6 +230,50 @@ impl TokenStore {
             .call(|mut c| async move { redis::cmd("PING").query_async(&mut c).await })
             .await;
         r.is_ok()
+    }
+
+    /// The signature a callback nonce was first kept with by any instance, if it was kept
+    /// within its window (the callback relay's cluster-wide replay check, SPEC section 8.2).
+    pub async fn callback_nonce(
+        &self,
+        route: &str,
+        nonce: &str,
+    ) -> Result<Option<String>, StoreError> {
+        let key = nonce_key(route, nonce);
+        self.call(|mut c| {
+            let key = key.clone();
+            async move { c.get(&key).await }
+        })
+        .await
+    }
+
+    /// Remembers that a callback with `nonce` and `signature` was kept (for `window`), unless
+    /// another instance remembered it first.
+    pub async fn remember_callback_nonce(
+        &self,
+        route: &str,
+        nonce: &str,
+        signature: &str,
+        window: Duration,
+    ) -> Result<(), StoreError> {
+        let key = nonce_key(route, nonce);
+        let ms = u64::try_from(window.as_millis()).unwrap_or(u64::MAX).max(1);
+        let signature = signature.to_ascii_lowercase();
+        self.call(|mut c| {
+            let (key, signature) = (key.clone(), signature.clone());
+            async move {
+                redis::cmd("SET")
+                    .arg(&key)
+                    .arg(&signature)
+                    .arg("NX")
+                    .arg("PX")
+                    .arg(ms)
+                    .query_async::<Option<String>>(&mut c)
+                    .await
+                    .map(drop)
+            }
+        })
+        .await
     }
 
     /// The app's stored token, if any and readable.

@@ -478,7 +478,7 @@ fn stats(c: &Connection, route: &str) -> rusqlite::Result<RouteStats> {
 
 /// `X-CX-Callback-Id`: the same for the same callback (route, nonce, signature), so a
 /// receiver can drop a second delivery.
-fn callback_id(route: &str, nonce: &str, signature: &str) -> String {
+pub fn callback_id(route: &str, nonce: &str, signature: &str) -> String {
     let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
     for part in [route, nonce, &signature.to_ascii_lowercase()] {
         ctx.update(part.as_bytes());
