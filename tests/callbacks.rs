@@ -499,3 +499,68 @@ async fn a_queue_that_cannot_commit_answers_503_until_it_can() {
         .collect();
     assert_eq!(seqs, [1, 3], "the refused one was not kept");
 }
+
+#[tokio::test]
+async fn a_slow_sender_gets_400_and_nothing_is_kept() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let r = relay("").await;
+    let body = json!({"event_type": "user_add"});
+    let q = signed_query(KEY, "10001", now(), "slow-1", &body);
+    let addr = r.env.proxy.callbacks_addr.unwrap();
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let text = body.to_string();
+    let head = format!(
+        "POST /cx/callback?{q} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
+        text.len()
+    );
+    s.write_all(head.as_bytes()).await.unwrap();
+    // Half the body, then nothing.
+    s.write_all(&text.as_bytes()[..text.len() / 2])
+        .await
+        .unwrap();
+    let mut out = vec![0u8; 4096];
+    let n = tokio::time::timeout(Duration::from_secs(15), s.read(&mut out))
+        .await
+        .expect("answered within the body timeout")
+        .unwrap();
+    let answer = String::from_utf8_lossy(&out[..n]);
+    assert!(answer.starts_with("HTTP/1.1 400"), "{answer}");
+    assert!(answer.contains("did not arrive within"), "{answer}");
+    let v = r.admin_json(Method::GET, "/callbacks").await;
+    assert_eq!(v["routes"][0]["pending"], 0, "{v}");
+    assert!(r.receiver.received().is_empty());
+}
+
+#[tokio::test]
+async fn the_listener_speaks_https_with_its_certificate_and_readyz_shows_the_queue() {
+    let ca = cx_proxy::sandbox::ca::TestCa::new("callback listener CA").unwrap();
+    let issued = ca.server_cert().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("cb.pem"), &issued.cert_pem).unwrap();
+    std::fs::write(dir.path().join("cb-key.pem"), &issued.key_pem).unwrap();
+    let r = relay(&format!(
+        "tls_cert = \"{0}/cb.pem\"\ntls_key = \"{0}/cb-key.pem\"",
+        dir.path().display()
+    ))
+    .await;
+    let mut cb = r.send(json!({"event_type": "user_add"}));
+    cb.url = cb.url.replace("http://", "https://");
+    // The platform's side trusting the listener's CA.
+    let attempts = cx_proxy::sandbox::callbacks::send(&cb, Some(ca.pem()))
+        .await
+        .unwrap();
+    assert_eq!(attempts, vec![200]);
+    assert_eq!(r.receiver.wait_for(1, Duration::from_secs(10)).await, 1);
+    // Plain HTTP on the TLS port is no callback.
+    let plain = r.send(json!({"event_type": "user_add"}));
+    let attempts = cx_proxy::sandbox::callbacks::send(&plain, None)
+        .await
+        .unwrap();
+    assert!(attempts.iter().all(|s| *s != 200), "{attempts:?}");
+    let ready = r.admin_json(Method::GET, "/readyz").await;
+    assert_eq!(
+        ready["callbacks"]["routes"][0]["name"], "contacts",
+        "{ready}"
+    );
+    assert_eq!(ready["callbacks"]["routes"][0]["pending"], 0, "{ready}");
+}
