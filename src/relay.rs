@@ -131,6 +131,16 @@ impl Relay {
         }
     }
 
+    /// Whether `wake` is still the delivery task of `route` (a route removed and added back
+    /// gets a new task; the old one must end rather than deliver beside it).
+    fn owns(&self, route: &str, wake: &Arc<Notify>) -> bool {
+        self.wakes
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(route)
+            .is_some_and(|w| Arc::ptr_eq(w, wake))
+    }
+
     fn stopped(&self) -> bool {
         self.stopped.load(std::sync::atomic::Ordering::SeqCst)
     }

@@ -564,3 +564,47 @@ async fn the_listener_speaks_https_with_its_certificate_and_readyz_shows_the_que
     );
     assert_eq!(ready["callbacks"]["routes"][0]["pending"], 0, "{ready}");
 }
+
+#[tokio::test]
+async fn a_removed_route_keeps_its_events_until_it_returns() {
+    let r = relay("").await;
+    r.receiver.answer(503);
+    for seq in 0..2 {
+        let attempts = r
+            .env
+            .sandbox
+            .send_callback(&r.send(json!({"event_type": "user_add", "seq": seq})))
+            .await
+            .unwrap();
+        assert_eq!(attempts, vec![200]);
+    }
+    let dir = r.env.dir.path();
+    let table = format!(
+        "[admin]\nlisten = \"127.0.0.1:0\"\n[callbacks]\nlisten = \"127.0.0.1:0\"\nallow = [\"127.0.0.1\"]\nqueue = \"{}/queue.db\"\n",
+        dir.display()
+    );
+    let route = format!(
+        "[[callback]]\nname = \"contacts\"\npath = \"/cx/callback\"\napp = \"default\"\nkey_file = \"{}/cb_key\"\ndeliver_to = \"{}\"\n",
+        dir.display(),
+        r.receiver.url("/events")
+    );
+    // Reloaded without the route: its events stay, its path is no longer served.
+    let without = config_text(&r.env.sandbox, dir, &format!("{table}{}", default_app(dir)));
+    r.env.proxy.gateway.apply(config(&without)).await.unwrap();
+    r.receiver.answer(200);
+    let a = post(&r.url(), &json!({})).await;
+    assert_proxy_error(&a, 404, "no_route");
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert!(r.receiver.received().is_empty(), "a removed route delivers nothing");
+    // Back again: everything it had, in order.
+    let with = config_text(&r.env.sandbox, dir, &format!("{table}{route}{}", default_app(dir)));
+    r.env.proxy.gateway.apply(config(&with)).await.unwrap();
+    assert_eq!(r.receiver.wait_for(2, Duration::from_secs(10)).await, 2);
+    let seqs: Vec<u64> = r
+        .receiver
+        .received()
+        .iter()
+        .map(|g| serde_json::from_slice::<Value>(&g.body).unwrap()["seq"].as_u64().unwrap())
+        .collect();
+    assert_eq!(seqs, [0, 1]);
+}

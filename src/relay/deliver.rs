@@ -60,7 +60,7 @@ pub async fn run(relay: Weak<Relay>, route: String, wake: Arc<Notify>) {
     let mut client_for: Option<(CallbackRoute, HttpClient)> = None;
     loop {
         let Some(r) = relay.upgrade() else { return };
-        if r.stopped() {
+        if r.stopped() || !r.owns(&route, &wake) {
             return;
         }
         let Some(cfg) = r
