@@ -10,7 +10,7 @@
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use cx_proxy::relay::verify::{base_string, sign, Signed};
+use cx_proxy::relay::verify::{base_string, members, sign, Signed};
 use cx_proxy::sandbox::receiver::Receiver;
 use cx_proxy::sandbox::{Sandbox, SandboxOptions};
 use cx_proxy::{Config, ProxyHandle};
@@ -78,7 +78,7 @@ async fn run() {
                 };
                 s.signature = sign(
                     KEY.as_bytes(),
-                    &base_string(body.as_object().expect("object"), &s),
+                    &base_string(&members(body.to_string().as_bytes()).expect("object"), &s),
                 );
                 let uri = format!(
                     "{base}?corpid={}&timestamp={}&nonce={}&signature={}",

@@ -30,6 +30,14 @@ fn json(status: StatusCode, v: &serde_json::Value) -> Response<Body> {
     resp
 }
 
+/// The `{name}` of `{prefix}{name}{suffix}`, if `path` is that with a non-empty name
+/// (`/callbacks/redeliver` is not: prefix and suffix would overlap).
+fn named<'p>(path: &'p str, prefix: &str, suffix: &str) -> Option<&'p str> {
+    path.strip_prefix(prefix)?
+        .strip_suffix(suffix)
+        .filter(|n| !n.is_empty())
+}
+
 /// Answers one admin request.
 pub async fn handle(
     proxy: &Proxy,
@@ -90,8 +98,8 @@ pub async fn handle(
             );
             resp
         }
-        (&Method::POST, p) if p.starts_with("/tokens/") && p.ends_with("/refresh") => {
-            let name = &p["/tokens/".len()..p.len() - "/refresh".len()];
+        (&Method::POST, p) if named(p, "/tokens/", "/refresh").is_some() => {
+            let name = named(p, "/tokens/", "/refresh").unwrap_or_default();
             let Some(idx) = proxy.tokens().index_of(name) else {
                 let shown: String = name.chars().take(64).collect();
                 return ProxyError::new(ErrorKind::NoRoute, format!("no app is named {shown:?}"))
@@ -112,8 +120,8 @@ pub async fn handle(
             },
             None => json(StatusCode::OK, &json!({"routes": []})),
         },
-        (&Method::POST, p) if p.starts_with("/callbacks/") && p.ends_with("/redeliver") => {
-            let name = &p["/callbacks/".len()..p.len() - "/redeliver".len()];
+        (&Method::POST, p) if named(p, "/callbacks/", "/redeliver").is_some() => {
+            let name = named(p, "/callbacks/", "/redeliver").unwrap_or_default();
             let result = match relay {
                 Some(r) => r.redeliver(name).await,
                 None => Err(ProxyError::new(

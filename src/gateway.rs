@@ -137,10 +137,15 @@ impl Gateway {
         let callbacks_tls = match (&self.relay, &config.callbacks) {
             (Some(_), Some(table)) => {
                 let was = old.config().callbacks.as_ref();
-                if was.map(|w| (&w.listen, &w.queue)) != Some((&table.listen, &table.queue)) {
-                    tracing::warn!(
-                        "{file}: callbacks: a new listen address or queue file needs a restart"
-                    );
+                if was.map(|w| &w.queue) != Some(&table.queue) {
+                    // Taken on the next restart, it would leave the old file's events behind.
+                    return Err(vec![format!(
+                        "{file}: callbacks.queue: the queue file cannot change on reload (its \
+                         events would be left behind); move the file and restart"
+                    )]);
+                }
+                if was.map(|w| w.listen) != Some(table.listen) {
+                    tracing::warn!("{file}: callbacks.listen: a new address needs a restart; still listening on the old one");
                 }
                 match (&self.callbacks_tls, &table.tls) {
                     (Some(_), Some(files)) => Some(

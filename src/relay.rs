@@ -86,9 +86,21 @@ impl Relay {
         &self.metrics
     }
 
-    /// Starts a delivery task for every route that has none.
+    /// Starts a delivery task for every route that has none, and warns about events in the
+    /// queue that no route names (a route renamed or removed: they wait for it to return).
     pub fn start(self: &Arc<Self>) {
         let settings = self.settings();
+        let relay = Arc::downgrade(self);
+        tokio::spawn(async move {
+            let Some(relay) = relay.upgrade() else { return };
+            for (name, n) in relay.unrouted().await {
+                tracing::warn!(
+                    route = %name,
+                    events = n,
+                    "callback queue holds events of a route no [[callback]] names; they are kept until it returns"
+                );
+            }
+        });
         let mut wakes = self.wakes.lock().unwrap_or_else(PoisonError::into_inner);
         for route in &settings.routes {
             if !wakes.contains_key(&route.name) {
@@ -277,20 +289,13 @@ impl Relay {
                 ))
             }
         };
-        let object = match serde_json::from_slice::<serde_json::Value>(&body) {
-            Ok(serde_json::Value::Object(o)) => o,
-            _ => {
-                return Err(refuse(
-                    ErrorKind::BadRequest,
-                    "the callback body is not a JSON object",
-                ))
-            }
-        };
+        let members = verify::members(&body)
+            .map_err(|m| Refused::Input(ProxyError::new(ErrorKind::BadRequest, m)))?;
         let now = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .unwrap_or_default();
         verify::check(
-            &object,
+            &members,
             &signed,
             route.key.expose().as_bytes(),
             &route.corp_id,
@@ -325,7 +330,7 @@ impl Relay {
                 query,
                 content_type,
                 body: body.to_vec(),
-                remember: table.max_skew,
+                remember: table.max_skew * 2,
             })
             .await
             .map_err(|e| {
@@ -349,7 +354,20 @@ impl Relay {
         Ok(stored)
     }
 
-    /// `GET /callbacks`: each route's queue (SPEC section 6).
+    /// Routes with events in the queue that no `[[callback]]` names now, with their counts.
+    async fn unrouted(&self) -> Vec<(String, u64)> {
+        let settings = self.settings();
+        self.queue
+            .routes()
+            .await
+            .unwrap_or_default()
+            .into_iter()
+            .filter(|(name, _)| !settings.routes.iter().any(|r| &r.name == name))
+            .collect()
+    }
+
+    /// `GET /callbacks`: each route's queue (SPEC section 6), and events kept for routes no
+    /// longer configured (`unrouted`).
     pub async fn status(&self) -> Result<serde_json::Value, ProxyError> {
         let now = queue::now_ms();
         let mut routes = Vec::new();
@@ -364,7 +382,13 @@ impl Relay {
                 "dead_letters": s.dead_letters,
             }));
         }
-        Ok(serde_json::json!({ "routes": routes }))
+        let unrouted: Vec<_> = self
+            .unrouted()
+            .await
+            .into_iter()
+            .map(|(name, events)| serde_json::json!({"name": name, "events": events}))
+            .collect();
+        Ok(serde_json::json!({ "routes": routes, "unrouted": unrouted }))
     }
 
     /// `POST /callbacks/{name}/redeliver`: puts the route's dead letters back in its queue.

@@ -5,11 +5,11 @@ mod support;
 
 use std::time::Duration;
 
-use cx_proxy::relay::verify::{base_string, sign, Signed};
+use cx_proxy::relay::verify::{base_string, members, sign, Signed};
 use cx_proxy::sandbox::callbacks::CallbackSend;
 use cx_proxy::sandbox::receiver::Receiver;
 use http::Method;
-use serde_json::{json, Map, Value};
+use serde_json::{json, Value};
 use support::*;
 
 const KEY: &str = "the-callback-key";
@@ -77,11 +77,8 @@ fn signed_query(key: &str, corpid: &str, ts: u64, nonce: &str, body: &Value) -> 
         nonce: nonce.into(),
         signature: String::new(),
     };
-    let empty = Map::new();
-    s.signature = sign(
-        key.as_bytes(),
-        &base_string(body.as_object().unwrap_or(&empty), &s),
-    );
+    let members = members(body.to_string().as_bytes()).unwrap();
+    s.signature = sign(key.as_bytes(), &base_string(&members, &s));
     format!(
         "corpid={}&timestamp={}&nonce={}&signature={}",
         s.corpid, s.timestamp, s.nonce, s.signature
@@ -150,6 +147,55 @@ async fn a_valid_callback_is_acknowledged_and_delivered_once_as_it_was_sent() {
     );
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert_eq!(r.receiver.received().len(), 2, "each delivered once");
+    // The queue holds contacts data: its owner's only.
+    use std::os::unix::fs::PermissionsExt as _;
+    let mode = std::fs::metadata(r.env.dir.path().join("queue.db"))
+        .unwrap()
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o600, "{mode:o}");
+}
+
+#[tokio::test]
+async fn a_body_is_checked_as_sent_not_as_a_parser_would_rewrite_it() {
+    let r = relay("").await;
+    // Members out of order, a nested object out of order, numbers a parser would rewrite.
+    let text = r#"{"event_type":"user_update","o":{"z":1,"a":[2, 3]},"n":1.10,"big":123456789012345678901234,"e":1e2}"#;
+    let mut s = Signed {
+        corpid: "10001".into(),
+        timestamp: now().to_string(),
+        nonce: "as-sent".into(),
+        signature: String::new(),
+    };
+    s.signature = sign(
+        KEY.as_bytes(),
+        &base_string(&members(text.as_bytes()).unwrap(), &s),
+    );
+    let url = format!(
+        "{}?corpid={}&timestamp={}&nonce={}&signature={}",
+        r.url(),
+        s.corpid,
+        s.timestamp,
+        s.nonce,
+        s.signature
+    );
+    let a = send(&client(false), request(Method::POST, &url, text)).await;
+    assert_eq!(a.status, 200, "{}", a.text());
+    assert_eq!(r.receiver.wait_for(1, Duration::from_secs(10)).await, 1);
+    assert_eq!(
+        &r.receiver.received()[0].body[..],
+        text.as_bytes(),
+        "delivered byte for byte"
+    );
+    // A member named twice is refused: which one a receiver reads would be a guess.
+    let twice = r#"{"event_type":"a","event_type":"b"}"#;
+    let a = send(
+        &client(false),
+        request(Method::POST, &url.replace("as-sent", "twice"), twice),
+    )
+    .await;
+    let v = assert_proxy_error(&a, 400, "bad_request");
+    assert!(v["err_msg"].as_str().unwrap().contains("twice"), "{v}");
 }
 
 #[tokio::test]
@@ -410,6 +456,18 @@ async fn a_dead_letter_is_shown_and_redelivered_on_request() {
         .unwrap();
     assert_eq!(r.receiver.wait_for(1, Duration::from_secs(10)).await, 1);
 
+    for odd in [
+        "/callbacks/redeliver",
+        "/callbacks//redeliver",
+        "/callbacks/nope/redeliver",
+    ] {
+        let a = send(
+            &client(false),
+            request(Method::POST, &r.env.admin_url(odd), Vec::new()),
+        )
+        .await;
+        assert_eq!(a.status, 404, "{odd}: {}", a.text());
+    }
     let v = r
         .admin_json(Method::POST, "/callbacks/contacts/redeliver")
         .await;
@@ -594,17 +652,35 @@ async fn a_removed_route_keeps_its_events_until_it_returns() {
     r.receiver.answer(200);
     let a = post(&r.url(), &json!({})).await;
     assert_proxy_error(&a, 404, "no_route");
+    let v = r.admin_json(Method::GET, "/callbacks").await;
+    assert_eq!(v["unrouted"][0]["name"], "contacts", "{v}");
+    assert_eq!(v["unrouted"][0]["events"], 2, "{v}");
+    // The queue file itself cannot change on reload: its events would be left behind.
+    let moved = without.replace("queue.db", "other.db");
+    let refused = r.env.proxy.gateway.apply(config(&moved)).await.unwrap_err();
+    assert!(refused[0].contains("callbacks.queue"), "{refused:?}");
     tokio::time::sleep(Duration::from_secs(2)).await;
-    assert!(r.receiver.received().is_empty(), "a removed route delivers nothing");
+    assert!(
+        r.receiver.received().is_empty(),
+        "a removed route delivers nothing"
+    );
     // Back again: everything it had, in order.
-    let with = config_text(&r.env.sandbox, dir, &format!("{table}{route}{}", default_app(dir)));
+    let with = config_text(
+        &r.env.sandbox,
+        dir,
+        &format!("{table}{route}{}", default_app(dir)),
+    );
     r.env.proxy.gateway.apply(config(&with)).await.unwrap();
     assert_eq!(r.receiver.wait_for(2, Duration::from_secs(10)).await, 2);
     let seqs: Vec<u64> = r
         .receiver
         .received()
         .iter()
-        .map(|g| serde_json::from_slice::<Value>(&g.body).unwrap()["seq"].as_u64().unwrap())
+        .map(|g| {
+            serde_json::from_slice::<Value>(&g.body).unwrap()["seq"]
+                .as_u64()
+                .unwrap()
+        })
         .collect();
     assert_eq!(seqs, [0, 1]);
 }

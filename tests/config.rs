@@ -473,3 +473,28 @@ fn what_a_new_operator_got_wrong_is_named_once_at_its_key() {
         assert!(all.contains(line), "{line:?} not in\n{all}");
     }
 }
+
+#[test]
+fn a_callback_queue_must_be_a_file_in_an_existing_folder() {
+    let relay = |queue: &str| {
+        format!(
+            "{MINIMAL}\n[callbacks]\nlisten = \"127.0.0.1:0\"\nqueue = \"{queue}\"\n\
+             [[callback]]\nname = \"c\"\npath = \"/cb\"\napp = \"default\"\nkey = \"k\"\n\
+             deliver_to = \"http://127.0.0.1:1/x\"\n"
+        )
+    };
+    let dir = std::env::temp_dir();
+    let ok = load(&relay(&dir.join("cx-q.db").display().to_string()));
+    assert!(ok.is_ok(), "{:?}", ok.err());
+    let all = load(&relay("/no/such/folder/q.db"))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        all.contains("callbacks.queue: /no/such/folder: the folder does not exist"),
+        "{all}"
+    );
+    let all = load(&relay(&dir.display().to_string()))
+        .unwrap_err()
+        .to_string();
+    assert!(all.contains("is a folder"), "{all}");
+}

@@ -302,7 +302,7 @@ async fn with_redis_down_requests_keep_succeeding_and_sharing_resumes_when_it_re
 
 #[tokio::test]
 async fn instances_share_callback_nonces_so_a_retry_elsewhere_is_not_kept_twice() {
-    use cx_proxy::relay::verify::{base_string, sign, Signed};
+    use cx_proxy::relay::verify::{base_string, members, sign, Signed};
     use cx_proxy::sandbox::receiver::Receiver;
     let Some(redis) = Redis::start() else { return };
     let dir = tempfile::tempdir().unwrap();
@@ -339,7 +339,10 @@ async fn instances_share_callback_nonces_so_a_retry_elsewhere_is_not_kept_twice(
             nonce: nonce.into(),
             signature: String::new(),
         };
-        s.signature = sign(b"k", &base_string(body.as_object().unwrap(), &s));
+        s.signature = sign(
+            b"k",
+            &base_string(&members(body.to_string().as_bytes()).unwrap(), &s),
+        );
         let url = format!(
             "http://{}/cb?corpid={}&timestamp={}&nonce={}&signature={}",
             p.callbacks_addr.unwrap(),

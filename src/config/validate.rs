@@ -716,11 +716,23 @@ impl<'a> Check<'a> {
     ) -> (Option<CallbacksConfig>, Vec<CallbackRoute>) {
         let present = table.is_some();
         let callbacks = table.and_then(|t| {
+            let queue = self.path(&t.queue);
             if t.queue.is_empty() {
                 self.err(
                     "callbacks.queue",
                     "is empty: name the queue's database file",
                 );
+            } else if queue.is_dir() {
+                self.err(
+                    "callbacks.queue",
+                    format!("{} is a folder: name a file in it", queue.display()),
+                );
+            } else if let Some(folder) = queue.parent().filter(|d| !d.is_dir()) {
+                let what = format!(
+                    "{}: the folder does not exist (the queue file is created in it)",
+                    folder.display()
+                );
+                self.err("callbacks.queue", what);
             }
             let tls = self.tls("callbacks", [t.tls_cert, t.tls_key, None]);
             let listen = match t.listen {
@@ -736,7 +748,7 @@ impl<'a> Check<'a> {
                 listen,
                 tls,
                 allow: self.networks("callbacks.allow", &t.allow),
-                queue: self.path(&t.queue),
+                queue,
                 max_skew: Duration::from_secs(t.max_skew_s.get()),
                 max_body_bytes: t.max_body_bytes.get(),
                 deliver_timeout: Duration::from_millis(t.deliver_timeout_ms.get()),

@@ -35,7 +35,8 @@ pub struct NewEvent {
     pub content_type: Option<String>,
     /// The original body.
     pub body: Vec<u8>,
-    /// How long a nonce is remembered (the skew window).
+    /// How long a nonce is remembered: twice the skew window, since a timestamp may be that
+    /// far ahead of now as well as behind.
     pub remember: Duration,
 }
 
@@ -120,6 +121,7 @@ enum Job {
     },
     Redeliver(String, Reply<usize>),
     Stats(String, Reply<RouteStats>),
+    Routes(Reply<Vec<(String, u64)>>),
 }
 
 /// The handle to the queue's thread; cheap to share behind an `Arc`.
@@ -230,6 +232,11 @@ impl Queue {
         self.call(|r| Job::Redeliver(route.to_owned(), r)).await
     }
 
+    /// Every route with events in the file (pending or dead), and how many.
+    pub async fn routes(&self) -> Result<Vec<(String, u64)>, QueueError> {
+        self.call(Job::Routes).await
+    }
+
     /// `route`'s queue at a glance.
     pub async fn stats(&self, route: &str) -> Result<RouteStats, QueueError> {
         self.call(|r| Job::Stats(route.to_owned(), r)).await
@@ -237,6 +244,16 @@ impl Queue {
 }
 
 fn connect(path: &Path) -> rusqlite::Result<Connection> {
+    // The file holds the callbacks' contacts data: its owner's only. SQLite gives the WAL
+    // and shared-memory files the database file's mode.
+    {
+        use std::os::unix::fs::OpenOptionsExt as _;
+        let _ = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .mode(0o600)
+            .open(path);
+    }
     let conn = Connection::open(path)?;
     conn.busy_timeout(Duration::from_secs(5))?;
     conn.pragma_update(None, "journal_mode", "WAL")?;
@@ -329,6 +346,7 @@ fn fail(job: Job, e: QueueError) {
         Job::Delivered(_, r) | Job::Failed { reply: r, .. } => drop(r.send(Err(e))),
         Job::Redeliver(_, r) => drop(r.send(Err(e))),
         Job::Stats(_, r) => drop(r.send(Err(e))),
+        Job::Routes(r) => drop(r.send(Err(e))),
     }
 }
 
@@ -357,15 +375,19 @@ fn store_all(c: &mut Connection, stores: &[Job]) -> rusqlite::Result<Vec<Stored>
                      VALUES (?1, ?2, ?3, ?4, ?5)",
                     params![ev.route, ev.nonce, ev.signature, id, now],
                 )?;
-                // A callback delivered long ago and sent again past the window is new again;
-                // its old row is gone, so the id may be reused.
-                tx.execute(
-                    "INSERT OR REPLACE INTO events
+                // A callback still queued (pending or dead) is never rewritten: sent again
+                // past the nonce window it stays where it was, with its attempts.
+                let added = tx.execute(
+                    "INSERT OR IGNORE INTO events
                      (route, callback_id, query, content_type, body, received_at, since, state, next_at)
                      VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?6, 0, ?6)",
                     params![ev.route, id, ev.query, ev.content_type, ev.body, now],
                 )?;
-                Stored::New(id)
+                if added == 1 {
+                    Stored::New(id)
+                } else {
+                    Stored::Repeat(id)
+                }
             }
         };
         out.push(result);
@@ -440,6 +462,20 @@ fn one(path: &Path, c: &Connection, job: Job) -> bool {
             answer(path, reply, done)
         }
         Job::Stats(route, reply) => answer(path, reply, stats(c, &route)),
+        Job::Routes(reply) => {
+            let routes = c
+                .prepare("SELECT route, count(*) FROM events GROUP BY route ORDER BY route")
+                .and_then(|mut stmt| {
+                    stmt.query_map([], |r| {
+                        Ok((
+                            r.get::<_, String>(0)?,
+                            u64::try_from(r.get::<_, i64>(1)?).unwrap_or(0),
+                        ))
+                    })?
+                    .collect::<rusqlite::Result<Vec<_>>>()
+                });
+            answer(path, reply, routes)
+        }
     }
 }
 

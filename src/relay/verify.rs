@@ -6,7 +6,6 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use ring::hmac;
-use serde_json::{Map, Value};
 use subtle::ConstantTimeEq;
 
 use crate::wire;
@@ -83,30 +82,98 @@ impl Rejection {
     }
 }
 
-/// The baseString of PLATFORM.md section 4: the body's members and `corpid`, `timestamp`,
-/// `nonce` from the URL (which win over body members of the same name), leaving out null,
-/// `""`; sorted by name in byte order; `name=value` joined by `&`. Strings are written as
-/// they are, numbers and booleans as their JSON text, objects and arrays as compact JSON
-/// (the documentation is silent on those; SPEC section 8.2 fixes this reading).
-pub fn base_string(body: &Map<String, Value>, signed: &Signed) -> String {
-    let mut members: BTreeMap<&str, std::borrow::Cow<'_, str>> = BTreeMap::new();
-    for (k, v) in body {
-        let text = match v {
-            Value::Null => continue,
-            Value::String(s) => std::borrow::Cow::Borrowed(s.as_str()),
-            other => std::borrow::Cow::Owned(other.to_string()),
+/// A callback body's top-level members as the signature reads them: name and the text
+/// signed for it, in body order. Strings are their value (unescaped); numbers, booleans,
+/// objects and arrays their JSON text as sent, with the whitespace between tokens removed
+/// (so the receiver's bytes, not a re-serialisation that sorts members or rewrites numbers,
+/// are what is checked); null members are left out. `Err` for a body that is not a JSON
+/// object, or one that names a member twice (which member a receiver reads would be
+/// anyone's guess).
+pub fn members(body: &[u8]) -> Result<Vec<(String, String)>, &'static str> {
+    use serde::de::{Deserializer, MapAccess, Visitor};
+    use serde_json::value::RawValue;
+    struct Members;
+    impl<'de> Visitor<'de> for Members {
+        type Value = Vec<(String, Box<RawValue>)>;
+        fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("a JSON object")
+        }
+        fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+            let mut out: Self::Value = Vec::new();
+            while let Some((k, v)) = map.next_entry::<String, Box<RawValue>>()? {
+                if out.iter().any(|(seen, _)| *seen == k) {
+                    return Err(serde::de::Error::custom("duplicate member"));
+                }
+                out.push((k, v));
+            }
+            Ok(out)
+        }
+    }
+    let mut de = serde_json::Deserializer::from_slice(body);
+    let raw = de
+        .deserialize_map(Members)
+        .and_then(|m| de.end().map(|()| m))
+        .map_err(|e| {
+            if e.to_string().starts_with("duplicate member") {
+                "the callback body names a member twice"
+            } else {
+                "the callback body is not a JSON object"
+            }
+        })?;
+    let mut out = Vec::with_capacity(raw.len());
+    for (k, v) in raw {
+        let text = v.get();
+        if text == "null" {
+            continue;
+        }
+        let value = if text.starts_with('"') {
+            serde_json::from_str::<String>(text)
+                .map_err(|_| "the callback body is not a JSON object")?
+        } else {
+            compact(text)
         };
-        members.insert(k, text);
+        out.push((k, value));
     }
-    for (k, v) in [
-        ("corpid", &signed.corpid),
-        ("timestamp", &signed.timestamp),
-        ("nonce", &signed.nonce),
-    ] {
-        members.insert(k, std::borrow::Cow::Borrowed(v.as_str()));
+    Ok(out)
+}
+
+/// JSON text without the whitespace between tokens (strings kept as they are).
+fn compact(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let (mut in_string, mut escaped) = (false, false);
+    for c in text.chars() {
+        if in_string {
+            out.push(c);
+            match (escaped, c) {
+                (true, _) => escaped = false,
+                (false, '\\') => escaped = true,
+                (false, '"') => in_string = false,
+                _ => {}
+            }
+        } else if c == '"' {
+            in_string = true;
+            out.push(c);
+        } else if !c.is_ascii_whitespace() {
+            out.push(c);
+        }
     }
+    out
+}
+
+/// The baseString of PLATFORM.md section 4: the body's [`members`] and `corpid`,
+/// `timestamp`, `nonce` from the URL (which win over body members of the same name),
+/// leaving out empty values, sorted by name in byte order, `name=value` joined by `&`
+/// (SPEC section 8.2 fixes the reading where the documentation is silent).
+pub fn base_string(members: &[(String, String)], signed: &Signed) -> String {
+    let mut all: BTreeMap<&str, &str> = members
+        .iter()
+        .map(|(k, v)| (k.as_str(), v.as_str()))
+        .collect();
+    all.insert("corpid", &signed.corpid);
+    all.insert("timestamp", &signed.timestamp);
+    all.insert("nonce", &signed.nonce);
     let mut out = String::new();
-    for (k, v) in members.iter().filter(|(_, v)| !v.is_empty()) {
+    for (k, v) in all.iter().filter(|(_, v)| !v.is_empty()) {
         if !out.is_empty() {
             out.push('&');
         }
@@ -126,20 +193,23 @@ pub fn sign(key: &[u8], base: &str) -> String {
 /// Checks a callback's signature, `corpid` and `timestamp` (not the nonce: the queue knows
 /// which were seen). The signature is compared in constant time, hex in either case.
 pub fn check(
-    body: &Map<String, Value>,
+    members: &[(String, String)],
     signed: &Signed,
     key: &[u8],
     corp_id: &str,
     now_unix: Duration,
     max_skew: Duration,
 ) -> Result<(), Rejection> {
-    let expected = sign(key, &base_string(body, signed));
+    let expected = sign(key, &base_string(members, signed));
     let given = signed.signature.to_ascii_lowercase();
     if !bool::from(expected.as_bytes().ct_eq(given.as_bytes())) {
         return Err(Rejection::Signature);
     }
     if signed.corpid != corp_id {
         return Err(Rejection::Corpid);
+    }
+    if !signed.timestamp.bytes().all(|b| b.is_ascii_digit()) {
+        return Err(Rejection::Timestamp);
     }
     let ts = signed
         .timestamp
@@ -170,20 +240,23 @@ mod tests {
     }
 
     #[test]
-    fn base_string_sorts_skips_empty_and_writes_json_text() {
-        let body: Map<String, Value> = serde_json::from_str(
-            r#"{"event_type":"user_add","b":null,"c":"","n":12,"t":true,"o":{"x":[1,"y"]},"corpid":"body-loses"}"#,
-        )
-        .unwrap();
+    fn base_string_takes_the_body_as_sent() {
+        let body =
+            br#"{"event_type":"user_add","b":null,"c":"","n":1.10,"big":123456789012345678901234,
+            "t":true,"o":{"z":[1, "y"],"a":2},"s":"a\"b","corpid":"body-loses"}"#;
+        let m = members(body).unwrap();
         assert_eq!(
-            base_string(&body, &signed()),
-            r#"corpid=10001&event_type=user_add&n=12&nonce=n1&o={"x":[1,"y"]}&t=true&timestamp=1700000000"#
+            base_string(&m, &signed()),
+            r#"big=123456789012345678901234&corpid=10001&event_type=user_add&n=1.10&nonce=n1&o={"z":[1,"y"],"a":2}&s=a"b&t=true&timestamp=1700000000"#
         );
+        assert!(members(br#"{"a":1,"a":2}"#).unwrap_err().contains("twice"));
+        assert!(members(b"[1]").unwrap_err().contains("not a JSON object"));
+        assert!(members(b"{} x").is_err());
     }
 
     #[test]
     fn check_takes_either_hex_case_and_names_what_failed() {
-        let body = Map::new();
+        let body = Vec::new();
         let mut s = signed();
         s.signature = sign(b"k", &base_string(&body, &s)).to_uppercase();
         let now = Duration::from_secs(1_700_000_100);
@@ -202,10 +275,16 @@ mod tests {
             check(&body, &s, b"k", "10001", later, skew),
             Err(Rejection::Timestamp)
         );
-        // Milliseconds when 13 digits.
+        // Milliseconds when 13 digits; digits only.
         s.timestamp = "1700000000000".into();
         s.signature = sign(b"k", &base_string(&body, &s));
         assert_eq!(check(&body, &s, b"k", "10001", now, skew), Ok(()));
+        s.timestamp = "+1700000000".into();
+        s.signature = sign(b"k", &base_string(&body, &s));
+        assert_eq!(
+            check(&body, &s, b"k", "10001", now, skew),
+            Err(Rejection::Timestamp)
+        );
     }
 
     #[test]

@@ -13,7 +13,7 @@ use hyper_util::rt::TokioExecutor;
 use ring::rand::SecureRandom;
 use serde_json::{Map, Value};
 
-use crate::relay::verify::{base_string, sign, Signed};
+use crate::relay::verify::{base_string, members, sign, Signed};
 
 /// Attempts per callback (PLATFORM.md section 4: "three times in all").
 pub const ATTEMPTS: usize = 3;
@@ -67,11 +67,14 @@ pub async fn send(cb: &CallbackSend, extra_ca_pem: Option<&str>) -> Result<Vec<u
         nonce: crate::wire::hex(&nonce),
         signature: String::new(),
     };
-    signed.signature = sign(cb.key.as_bytes(), &base_string(&body, &signed));
+    // Signed over the body's text as sent, as the relay reads it.
+    let text = Value::Object(body).to_string();
+    let members = members(text.as_bytes()).map_err(str::to_owned)?;
+    signed.signature = sign(cb.key.as_bytes(), &base_string(&members, &signed));
     let query: String = url_query(&signed);
     let sep = if cb.url.contains('?') { '&' } else { '?' };
     let uri = format!("{}{sep}{query}", cb.url);
-    let body = Bytes::from(Value::Object(body).to_string());
+    let body = Bytes::from(text);
 
     let mut roots = crate::tls::upstream_roots(None).map_err(|e| e.to_string())?;
     if let Some(pem) = extra_ca_pem {
