@@ -187,6 +187,9 @@ impl Gateway {
     }
 }
 
+/// Callbacks being received at once on the callback listener; more get 503 `overloaded`.
+pub const CALLBACKS_IN_FLIGHT: usize = 512;
+
 /// What a listener serves.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Role {
@@ -345,11 +348,22 @@ pub async fn run(
             }
             Role::Callbacks => {
                 let tls = gateway.callbacks_tls.clone();
+                // The listener faces the internet: a bounded number of callbacks in flight
+                // (each may hold a body of up to max_body_bytes for BODY_TIMEOUT); past it,
+                // 503 at once, and the platform tries again.
+                let in_flight = Arc::new(Semaphore::new(CALLBACKS_IN_FLIGHT));
                 let make = move |peer: Peer| {
-                    let g = g.clone();
+                    let (g, in_flight) = (g.clone(), in_flight.clone());
                     hyper::service::service_fn(move |req| {
-                        let (g, peer) = (g.clone(), peer.clone());
+                        let (g, peer, in_flight) = (g.clone(), peer.clone(), in_flight.clone());
                         async move {
+                            let Ok(_permit) = in_flight.try_acquire_owned() else {
+                                let e = ProxyError::new(
+                                    ErrorKind::Overloaded,
+                                    "too many callbacks in flight; send it again shortly",
+                                );
+                                return Ok::<_, Infallible>(e.into_response());
+                            };
                             let resp = match g.relay() {
                                 Some(relay) => {
                                     let store = g.proxy().tokens().store();
