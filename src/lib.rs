@@ -59,6 +59,7 @@ pub mod clock;
 pub mod config;
 pub mod error;
 pub mod gateway;
+pub mod limits;
 pub mod logging;
 pub mod metrics;
 pub mod platform;

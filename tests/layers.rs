@@ -14,7 +14,9 @@ use std::path::Path;
 const LEAVES: &[&str] = &[
     "wire", "platform", "error", "config", "secret", "clock", "metrics", "logging",
 ];
-const ENGINE: &[&str] = &["proxy", "auth", "upstream", "tls", "server", "relay"];
+const ENGINE: &[&str] = &[
+    "proxy", "auth", "upstream", "tls", "server", "relay", "limits",
+];
 const HOST: &[&str] = &["cli", "gateway", "admin", "sandbox"];
 
 /// Edges that break the rule today, each to be removed when it is fixed (fixing one without

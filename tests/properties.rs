@@ -1,5 +1,6 @@
 //! Property tests for what a hostile client controls: the request target and the config
-//! file an operator might get wrong. proptest shrinks any failure to a minimal input.
+//! file an operator might get wrong; and for the call limit's promise (never more than `n`
+//! in any window). proptest shrinks any failure to a minimal input.
 
 use cx_proxy::config::Config;
 use cx_proxy::proxy::{normalize_path, upstream_target, Redacted};
@@ -123,6 +124,41 @@ proptest! {
         if let Err(e) = Config::from_toml(&text, "p.toml", None) {
             prop_assert!(e.problems.iter().all(|p| p.starts_with("p.toml: ")), "{:?}", e.problems);
             prop_assert!(e.problems.iter().all(|p| !p.contains("\"s\"")), "no secret in messages");
+        }
+    }
+
+    #[test]
+    fn a_window_never_admits_more_than_n_in_any_span_and_its_wait_is_honest(
+        n in 1u32..12,
+        per_ms in 20u64..5_000,
+        gaps in prop::collection::vec(0u64..400, 1..300),
+    ) {
+        use cx_proxy::limits::Window;
+        use cx_proxy::platform::Rate;
+        use std::time::{Duration, Instant};
+        let t0 = Instant::now();
+        let per = Duration::from_millis(per_ms);
+        let mut w = Window::new(Rate { n, per }, t0);
+        let mut at = t0;
+        let mut admitted: Vec<Instant> = Vec::new();
+        for gap in gaps {
+            at += Duration::from_millis(gap);
+            match w.try_acquire(at) {
+                Ok(()) => admitted.push(at),
+                Err(wait) => {
+                    // Told to wait `wait`: a call then (and nothing else meanwhile) passes.
+                    let mut later = w.clone();
+                    prop_assert!(later.try_acquire(at + wait).is_ok(), "wait {:?} at {:?}", wait, at - t0);
+                }
+            }
+        }
+        // Every span of length `per` (ending at an admitted call) holds at most n.
+        for (i, end) in admitted.iter().enumerate() {
+            let inside = admitted[..=i]
+                .iter()
+                .filter(|t| end.duration_since(**t) < per)
+                .count();
+            prop_assert!(inside <= n as usize, "{} calls within {:?}", inside, per);
         }
     }
 }
