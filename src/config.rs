@@ -57,6 +57,64 @@ pub struct Config {
     /// `[[callback]]`, in file order (none without `[callbacks]`).
     #[serde(rename = "callback", skip_serializing_if = "Vec::is_empty")]
     pub routes: Vec<CallbackRoute>,
+    /// `[limits]`.
+    pub limits: LimitsConfig,
+}
+
+/// `[limits]`: the platform's documented call rates, kept per app (SPEC section 4.9).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct LimitsConfig {
+    /// Whether calls are held to the rules at all.
+    pub enabled: bool,
+    /// How long a call may wait for a free slot before it gets 429.
+    #[serde(rename = "max_wait_ms", serialize_with = "millis")]
+    pub max_wait: Duration,
+    /// `[[limits.rule]]`: rules added to the built-in table, or replacing the built-in rule
+    /// with the same method and path pattern.
+    #[serde(rename = "rule", skip_serializing_if = "Vec::is_empty")]
+    pub rules: Vec<LimitRule>,
+}
+
+/// One call-rate rule: at most `rate.n` calls of `method` to paths matching `path` in any
+/// window of `rate.per`, per app.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct LimitRule {
+    /// HTTP method (upper case).
+    pub method: String,
+    /// Path pattern as forwarded; a `{x}` segment matches any one segment.
+    pub path: String,
+    /// The rate.
+    #[serde(serialize_with = "rate_text")]
+    pub rate: platform::Rate,
+}
+
+impl LimitRule {
+    /// `N/s`, `N/min`, `N/h` or `N/d` as a rate; `None` if it is not one.
+    pub fn parse_rate(text: &str) -> Option<platform::Rate> {
+        let (n, unit) = text.trim().split_once('/')?;
+        let per = match unit.trim() {
+            "s" => 1,
+            "min" => 60,
+            "h" => 3600,
+            "d" => 86_400,
+            _ => return None,
+        };
+        let n = n.trim().parse::<u32>().ok().filter(|n| *n > 0)?;
+        Some(platform::Rate {
+            n,
+            per: Duration::from_secs(per),
+        })
+    }
+}
+
+fn rate_text<S: Serializer>(r: &platform::Rate, s: S) -> Result<S::Ok, S::Error> {
+    let unit = match r.per.as_secs() {
+        1 => "s",
+        60 => "min",
+        3600 => "h",
+        _ => "d",
+    };
+    s.serialize_str(&format!("{}/{unit}", r.n))
 }
 
 /// `[server]`.

@@ -340,6 +340,20 @@ pub fn api_index(method: &str, path: &str) -> Option<usize> {
         .position(|a| a.method == method && path_matches(a.path, path))
 }
 
+/// Whether two path patterns are the same rule: equal segment by segment, where any two
+/// `{x}` segments are equal whatever their names.
+pub fn same_pattern(a: &str, b: &str) -> bool {
+    let var = |s: &str| s.starts_with('{') && s.ends_with('}');
+    let (mut x, mut y) = (a.split('/'), b.split('/'));
+    loop {
+        match (x.next(), y.next()) {
+            (None, None) => return true,
+            (Some(p), Some(q)) if p == q || (var(p) && var(q)) => {}
+            _ => return false,
+        }
+    }
+}
+
 /// Whether `path` matches `pattern`, where a `{x}` segment matches any one non-empty segment.
 pub fn path_matches(pattern: &str, path: &str) -> bool {
     let mut want = pattern.split('/');

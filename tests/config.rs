@@ -498,3 +498,34 @@ fn a_callback_queue_must_be_a_file_in_an_existing_folder() {
         .to_string();
     assert!(all.contains("is a folder"), "{all}");
 }
+
+#[test]
+fn limit_rules_read_their_rate_and_refuse_what_is_not_one() {
+    let text = format!(
+        "{MINIMAL}\n[limits]\nmax_wait_ms = 1500\n[[limits.rule]]\nmethod = \"get\"\n\
+         path = \"/api/apps/v1/robot/chats/{{chat_id}}\"\nrate = \"10/s\"\n"
+    );
+    let loaded = load(&text).unwrap();
+    let l = &loaded.config.limits;
+    assert!(l.enabled);
+    assert_eq!(l.max_wait, std::time::Duration::from_millis(1500));
+    assert_eq!(l.rules[0].method, "GET");
+    assert_eq!(l.rules[0].rate.n, 10);
+    assert!(loaded.config.render().contains("rate = \"10/s\""));
+    let bad = format!(
+        "{MINIMAL}\n[[limits.rule]]\nmethod = \"GET\"\npath = \"/a/{{x}}\"\nrate = \"0/min\"\n\
+         [[limits.rule]]\nmethod = \"GET\"\npath = \"/a/{{x}}\"\nrate = \"3/week\"\n\
+         [[limits.rule]]\nmethod = \"GET\"\npath = \"/a/{{y}}\"\nrate = \"3/h\"\n\
+         [[limits.rule]]\nmethod = \"GET\"\npath = \"/a/{{z}}\"\nrate = \"4/h\"\n"
+    );
+    let all = load(&bad).unwrap_err().to_string();
+    assert!(
+        all.contains("limits.rule[0].rate: \"0/min\" is not N/s"),
+        "{all}"
+    );
+    assert!(all.contains("limits.rule[1].rate: \"3/week\""), "{all}");
+    assert!(
+        all.contains("limits.rule[3].path: another rule has this method and path pattern"),
+        "{all}"
+    );
+}

@@ -27,6 +27,7 @@ pub(super) struct File {
     pub client: Vec<Client>,
     pub callbacks: Option<Callbacks>,
     pub callback: Vec<Callback>,
+    pub limits: Limits,
 }
 
 /// Only `[upstream]` (`cx-proxy corp-secret`); the rest of the file is not looked at.
@@ -161,6 +162,34 @@ pub(super) struct Client {
     pub cert_names: Vec<String>,
     pub apps: Vec<String>,
     pub paths: Option<Vec<String>>,
+}
+
+/// `[limits]`: the platform's call rates kept at the gateway (SPEC sections 3 and 4.9).
+#[derive(Debug, Deserialize)]
+#[serde(default)]
+pub(super) struct Limits {
+    pub enabled: bool,
+    pub max_wait_ms: Int<0, 600_000>,
+    pub rule: Vec<LimitRule>,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            enabled: true,
+            max_wait_ms: Int(1000),
+            rule: Vec::new(),
+        }
+    }
+}
+
+/// One `[[limits.rule]]`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(default)]
+pub(super) struct LimitRule {
+    pub method: Option<String>,
+    pub path: Option<String>,
+    pub rate: Option<String>,
 }
 
 /// `[callbacks]`: the relay's listener and queue (SPEC section 3 and 8).
@@ -341,7 +370,14 @@ pub(super) fn read<T: DeserializeOwned + Default>(mut table: Table) -> Read<T> {
 }
 
 /// The keys that hold a table, and those that hold an array of tables (`[[app]]`).
-const TABLES: [&str; 5] = ["server", "admin", "upstream", "token", "callbacks"];
+const TABLES: [&str; 6] = [
+    "server",
+    "admin",
+    "upstream",
+    "token",
+    "callbacks",
+    "limits",
+];
 const TABLE_ARRAYS: [&str; 3] = ["app", "client", "callback"];
 
 /// serde reads a struct from an array by position (`server = ["0.0.0.0:1"]` would set

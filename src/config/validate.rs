@@ -15,8 +15,8 @@ use toml::Table;
 use super::file::{self, File, Scalar, UpstreamOnly};
 use super::{
     AdminConfig, AppConfig, CallbackRoute, CallbacksConfig, ClientConfig, Config, ConfigError,
-    Credentials, Inject, Loaded, ParamValue, SecretReader, SecretSource, ServerConfig, Shape,
-    StoreConfig, System, TlsFiles, TokenConfig, UpstreamConfig,
+    Credentials, Inject, LimitRule, LimitsConfig, Loaded, ParamValue, SecretReader, SecretSource,
+    ServerConfig, Shape, StoreConfig, System, TlsFiles, TokenConfig, UpstreamConfig,
 };
 use crate::platform::{self, code, AppKind};
 use crate::secret::Secret;
@@ -44,6 +44,14 @@ pub(super) fn config(
     let apps = c.apps(f.app, token.as_ref());
     let clients = c.clients(f.client);
     let (callbacks, routes) = c.callbacks(f.callbacks, f.callback, &apps);
+    if !f.limits.rule.is_empty() || f.limits.max_wait_ms.get::<u64>() != 1000 || !f.limits.enabled {
+        // Said plainly until the gateway enforces them (issue 13).
+        c.warn(
+            "limits",
+            "read and checked, but not enforced by this version yet",
+        );
+    }
+    let limits = c.limits(f.limits);
     // Two listeners cannot share an address (port 0 picks a free one for each).
     let listens = [
         ("admin.listen", admin.as_ref().map(|a| a.0)),
@@ -72,6 +80,7 @@ pub(super) fn config(
                 clients,
                 callbacks,
                 routes,
+                limits,
             },
             warnings: c.warnings,
         }),
@@ -839,6 +848,57 @@ impl<'a> Check<'a> {
             }
         }
         (callbacks, routes)
+    }
+
+    /// `[limits]` and its rules.
+    fn limits(&mut self, l: file::Limits) -> LimitsConfig {
+        let mut rules: Vec<LimitRule> = Vec::with_capacity(l.rule.len());
+        for (i, r) in l.rule.into_iter().enumerate() {
+            let at = format!("limits.rule[{i}]");
+            let method = match r.method {
+                Some(m) if !m.is_empty() && m.bytes().all(|b| b.is_ascii_alphabetic()) => {
+                    Some(m.to_ascii_uppercase())
+                }
+                Some(m) => self.fail(
+                    &format!("{at}.method"),
+                    format!("{m:?} is not an HTTP method"),
+                ),
+                None => self.fail(&format!("{at}.method"), "missing"),
+            };
+            let path = match r.path {
+                Some(p) if p.starts_with('/') && !p.contains(['?', '#']) => Some(p),
+                Some(p) => self.fail(
+                    &format!("{at}.path"),
+                    format!("{p:?} must be a path starting with /"),
+                ),
+                None => self.fail(&format!("{at}.path"), "missing"),
+            };
+            let rate = match r.rate.as_deref().map(|t| (t, LimitRule::parse_rate(t))) {
+                Some((_, Some(rate))) => Some(rate),
+                Some((t, None)) => self.fail(
+                    &format!("{at}.rate"),
+                    format!("{t:?} is not N/s, N/min, N/h or N/d with N at least 1"),
+                ),
+                None => self.fail(&format!("{at}.rate"), "missing"),
+            };
+            let (Some(method), Some(path), Some(rate)) = (method, path, rate) else {
+                continue;
+            };
+            let same = |o: &LimitRule| o.method == method && platform::same_pattern(&o.path, &path);
+            if rules.iter().any(same) {
+                self.err(
+                    &format!("{at}.path"),
+                    "another rule has this method and path pattern",
+                );
+                continue;
+            }
+            rules.push(LimitRule { method, path, rate });
+        }
+        LimitsConfig {
+            enabled: l.enabled,
+            max_wait: Duration::from_millis(l.max_wait_ms.get()),
+            rules,
+        }
     }
 
     /// A name (of an app or a callback): present, letters, digits, `-`, `_` or `.`, unique
