@@ -553,7 +553,8 @@ async fn demo_inner(args: DemoArgs) -> Result<(), StartupError> {
     }
     println!(
         "(the last one goes through the organisation-service app \"demo-corp\", prefix /corp; \
-         the demo's sandbox does not enforce the platform's rate limits, `cx-proxy sandbox` does)"
+         the proxy keeps each app under the platform's documented rates, so an 11th card \
+         template within an hour gets 429 rate_limited with Retry-After)"
     );
     if let (Some(cb), Some(admin)) = (proxy.callbacks_addr, proxy.admin_addr) {
         let send = serde_json::json!({

@@ -36,6 +36,8 @@ pub enum ErrorKind {
     UpstreamTimeout,
     /// Concurrency limit reached.
     Overloaded,
+    /// A `[limits]` window is full past `max_wait_ms` (`Retry-After` set).
+    RateLimited,
     /// Callback listener: bad signature, corpid, timestamp or a replayed nonce.
     CallbackRejected,
     /// Callback listener: the event could not be stored durably, so it is not acknowledged.
@@ -44,7 +46,7 @@ pub enum ErrorKind {
 
 impl ErrorKind {
     /// Every kind, in the order the README lists them.
-    pub const ALL: [ErrorKind; 12] = [
+    pub const ALL: [ErrorKind; 13] = [
         ErrorKind::BadRequest,
         ErrorKind::BadCredentials,
         ErrorKind::Forbidden,
@@ -55,6 +57,7 @@ impl ErrorKind {
         ErrorKind::UpstreamUnreachable,
         ErrorKind::Overloaded,
         ErrorKind::UpstreamTimeout,
+        ErrorKind::RateLimited,
         ErrorKind::CallbackRejected,
         ErrorKind::CallbackUnavailable,
     ];
@@ -72,6 +75,7 @@ impl ErrorKind {
             ErrorKind::UpstreamUnreachable => "upstream_unreachable",
             ErrorKind::UpstreamTimeout => "upstream_timeout",
             ErrorKind::Overloaded => "overloaded",
+            ErrorKind::RateLimited => "rate_limited",
             ErrorKind::CallbackRejected => "callback_rejected",
             ErrorKind::CallbackUnavailable => "callback_unavailable",
         }
@@ -86,6 +90,7 @@ impl ErrorKind {
             ErrorKind::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             ErrorKind::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             ErrorKind::BadCredentials | ErrorKind::CallbackRejected => StatusCode::UNAUTHORIZED,
+            ErrorKind::RateLimited => StatusCode::TOO_MANY_REQUESTS,
             ErrorKind::TokenUnavailable | ErrorKind::UpstreamUnreachable => StatusCode::BAD_GATEWAY,
             ErrorKind::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
             ErrorKind::Overloaded | ErrorKind::CallbackUnavailable => {
@@ -109,6 +114,7 @@ impl ErrorKind {
             ErrorKind::UpstreamUnreachable => 990_502,
             ErrorKind::UpstreamTimeout => 990_504,
             ErrorKind::Overloaded => 990_503,
+            ErrorKind::RateLimited => 990_429,
             ErrorKind::CallbackRejected => 990_460,
             ErrorKind::CallbackUnavailable => 990_463,
         }
@@ -128,6 +134,8 @@ pub struct ProxyError {
     pub kind: ErrorKind,
     /// Human-readable cause; never carries a secret.
     pub message: Cow<'static, str>,
+    /// When to try again (`Retry-After`, whole seconds rounded up), for `rate_limited`.
+    pub retry_after: Option<std::time::Duration>,
 }
 
 impl ProxyError {
@@ -136,6 +144,7 @@ impl ProxyError {
         ProxyError {
             kind,
             message: message.into(),
+            retry_after: None,
         }
     }
 

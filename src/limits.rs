@@ -12,9 +12,12 @@
 //! A full window says when its oldest counted slot leaves the ring, which is when a call can
 //! next be admitted: the wait of `max_wait_ms` and the `Retry-After` of a 429.
 
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
-use crate::platform::Rate;
+use crate::config::{AppConfig, LimitsConfig};
+use crate::platform::{self, Rate};
 
 /// Slots per window.
 pub const SLOTS: u32 = 20;
@@ -103,6 +106,187 @@ impl Window {
         // n = 0: never.
         Err(Duration::MAX)
     }
+}
+
+/// A rule in force: the calls it counts and its rate.
+#[derive(Debug, Clone)]
+pub struct Rule {
+    /// HTTP method.
+    pub method: String,
+    /// Path pattern as forwarded (`{x}` matches one segment).
+    pub pattern: String,
+    /// At most `rate.n` calls in any window of `rate.per`.
+    pub rate: Rate,
+}
+
+impl Rule {
+    /// `METHOD pattern`, as metrics and messages name it.
+    pub fn label(&self) -> String {
+        format!("{} {}", self.method, self.pattern)
+    }
+}
+
+/// Every rule in force and each app's windows (one generation; a reload builds the next
+/// and keeps the windows of unchanged apps and rules).
+#[derive(Debug)]
+pub struct Limiter {
+    enabled: bool,
+    max_wait: Duration,
+    rules: Vec<Rule>,
+    /// (method, path segment count) to the rules that could match: a call matching no rule
+    /// costs one lookup.
+    index: HashMap<(String, usize), Vec<usize>>,
+    /// Per app (by index), per rule (by index): the window. Locked only by calls of that
+    /// app to that rule.
+    windows: Vec<Vec<Arc<Mutex<Window>>>>,
+    /// Per app: what makes it the same app across a reload (name and token identity).
+    app_keys: Vec<String>,
+}
+
+/// A call the limits refused: which rule, and when a call could pass.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Limited {
+    /// The rule's label.
+    pub rule: String,
+    /// The rule's rate, as written (`10/h`).
+    pub rate: String,
+    /// How long until the window has room.
+    pub retry_after: Duration,
+}
+
+impl Limiter {
+    /// The built-in table (PLATFORM.md section 3) with the file's rules added or in place of
+    /// the built-in ones of the same method and pattern; windows for every app, taken over
+    /// from `previous` where the app and the rule are unchanged.
+    pub fn new(config: &LimitsConfig, apps: &[AppConfig], previous: Option<&Limiter>) -> Self {
+        let mut rules: Vec<Rule> = platform::APIS
+            .iter()
+            .filter_map(|a| {
+                a.rate.map(|rate| Rule {
+                    method: a.method.to_owned(),
+                    pattern: a.path.to_owned(),
+                    rate,
+                })
+            })
+            .collect();
+        for r in &config.rules {
+            match rules
+                .iter_mut()
+                .find(|b| b.method == r.method && platform::same_pattern(&b.pattern, &r.path))
+            {
+                Some(b) => b.rate = r.rate,
+                None => rules.push(Rule {
+                    method: r.method.clone(),
+                    pattern: r.path.clone(),
+                    rate: r.rate,
+                }),
+            }
+        }
+        let mut index: HashMap<(String, usize), Vec<usize>> = HashMap::new();
+        for (i, r) in rules.iter().enumerate() {
+            index
+                .entry((r.method.clone(), r.pattern.split('/').count()))
+                .or_default()
+                .push(i);
+        }
+        let now = Instant::now();
+        let app_keys: Vec<String> = apps
+            .iter()
+            .map(|a| format!("{}\0{}", a.name, a.fingerprint()))
+            .collect();
+        let windows = app_keys
+            .iter()
+            .map(|key| {
+                rules
+                    .iter()
+                    .map(|rule| {
+                        previous
+                            .and_then(|p| p.window_of(key, rule))
+                            .unwrap_or_else(|| Arc::new(Mutex::new(Window::new(rule.rate, now))))
+                    })
+                    .collect()
+            })
+            .collect();
+        Limiter {
+            enabled: config.enabled,
+            max_wait: config.max_wait,
+            rules,
+            index,
+            windows,
+            app_keys,
+        }
+    }
+
+    /// The window this generation keeps for app `key` and an identical rule.
+    fn window_of(&self, key: &str, rule: &Rule) -> Option<Arc<Mutex<Window>>> {
+        let app = self.app_keys.iter().position(|k| k == key)?;
+        let r = self.rules.iter().position(|o| {
+            o.method == rule.method
+                && o.rate == rule.rate
+                && platform::same_pattern(&o.pattern, &rule.pattern)
+        })?;
+        Some(self.windows[app][r].clone())
+    }
+
+    /// The rules in force.
+    pub fn rules(&self) -> &[Rule] {
+        &self.rules
+    }
+
+    /// The rule counting `method` `path` (the path as forwarded), if any.
+    pub fn rule_for(&self, method: &str, path: &str) -> Option<usize> {
+        if !self.enabled {
+            return None;
+        }
+        let candidates = self
+            .index
+            .get(&(method.to_owned(), path.split('/').count()))?;
+        candidates
+            .iter()
+            .copied()
+            .find(|&i| platform::path_matches(&self.rules[i].pattern, path))
+    }
+
+    /// Counts a call of app `app` under rule `rule`, waiting up to `max_wait_ms` for room;
+    /// `Err` when there is none by then (SPEC section 4.9).
+    pub async fn admit(&self, app: usize, rule: usize) -> Result<(), Limited> {
+        let Some(window) = self.windows.get(app).and_then(|w| w.get(rule)) else {
+            return Ok(());
+        };
+        let deadline = Instant::now() + self.max_wait;
+        loop {
+            let now = Instant::now();
+            let wait = match window
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .try_acquire(now)
+            {
+                Ok(()) => return Ok(()),
+                Err(wait) => wait,
+            };
+            if now + wait > deadline {
+                let r = &self.rules[rule];
+                return Err(Limited {
+                    rule: r.label(),
+                    rate: rate_text(r.rate),
+                    retry_after: wait,
+                });
+            }
+            tokio::time::sleep(wait).await;
+        }
+    }
+}
+
+/// `N/s`, `N/min`, `N/h` or `N/d`.
+pub fn rate_text(r: Rate) -> String {
+    let unit = match r.per.as_secs() {
+        1 => "s",
+        60 => "min",
+        3600 => "h",
+        86_400 => "d",
+        _ => return format!("{}/{}s", r.n, r.per.as_secs()),
+    };
+    format!("{}/{unit}", r.n)
 }
 
 #[cfg(test)]

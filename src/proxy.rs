@@ -36,6 +36,7 @@ use crate::auth::{Injection, Token, TokenManager};
 use crate::clock::{SharedClock, SystemClock};
 use crate::config::{Config, Inject};
 use crate::error::{ErrorKind, ProxyError, StartupError};
+use crate::limits::Limiter;
 use crate::metrics::{FetchReason, Metrics};
 use crate::server::Peer;
 use crate::upstream::{Body, BodyTooLarge};
@@ -68,6 +69,8 @@ pub struct Proxy {
     /// [`crate::platform::same_path`]) are answered locally when they name a configured app
     /// (SPEC section 4.3).
     token_paths: Vec<String>,
+    /// The call limits in force (SPEC section 4.9).
+    limiter: Arc<Limiter>,
 }
 
 /// What the access-log line and the metrics report beyond the request itself.
@@ -193,7 +196,7 @@ impl Proxy {
         let names: Vec<&str> = config.apps.iter().map(|a| a.name.as_str()).collect();
         let metrics = Arc::new(Metrics::new(&names));
         Ok(Arc::new(Self::build(
-            config, clock, upstream, metrics, None,
+            config, clock, upstream, metrics, None, None,
         )))
     }
 
@@ -222,6 +225,7 @@ impl Proxy {
             upstream,
             metrics,
             Some(&old.tokens),
+            Some(&old.limiter),
         );
         proxy.tokens.adopt_tokens(&old.tokens).await;
         Ok(Arc::new(proxy))
@@ -233,7 +237,9 @@ impl Proxy {
         upstream: Arc<Upstream>,
         metrics: Arc<Metrics>,
         previous: Option<&TokenManager>,
+        previous_limits: Option<&Limiter>,
     ) -> Self {
+        let limiter = Arc::new(Limiter::new(&config.limits, &config.apps, previous_limits));
         let apps = &config.apps;
         let mut by_prefix: Vec<usize> = (0..apps.len())
             .filter(|&i| apps[i].prefix.is_some())
@@ -276,6 +282,7 @@ impl Proxy {
             token_param,
             token_header,
             token_paths,
+            limiter,
             config,
         }
     }
@@ -408,7 +415,35 @@ impl Proxy {
                 .token_request(endpoint, &routed, &mut parts, body, access)
                 .await;
         }
+        self.limit(&routed, &parts).await?;
         self.exchange(&routed, &mut parts, body, access).await
+    }
+
+    /// Limits: a call counted by a `[limits]` rule waits for room in its app's window up to
+    /// `max_wait_ms`, else 429 `rate_limited` with `Retry-After` (SPEC section 4.9).
+    async fn limit(&self, routed: &Routed, parts: &Parts) -> Result<(), ProxyError> {
+        let Some(rule) = self
+            .limiter
+            .rule_for(parts.method.as_str(), routed.path(parts))
+        else {
+            return Ok(());
+        };
+        let Err(limited) = self.limiter.admit(routed.app, rule).await else {
+            return Ok(());
+        };
+        let mut e = ProxyError::new(
+            ErrorKind::RateLimited,
+            format!(
+                "app {}: {} allows {} (PLATFORM.md section 3 or [limits]); the window is full, \
+                 retry after {} s",
+                self.config.apps[routed.app].name,
+                limited.rule,
+                limited.rate,
+                limited.retry_after.as_secs() + 1
+            ),
+        );
+        e.retry_after = Some(limited.retry_after);
+        Err(e)
     }
 
     /// Admission: the client's address and identity, the method, the target's form and the

@@ -44,13 +44,6 @@ pub(super) fn config(
     let apps = c.apps(f.app, token.as_ref());
     let clients = c.clients(f.client);
     let (callbacks, routes) = c.callbacks(f.callbacks, f.callback, &apps);
-    if !f.limits.rule.is_empty() || f.limits.max_wait_ms.get::<u64>() != 1000 || !f.limits.enabled {
-        // Said plainly until the gateway enforces them (issue 13).
-        c.warn(
-            "limits",
-            "read and checked, but not enforced by this version yet",
-        );
-    }
     let limits = c.limits(f.limits);
     // Two listeners cannot share an address (port 0 picks a free one for each).
     let listens = [

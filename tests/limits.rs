@@ -1,0 +1,128 @@
+//! The platform's call rates kept at the gateway (SPEC section 4.9): per app, waiting up to
+//! `max_wait_ms` for room, else 429 `rate_limited` with `Retry-After`, and the refused call
+//! never reaches the platform.
+
+mod support;
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use cx_proxy::sandbox::{SandboxApp, SandboxOptions};
+use support::*;
+
+/// Calls the sandbox saw on `path`.
+fn seen(env: &Env, path: &str) -> usize {
+    env.sandbox
+        .recorded()
+        .iter()
+        .filter(|r| r.path == path)
+        .count()
+}
+
+fn rule(method: &str, path: &str, rate: &str) -> String {
+    format!("[[limits.rule]]\nmethod = \"{method}\"\npath = \"{path}\"\nrate = \"{rate}\"\n")
+}
+
+#[tokio::test]
+async fn a_file_rule_of_three_a_minute_refuses_the_fourth_before_the_platform_sees_it() {
+    let env = EnvBuilder::new()
+        .extra(&rule("GET", "/api/apps/v1/things/{id}", "3/min"))
+        .set("limits.max_wait_ms", 0)
+        .start()
+        .await;
+    for i in 0..3 {
+        let a = get(&env.url(&format!("/api/apps/v1/things/{i}"))).await;
+        assert_eq!(a.json()["err_code"], 0, "{}", a.text());
+    }
+    let a = get(&env.url("/api/apps/v1/things/9")).await;
+    let v = assert_proxy_error(&a, 429, "rate_limited");
+    assert_eq!(v["err_code"], 990429);
+    let msg = v["err_msg"].as_str().unwrap();
+    assert!(
+        msg.contains("GET /api/apps/v1/things/{id}") && msg.contains("3/min"),
+        "{msg}"
+    );
+    let after: u64 = a.headers["retry-after"].to_str().unwrap().parse().unwrap();
+    assert!((55..=64).contains(&after), "Retry-After {after}");
+    let seen: usize = (0..10)
+        .map(|i| seen(&env, &format!("/api/apps/v1/things/{i}")))
+        .sum();
+    assert_eq!(seen, 3, "the fourth never reached the platform");
+    // Another path is another rule's business (none here): it passes.
+    assert_eq!(get(&env.url("/api/apps/v1/other")).await.status, 200);
+}
+
+#[tokio::test]
+async fn a_burst_waits_for_room_up_to_max_wait_and_is_refused_at_once_without_it() {
+    let path = "/api/apps/v1/burst";
+    let env = EnvBuilder::new()
+        .extra(&rule("GET", path, "5/s"))
+        .set("limits.max_wait_ms", 1500)
+        .start()
+        .await;
+    env.ready().await;
+    let started = Instant::now();
+    let answers = get_concurrently(&env.url(path), 8).await;
+    let took = started.elapsed();
+    for a in &answers {
+        assert_eq!(a.status, 200, "{}", a.text());
+    }
+    assert!(took >= Duration::from_millis(600), "spread over {took:?}");
+
+    let env = EnvBuilder::new()
+        .extra(&rule("GET", path, "5/s"))
+        .set("limits.max_wait_ms", 0)
+        .start()
+        .await;
+    env.ready().await;
+    let started = Instant::now();
+    let answers = get_concurrently(&env.url(path), 8).await;
+    let took = started.elapsed();
+    let limited = answers.iter().filter(|a| a.status == 429).count();
+    assert_eq!(limited, 3, "the excess is refused");
+    assert!(took < Duration::from_millis(500), "at once: {took:?}");
+}
+
+#[tokio::test]
+async fn the_built_in_rule_holds_per_app_and_can_be_turned_off() {
+    let export = "/api/apps/address-book/v1.0/all";
+    let second = format!(
+        "\n[[app]]\nname = \"second\"\napp_key = \"second-app\"\ncorp_id = 2\ncorp_secret_file = \"{{dir}}/second_secret\"\nprefix = \"/second\"\n"
+    );
+    let apps = format!("{}{second}", default_app(Path::new("{dir}")));
+    let opts = || SandboxOptions {
+        apps: vec![
+            SandboxApp::demo(),
+            "second-app:2:second-secret".parse().unwrap(),
+        ],
+        rate_limits: false,
+        ..Default::default()
+    };
+    let env = EnvBuilder::new()
+        .sandbox(opts())
+        .apps(&apps)
+        .file("second_secret", "second-secret")
+        .set("limits.max_wait_ms", 0)
+        .start()
+        .await;
+    for _ in 0..10 {
+        assert_eq!(get(&env.url(export)).await.status, 200);
+    }
+    let a = get(&env.url(export)).await;
+    assert_proxy_error(&a, 429, "rate_limited");
+    // The other app has its own window.
+    let b = get(&env.url(&format!("/second{export}"))).await;
+    assert_eq!(b.status, 200, "{}", b.text());
+    assert_eq!(seen(&env, export), 11);
+
+    let env = EnvBuilder::new()
+        .sandbox(opts())
+        .apps(&apps)
+        .file("second_secret", "second-secret")
+        .set("limits.enabled", false)
+        .start()
+        .await;
+    for _ in 0..12 {
+        assert_eq!(get(&env.url(export)).await.status, 200);
+    }
+}
