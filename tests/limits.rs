@@ -86,9 +86,8 @@ async fn a_burst_waits_for_room_up_to_max_wait_and_is_refused_at_once_without_it
 #[tokio::test]
 async fn the_built_in_rule_holds_per_app_and_can_be_turned_off() {
     let export = "/api/apps/address-book/v1.0/all";
-    let second = format!(
-        "\n[[app]]\nname = \"second\"\napp_key = \"second-app\"\ncorp_id = 2\ncorp_secret_file = \"{{dir}}/second_secret\"\nprefix = \"/second\"\n"
-    );
+    let second = "\n[[app]]\nname = \"second\"\napp_key = \"second-app\"\ncorp_id = 2\n\
+                  corp_secret_file = \"{dir}/second_secret\"\nprefix = \"/second\"\n";
     let apps = format!("{}{second}", default_app(Path::new("{dir}")));
     let opts = || SandboxOptions {
         apps: vec![
