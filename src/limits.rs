@@ -134,8 +134,8 @@ pub struct Limiter {
     max_wait: Duration,
     rules: Vec<Rule>,
     /// (method, path segment count) to the rules that could match: a call matching no rule
-    /// costs one lookup.
-    index: HashMap<(String, usize), Vec<usize>>,
+    /// costs one lookup, and no allocation (a standard `Method` clones without one).
+    index: HashMap<(http::Method, usize), Vec<usize>>,
     /// Per app (by index), per rule (by index): the window. Locked only by calls of that
     /// app to that rule.
     windows: Vec<Vec<Arc<Mutex<Window>>>>,
@@ -182,12 +182,16 @@ impl Limiter {
                 }),
             }
         }
-        let mut index: HashMap<(String, usize), Vec<usize>> = HashMap::new();
+        let mut index: HashMap<(http::Method, usize), Vec<usize>> = HashMap::new();
         for (i, r) in rules.iter().enumerate() {
-            index
-                .entry((r.method.clone(), r.pattern.split('/').count()))
-                .or_default()
-                .push(i);
+            // Methods are checked when the config is read; one that is not a token cannot
+            // be any request's method, so its rule could never match.
+            if let Ok(m) = http::Method::from_bytes(r.method.as_bytes()) {
+                index
+                    .entry((m, r.pattern.split('/').count()))
+                    .or_default()
+                    .push(i);
+            }
         }
         let now = Instant::now();
         let app_keys: Vec<String> = apps
@@ -234,13 +238,11 @@ impl Limiter {
     }
 
     /// The rule counting `method` `path` (the path as forwarded), if any.
-    pub fn rule_for(&self, method: &str, path: &str) -> Option<usize> {
+    pub fn rule_for(&self, method: &http::Method, path: &str) -> Option<usize> {
         if !self.enabled {
             return None;
         }
-        let candidates = self
-            .index
-            .get(&(method.to_owned(), path.split('/').count()))?;
+        let candidates = self.index.get(&(method.clone(), path.split('/').count()))?;
         candidates
             .iter()
             .copied()

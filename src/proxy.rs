@@ -424,7 +424,7 @@ impl Proxy {
     async fn limit(&self, routed: &Routed, parts: &Parts) -> Result<(), ProxyError> {
         let Some(rule) = self
             .limiter
-            .rule_for(parts.method.as_str(), routed.path(parts))
+            .rule_for(&parts.method, routed.path(parts))
         else {
             return Ok(());
         };
