@@ -1,12 +1,13 @@
-//! The cost a call-limit rule adds to a matching call without Redis (issue 13): one
-//! `Window::try_acquire` under its rule's own mutex, uncontended. Run: `cargo bench --bench
-//! limits`.
+//! The cost the call limits add per request (issue 13): finding the rule (a call no rule
+//! counts pays this only), and for a counted call one `Window::try_acquire` under its rule's
+//! own mutex, uncontended, without Redis. Run: `cargo bench --bench limits`.
 
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use criterion::{criterion_group, criterion_main, Criterion};
-use cx_proxy::limits::Window;
+use cx_proxy::config::Config;
+use cx_proxy::limits::{Limiter, Window};
 use cx_proxy::platform::Rate;
 
 fn bench(c: &mut Criterion) {
@@ -38,5 +39,23 @@ fn bench(c: &mut Criterion) {
     });
 }
 
-criterion_group!(benches, bench);
+fn lookup(c: &mut Criterion) {
+    let config = Config::from_toml(
+        "[[app]]\nname = \"a\"\napp_key = \"k\"\ncorp_id = 1\ncorp_secret = \"s\"\nprefix = \"/\"\n",
+        "bench.toml",
+        None,
+    )
+    .expect("config")
+    .config;
+    let limiter = Limiter::new(&config.limits, &config.apps, None);
+    let get = http::Method::GET;
+    c.bench_function("rule_for_no_rule", |b| {
+        b.iter(|| std::hint::black_box(limiter.rule_for(&get, "/api/apps/v1/robot/groups")))
+    });
+    c.bench_function("rule_for_built_in_rule", |b| {
+        b.iter(|| std::hint::black_box(limiter.rule_for(&get, "/api/apps/v1/robot/chats/c-1")))
+    });
+}
+
+criterion_group!(benches, bench, lookup);
 criterion_main!(benches);

@@ -422,10 +422,7 @@ impl Proxy {
     /// Limits: a call counted by a `[limits]` rule waits for room in its app's window up to
     /// `max_wait_ms`, else 429 `rate_limited` with `Retry-After` (SPEC section 4.9).
     async fn limit(&self, routed: &Routed, parts: &Parts) -> Result<(), ProxyError> {
-        let Some(rule) = self
-            .limiter
-            .rule_for(&parts.method, routed.path(parts))
-        else {
+        let Some(rule) = self.limiter.rule_for(&parts.method, routed.path(parts)) else {
             return Ok(());
         };
         let Err(limited) = self.limiter.admit(routed.app, rule).await else {

@@ -125,3 +125,32 @@ async fn the_built_in_rule_holds_per_app_and_can_be_turned_off() {
         assert_eq!(get(&env.url(export)).await.status, 200);
     }
 }
+
+#[tokio::test]
+async fn a_hammering_client_never_makes_the_platform_answer_49001() {
+    // The sandbox enforces the documented limits; the proxy runs with its defaults.
+    let env = EnvBuilder::new().start().await;
+    env.ready().await;
+    let url = env.url("/api/apps/v1/robot/chats?page_count=30&page_index=0");
+    let mut passed = 0;
+    for _ in 0..3 {
+        for a in get_concurrently(&url, 12).await {
+            match a.status.as_u16() {
+                200 => {
+                    assert_eq!(
+                        a.json()["err_code"],
+                        0,
+                        "the platform refused: {}",
+                        a.text()
+                    );
+                    passed += 1;
+                }
+                429 => {
+                    assert_proxy_error(&a, 429, "rate_limited");
+                }
+                other => panic!("{other}: {}", a.text()),
+            }
+        }
+    }
+    assert!(passed >= 5, "the limit is used, not starved: {passed}");
+}
