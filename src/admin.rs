@@ -87,6 +87,7 @@ pub async fn handle(
         (&Method::GET, "/metrics") => {
             // Refreshes the seconds-left gauges.
             proxy.tokens().status().await;
+            proxy.refresh_limit_gauges();
             let mut text = proxy.metrics().render();
             if let Some(r) = relay {
                 text.push_str(&r.metrics().render());

@@ -279,6 +279,24 @@ impl Limiter {
     }
 }
 
+impl Limiter {
+    /// Every window in use now: `(app index, rule index, limit, calls counted)`.
+    pub fn in_use(&self) -> Vec<(usize, usize, u32, u32)> {
+        let now = Instant::now();
+        let mut out = Vec::new();
+        for (a, rules) in self.windows.iter().enumerate() {
+            for (r, w) in rules.iter().enumerate() {
+                let mut w = w.lock().unwrap_or_else(PoisonError::into_inner);
+                let used = w.used(now);
+                if used > 0 {
+                    out.push((a, r, w.limit(), used));
+                }
+            }
+        }
+        out
+    }
+}
+
 /// `N/s`, `N/min`, `N/h` or `N/d`.
 pub fn rate_text(r: Rate) -> String {
     let unit = match r.per.as_secs() {

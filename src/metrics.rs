@@ -72,6 +72,8 @@ pub struct Metrics {
     upstream_errors: IntCounterVec,
     by_client: IntCounterVec,
     redis_up: Gauge,
+    rate_limited: IntCounterVec,
+    window_calls: prometheus::IntGaugeVec,
 }
 
 impl Metrics {
@@ -153,6 +155,22 @@ impl Metrics {
              does not document count as \"other\")",
             &["app", "code"],
         );
+        let rate_limited = counters(
+            "rate_limited_total",
+            "Calls refused with 429 rate_limited, by app and rule (METHOD pattern)",
+            &["app", "rule"],
+        );
+        let window_calls = add(
+            &registry,
+            prometheus::IntGaugeVec::new(
+                Opts::new(
+                    "limit_window_calls",
+                    "Calls counted in a call-limit window as of the last scrape, by app and rule \
+                     (windows in use only)",
+                ),
+                &["app", "rule", "limit"],
+            ),
+        );
         let upstream_errors = counters(
             "upstream_errors_total",
             "Upstream exchanges that failed, by kind",
@@ -189,6 +207,8 @@ impl Metrics {
             upstream_errors,
             by_client,
             redis_up,
+            rate_limited,
+            window_calls,
         }
     }
 
@@ -231,6 +251,21 @@ impl Metrics {
     /// Counts a rejected token.
     pub fn rejection(&self, app: &str) {
         self.rejections.with_label_values(&[app]).inc();
+    }
+
+    /// A call refused by a call-limit rule.
+    pub fn rate_limited(&self, app: &str, rule: &str) {
+        self.rate_limited.with_label_values(&[app, rule]).inc();
+    }
+
+    /// The calls counted in each window in use: `(app, rule, limit, calls)`.
+    pub fn limit_windows(&self, windows: &[(&str, String, u32, u32)]) {
+        self.window_calls.reset();
+        for (app, rule, limit, calls) in windows {
+            self.window_calls
+                .with_label_values(&[*app, rule.as_str(), &limit.to_string()])
+                .set(i64::from(*calls));
+        }
     }
 
     /// Counts a platform answer with a non-zero `err_code`.

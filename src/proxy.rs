@@ -287,6 +287,25 @@ impl Proxy {
         }
     }
 
+    /// Sets the call-limit window gauges from the windows now (for a scrape).
+    pub fn refresh_limit_gauges(&self) {
+        let rules = self.limiter.rules();
+        let windows: Vec<(&str, String, u32, u32)> = self
+            .limiter
+            .in_use()
+            .into_iter()
+            .map(|(a, r, limit, used)| {
+                (
+                    self.config.apps[a].name.as_str(),
+                    rules[r].label(),
+                    limit,
+                    used,
+                )
+            })
+            .collect();
+        self.metrics.limit_windows(&windows);
+    }
+
     /// The configuration in force.
     pub fn config(&self) -> &Config {
         &self.config
@@ -428,6 +447,8 @@ impl Proxy {
         let Err(limited) = self.limiter.admit(routed.app, rule).await else {
             return Ok(());
         };
+        self.metrics
+            .rate_limited(&self.config.apps[routed.app].name, &limited.rule);
         let mut e = ProxyError::new(
             ErrorKind::RateLimited,
             format!(

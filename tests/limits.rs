@@ -26,6 +26,7 @@ fn rule(method: &str, path: &str, rate: &str) -> String {
 #[tokio::test]
 async fn a_file_rule_of_three_a_minute_refuses_the_fourth_before_the_platform_sees_it() {
     let env = EnvBuilder::new()
+        .admin()
         .extra(&rule("GET", "/api/apps/v1/things/{id}", "3/min"))
         .set("limits.max_wait_ms", 0)
         .start()
@@ -48,6 +49,13 @@ async fn a_file_rule_of_three_a_minute_refuses_the_fourth_before_the_platform_se
         .map(|i| seen(&env, &format!("/api/apps/v1/things/{i}")))
         .sum();
     assert_eq!(seen, 3, "the fourth never reached the platform");
+    let metrics = get(&env.admin_url("/metrics")).await.text();
+    for line in [
+        "cx_proxy_rate_limited_total{app=\"default\",rule=\"GET /api/apps/v1/things/{id}\"} 1",
+        "cx_proxy_limit_window_calls{app=\"default\",limit=\"3\",rule=\"GET /api/apps/v1/things/{id}\"} 3",
+    ] {
+        assert!(metrics.contains(line), "{line} not in\n{metrics}");
+    }
     // Another path is another rule's business (none here): it passes.
     assert_eq!(get(&env.url("/api/apps/v1/other")).await.status, 200);
 }
