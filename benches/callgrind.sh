@@ -48,4 +48,5 @@ HS=$(callgrind_annotate --threshold=100 "$DUMP" 2>/dev/null \
   | grep -E 'x25519|fe_|ge_|sha512|table_select|p256|nistz|bn_mul|limbs_mul|GFp_' \
   | awk '{gsub(",","",$1); s+=$1} END {print s+0}' || true)
 echo "handshake_Ir=$HS per_request_without_handshakes=$(((TOTAL - HS) / REQS))"
+if [ -n "${KEEP:-}" ]; then cp "$DUMP" "$KEEP"; fi
 rm -rf "$WORK"

@@ -19,6 +19,9 @@ use std::time::{Duration, Instant};
 use crate::config::{AppConfig, LimitsConfig};
 use crate::platform::{self, Rate};
 
+/// Path segments a rule may have (more: the rule matches no path).
+const MAX_SEGMENTS: usize = 16;
+
 /// Slots per window.
 pub const SLOTS: u32 = 20;
 const RING: usize = SLOTS as usize + 1;
@@ -136,6 +139,8 @@ pub struct Limiter {
     /// (method, path segment count) to the rules that could match: a call matching no rule
     /// costs one lookup, and no allocation (a standard `Method` clones without one).
     index: HashMap<(http::Method, usize), Vec<usize>>,
+    /// Per rule: its pattern's segments, `None` for a `{x}` segment.
+    segments: Vec<Vec<Option<Box<[u8]>>>>,
     /// Per app (by index), per rule (by index): the window. Locked only by calls of that
     /// app to that rule.
     windows: Vec<Vec<Arc<Mutex<Window>>>>,
@@ -183,14 +188,23 @@ impl Limiter {
             }
         }
         let mut index: HashMap<(http::Method, usize), Vec<usize>> = HashMap::new();
+        let segments: Vec<Vec<Option<Box<[u8]>>>> = rules
+            .iter()
+            .map(|r| {
+                r.pattern
+                    .split('/')
+                    .map(|seg| {
+                        let var = seg.starts_with('{') && seg.ends_with('}');
+                        (!var).then(|| seg.as_bytes().into())
+                    })
+                    .collect()
+            })
+            .collect();
         for (i, r) in rules.iter().enumerate() {
             // Methods are checked when the config is read; one that is not a token cannot
             // be any request's method, so its rule could never match.
             if let Ok(m) = http::Method::from_bytes(r.method.as_bytes()) {
-                index
-                    .entry((m, r.pattern.split('/').count()))
-                    .or_default()
-                    .push(i);
+                index.entry((m, segments[i].len())).or_default().push(i);
             }
         }
         let now = Instant::now();
@@ -216,6 +230,7 @@ impl Limiter {
             max_wait: config.max_wait,
             rules,
             index,
+            segments,
             windows,
             app_keys,
         }
@@ -242,11 +257,23 @@ impl Limiter {
         if !self.enabled {
             return None;
         }
-        let candidates = self.index.get(&(method.clone(), path.split('/').count()))?;
-        candidates
-            .iter()
-            .copied()
-            .find(|&i| platform::path_matches(&self.rules[i].pattern, path))
+        // The path split once, without allocating; a path longer than any pattern matches none.
+        let mut segs: [&[u8]; MAX_SEGMENTS] = [&[]; MAX_SEGMENTS];
+        let mut n = 0;
+        for seg in path.as_bytes().split(|&b| b == b'/') {
+            *segs.get_mut(n)? = seg;
+            n += 1;
+        }
+        let candidates = self.index.get(&(method.clone(), n))?;
+        candidates.iter().copied().find(|&i| {
+            self.segments[i]
+                .iter()
+                .zip(&segs[..n])
+                .all(|(want, got)| match want {
+                    Some(literal) => **literal == **got,
+                    None => !got.is_empty(),
+                })
+        })
     }
 
     /// Counts a call of app `app` under rule `rule`, waiting up to `max_wait_ms` for room;
@@ -336,6 +363,38 @@ mod tests {
             1,
             "the first three have left"
         );
+    }
+
+    #[test]
+    fn every_documented_rate_is_found_for_its_calls() {
+        let config = crate::config::Config::from_toml(
+            "[[app]]\nname = \"a\"\napp_key = \"k\"\ncorp_id = 1\ncorp_secret = \"s\"\n",
+            "t.toml",
+            None,
+        )
+        .unwrap()
+        .config;
+        let limiter = Limiter::new(&config.limits, &config.apps, None);
+        for api in platform::APIS.iter().filter(|a| a.rate.is_some()) {
+            let path: Vec<&str> = api
+                .path
+                .split('/')
+                .map(|s| if s.starts_with('{') { "x-1" } else { s })
+                .collect();
+            let path = path.join("/");
+            let method = http::Method::from_bytes(api.method.as_bytes()).unwrap();
+            let i = limiter
+                .rule_for(&method, &path)
+                .unwrap_or_else(|| panic!("{path}"));
+            let rule = &limiter.rules()[i];
+            assert!(platform::path_matches(&rule.pattern, &path), "{path}");
+            assert_eq!(rule.method, api.method);
+            // An empty segment is not a value for {x}.
+            if api.path.contains('{') {
+                let empty = path.replace("x-1", "");
+                assert_ne!(limiter.rule_for(&method, &empty), Some(i), "{empty}");
+            }
+        }
     }
 
     #[test]
