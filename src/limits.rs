@@ -283,6 +283,15 @@ impl Limiter {
         })
     }
 
+    /// Counts a call of app `app` under rule `rule` if its window has room now.
+    pub fn try_admit(&self, app: usize, rule: usize) -> bool {
+        let Some(window) = self.windows.get(app).and_then(|w| w.get(rule)) else {
+            return true;
+        };
+        let mut w = window.lock().unwrap_or_else(PoisonError::into_inner);
+        w.try_acquire(Instant::now()).is_ok()
+    }
+
     /// Counts a call of app `app` under rule `rule`, waiting up to `max_wait_ms` for room;
     /// `Err` when there is none by then (SPEC section 4.9).
     pub async fn admit(&self, app: usize, rule: usize) -> Result<(), Limited> {

@@ -434,27 +434,30 @@ impl Proxy {
                 .token_request(endpoint, &routed, &mut parts, body, access)
                 .await;
         }
-        self.limit(&routed, &parts).await?;
+        if let Some(rule) = self.limiter.rule_for(&parts.method, routed.path(&parts)) {
+            if !self.limiter.try_admit(routed.app, rule) {
+                // Boxed, and only here: the wait's timer would otherwise enlarge every
+                // request's future, also of the calls no rule counts.
+                Box::pin(self.limit(routed.app, rule)).await?;
+            }
+        }
         self.exchange(&routed, &mut parts, body, access).await
     }
 
-    /// Limits: a call counted by a `[limits]` rule waits for room in its app's window up to
-    /// `max_wait_ms`, else 429 `rate_limited` with `Retry-After` (SPEC section 4.9).
-    async fn limit(&self, routed: &Routed, parts: &Parts) -> Result<(), ProxyError> {
-        let Some(rule) = self.limiter.rule_for(&parts.method, routed.path(parts)) else {
-            return Ok(());
-        };
-        let Err(limited) = self.limiter.admit(routed.app, rule).await else {
+    /// Limits: a call counted by a `[limits]` rule whose window is full waits for room up
+    /// to `max_wait_ms`, else 429 `rate_limited` with `Retry-After` (SPEC section 4.9).
+    async fn limit(&self, app: usize, rule: usize) -> Result<(), ProxyError> {
+        let Err(limited) = self.limiter.admit(app, rule).await else {
             return Ok(());
         };
         self.metrics
-            .rate_limited(&self.config.apps[routed.app].name, &limited.rule);
+            .rate_limited(&self.config.apps[app].name, &limited.rule);
         let mut e = ProxyError::new(
             ErrorKind::RateLimited,
             format!(
                 "app {}: {} allows {} (PLATFORM.md section 3 or [limits]); the window is full, \
                  retry after {} s",
-                self.config.apps[routed.app].name,
+                self.config.apps[app].name,
                 limited.rule,
                 limited.rate,
                 limited.retry_after.as_secs() + 1
