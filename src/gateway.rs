@@ -115,18 +115,12 @@ impl Gateway {
     pub async fn apply(&self, config: Config) -> Result<(), Vec<String>> {
         let old = self.proxy();
         let file = config.source.clone();
-        let tls = match (&self.tls, &config.server.tls) {
-            (Some(_), Some(files)) => Some(
-                crate::tls::server_config_from_files(files)
-                    .map_err(|e| vec![format!("{file}: server.tls_cert: {e}")])?,
-            ),
-            (None, None) => None,
-            _ => {
-                return Err(vec![format!(
-                    "{file}: server.tls_cert: switching TLS on or off needs a restart"
-                )])
-            }
-        };
+        let tls = reload_tls(
+            &file,
+            "server",
+            self.tls.is_some(),
+            config.server.tls.as_ref(),
+        )?;
         if config.server.listen != old.config().server.listen {
             tracing::warn!("{file}: server.listen: a new address needs a restart; still listening on the old one");
         }
@@ -147,18 +141,12 @@ impl Gateway {
                 if was.map(|w| w.listen) != Some(table.listen) {
                     tracing::warn!("{file}: callbacks.listen: a new address needs a restart; still listening on the old one");
                 }
-                match (&self.callbacks_tls, &table.tls) {
-                    (Some(_), Some(files)) => Some(
-                        crate::tls::server_config_from_files(files)
-                            .map_err(|e| vec![format!("{file}: callbacks.tls_cert: {e}")])?,
-                    ),
-                    (None, None) => None,
-                    _ => {
-                        return Err(vec![format!(
-                            "{file}: callbacks.tls_cert: switching TLS on or off needs a restart"
-                        )])
-                    }
-                }
+                reload_tls(
+                    &file,
+                    "callbacks",
+                    self.callbacks_tls.is_some(),
+                    table.tls.as_ref(),
+                )?
             }
             (None, None) => None,
             _ => {
@@ -189,6 +177,25 @@ impl Gateway {
 
 /// Callbacks being received at once on the callback listener; more get 503 `overloaded`.
 pub const CALLBACKS_IN_FLIGHT: usize = 512;
+
+/// A listener's TLS config read anew for a reload: TLS stays on or off as at startup
+/// (`serving`); `None` when off. `Err` is `file: {table}.tls_cert: problem`.
+fn reload_tls(
+    file: &str,
+    table: &str,
+    serving: bool,
+    files: Option<&crate::config::TlsFiles>,
+) -> Result<Option<Arc<ServerConfig>>, Vec<String>> {
+    match (serving, files) {
+        (true, Some(files)) => crate::tls::server_config_from_files(files)
+            .map(Some)
+            .map_err(|e| vec![format!("{file}: {table}.tls_cert: {e}")]),
+        (false, None) => Ok(None),
+        _ => Err(vec![format!(
+            "{file}: {table}.tls_cert: switching TLS on or off needs a restart"
+        )]),
+    }
+}
 
 /// What a listener serves.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -27,12 +27,19 @@ pub const BACKOFF: (Duration, Duration) = (Duration::from_secs(1), Duration::fro
 /// wake-up race, clock changes).
 const IDLE_POLL: Duration = Duration::from_secs(5);
 
-type HttpClient = Client<HttpsConnector<HttpConnector>, Full<Bytes>>;
+/// A pooled HTTP/1.1 client for `http` and `https` URLs.
+pub type HttpClient = Client<HttpsConnector<HttpConnector>, Full<Bytes>>;
 
 /// A client for `route`'s receiver: `http`, or `https` verified against the system's roots
 /// plus the route's `ca_file`.
 fn client(route: &CallbackRoute) -> Result<HttpClient, String> {
     let roots = crate::tls::upstream_roots(route.ca_file.as_deref()).map_err(|e| e.to_string())?;
+    http_client(roots)
+}
+
+/// A pooled HTTP/1.1 client for `http` URLs and `https` ones verified against `roots` (the
+/// relay's receivers; the sandbox's callback sender).
+pub fn http_client(roots: rustls::RootCertStore) -> Result<HttpClient, String> {
     let tls = crate::tls::client_config(roots).map_err(|e| e.to_string())?;
     let https = hyper_rustls::HttpsConnectorBuilder::new()
         .with_tls_config(tls)
@@ -63,16 +70,10 @@ pub async fn run(relay: Weak<Relay>, route: String, wake: Arc<Notify>) {
         if r.stopped() || !r.owns(&route, &wake) {
             return;
         }
-        let Some(cfg) = r
-            .settings()
-            .routes
-            .iter()
-            .find(|c| c.name == route)
-            .cloned()
-        else {
+        let settings = r.settings();
+        let Some(cfg) = settings.routes.iter().find(|c| c.name == route).cloned() else {
             return;
         };
-        let settings = r.settings();
         let pause = match r.queue().next(&route).await {
             Err(e) => {
                 tracing::warn!(route, error = %e, "callback queue unreadable; delivery waits");

@@ -8,8 +8,6 @@ use bytes::Bytes;
 use http::header::CONTENT_TYPE;
 use http::{Method, Request, StatusCode};
 use http_body_util::Full;
-use hyper_util::client::legacy::Client;
-use hyper_util::rt::TokioExecutor;
 use ring::rand::SecureRandom;
 use serde_json::{Map, Value};
 
@@ -82,13 +80,7 @@ pub async fn send(cb: &CallbackSend, extra_ca_pem: Option<&str>) -> Result<Vec<u
             roots.add(cert).map_err(|e| e.to_string())?;
         }
     }
-    let tls = crate::tls::client_config(roots).map_err(|e| e.to_string())?;
-    let https = hyper_rustls::HttpsConnectorBuilder::new()
-        .with_tls_config(tls)
-        .https_or_http()
-        .enable_http1()
-        .build();
-    let client: Client<_, Full<Bytes>> = Client::builder(TokioExecutor::new()).build(https);
+    let client = crate::relay::deliver::http_client(roots)?;
 
     let mut attempts = Vec::with_capacity(ATTEMPTS);
     for i in 0..ATTEMPTS {
