@@ -315,31 +315,23 @@ async fn bad_input_gets_a_clear_error_and_nothing_is_kept() {
 #[tokio::test]
 async fn two_hundred_callbacks_twenty_at_a_time_arrive_in_order() {
     let r = relay("").await;
-    let mut sent = Vec::new();
     for batch in 0..10 {
-        let calls = (0..20).map(|i| {
-            let n = batch * 20 + i;
-            let body = json!({"event_type": "user_add", "seq": n});
-            let q = signed_query(KEY, "10001", now(), &format!("seq-{n}"), &body);
-            let url = format!("{}?{q}", r.url());
-            async move { (n, post(&url, &body).await.status) }
-        });
-        for (n, status) in futures_join(calls).await {
+        let calls: Vec<_> = (0..20)
+            .map(|i| {
+                let n = batch * 20 + i;
+                let body = json!({"event_type": "user_add", "seq": n});
+                let q = signed_query(KEY, "10001", now(), &format!("seq-{n}"), &body);
+                let url = format!("{}?{q}", r.url());
+                tokio::spawn(async move { (n, post(&url, &body).await.status) })
+            })
+            .collect();
+        for call in calls {
+            let (n, status) = call.await.unwrap();
             assert_eq!(status, 200, "callback {n}");
-            sent.push(n);
         }
     }
     assert_eq!(r.receiver.wait_for(200, Duration::from_secs(60)).await, 200);
-    let seqs: Vec<u64> = r
-        .receiver
-        .received()
-        .iter()
-        .map(|g| {
-            serde_json::from_slice::<Value>(&g.body).unwrap()["seq"]
-                .as_u64()
-                .unwrap()
-        })
-        .collect();
+    let seqs = seqs(&r.receiver);
     // Every batch was acknowledged before the next was sent: batches arrive in order, and
     // each callback once.
     for (i, s) in seqs.iter().enumerate() {
@@ -351,34 +343,17 @@ async fn two_hundred_callbacks_twenty_at_a_time_arrive_in_order() {
     assert_eq!(sorted.len(), 200);
 }
 
-/// Runs the futures concurrently on this task.
-async fn futures_join<F: std::future::Future>(futs: impl Iterator<Item = F>) -> Vec<F::Output> {
-    let handles: Vec<_> = futs.map(Box::pin).collect();
-    let mut out = Vec::with_capacity(handles.len());
-    let mut pending: Vec<_> = handles.into_iter().map(Some).collect();
-    let mut results: Vec<Option<F::Output>> = (0..pending.len()).map(|_| None).collect();
-    std::future::poll_fn(|cx| {
-        let mut done = true;
-        for (i, slot) in pending.iter_mut().enumerate() {
-            if let Some(f) = slot {
-                match f.as_mut().poll(cx) {
-                    std::task::Poll::Ready(v) => {
-                        results[i] = Some(v);
-                        *slot = None;
-                    }
-                    std::task::Poll::Pending => done = false,
-                }
-            }
-        }
-        if done {
-            std::task::Poll::Ready(())
-        } else {
-            std::task::Poll::Pending
-        }
-    })
-    .await;
-    out.extend(results.into_iter().flatten());
-    out
+/// The `seq` of every body the receiver took, in the order it took them.
+fn seqs(receiver: &Receiver) -> Vec<u64> {
+    receiver
+        .received()
+        .iter()
+        .map(|g| {
+            serde_json::from_slice::<Value>(&g.body).unwrap()["seq"]
+                .as_u64()
+                .unwrap()
+        })
+        .collect()
 }
 
 #[tokio::test]
@@ -402,16 +377,7 @@ async fn a_receiver_down_for_five_seconds_gets_every_event_after_in_order() {
     assert_eq!(r.receiver.received().len(), 0);
     r.receiver.answer(200);
     assert_eq!(r.receiver.wait_for(5, Duration::from_secs(30)).await, 5);
-    let seqs: Vec<u64> = r
-        .receiver
-        .received()
-        .iter()
-        .map(|g| {
-            serde_json::from_slice::<Value>(&g.body).unwrap()["seq"]
-                .as_u64()
-                .unwrap()
-        })
-        .collect();
+    let seqs = seqs(&r.receiver);
     assert_eq!(seqs, [0, 1, 2, 3, 4]);
 }
 
@@ -545,16 +511,7 @@ async fn a_queue_that_cannot_commit_answers_503_until_it_can() {
     assert_eq!(attempts.first(), Some(&503), "{attempts:?}");
     assert_eq!(attempts.last(), Some(&200), "{attempts:?}");
     assert_eq!(r.receiver.wait_for(2, Duration::from_secs(10)).await, 2);
-    let seqs: Vec<u64> = r
-        .receiver
-        .received()
-        .iter()
-        .map(|g| {
-            serde_json::from_slice::<Value>(&g.body).unwrap()["seq"]
-                .as_u64()
-                .unwrap()
-        })
-        .collect();
+    let seqs = seqs(&r.receiver);
     assert_eq!(seqs, [1, 3], "the refused one was not kept");
 }
 
@@ -672,15 +629,6 @@ async fn a_removed_route_keeps_its_events_until_it_returns() {
     );
     r.env.proxy.gateway.apply(config(&with)).await.unwrap();
     assert_eq!(r.receiver.wait_for(2, Duration::from_secs(10)).await, 2);
-    let seqs: Vec<u64> = r
-        .receiver
-        .received()
-        .iter()
-        .map(|g| {
-            serde_json::from_slice::<Value>(&g.body).unwrap()["seq"]
-                .as_u64()
-                .unwrap()
-        })
-        .collect();
+    let seqs = seqs(&r.receiver);
     assert_eq!(seqs, [0, 1]);
 }

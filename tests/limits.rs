@@ -63,12 +63,16 @@ async fn a_file_rule_of_three_a_minute_refuses_the_fourth_before_the_platform_se
 #[tokio::test]
 async fn a_burst_waits_for_room_up_to_max_wait_and_is_refused_at_once_without_it() {
     let path = "/api/apps/v1/burst";
-    let env = EnvBuilder::new()
-        .extra(&rule("GET", path, "5/s"))
-        .set("limits.max_wait_ms", 1500)
-        .start()
-        .await;
-    env.ready().await;
+    let five_a_second = |max_wait_ms: i64| async move {
+        let env = EnvBuilder::new()
+            .extra(&rule("GET", path, "5/s"))
+            .set("limits.max_wait_ms", max_wait_ms)
+            .start()
+            .await;
+        env.ready().await;
+        env
+    };
+    let env = five_a_second(1500).await;
     let started = Instant::now();
     let answers = get_concurrently(&env.url(path), 8).await;
     let took = started.elapsed();
@@ -77,12 +81,7 @@ async fn a_burst_waits_for_room_up_to_max_wait_and_is_refused_at_once_without_it
     }
     assert!(took >= Duration::from_millis(600), "spread over {took:?}");
 
-    let env = EnvBuilder::new()
-        .extra(&rule("GET", path, "5/s"))
-        .set("limits.max_wait_ms", 0)
-        .start()
-        .await;
-    env.ready().await;
+    let env = five_a_second(0).await;
     let started = Instant::now();
     let answers = get_concurrently(&env.url(path), 8).await;
     let took = started.elapsed();
