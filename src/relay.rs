@@ -285,7 +285,11 @@ impl Relay {
             Err(_) => {
                 return Err(refuse(
                     ErrorKind::BadRequest,
-                    "the callback body did not arrive within 10 s",
+                    format!(
+                        "the callback body did not arrive within {} s",
+                        BODY_TIMEOUT.as_secs()
+                    )
+                    .as_str(),
                 ))
             }
         };

@@ -173,11 +173,6 @@ impl Queue {
         Queue { tx, path: owned }
     }
 
-    /// The database file.
-    pub fn path(&self) -> &Path {
-        &self.path
-    }
-
     fn error(&self, message: impl Into<String>) -> QueueError {
         QueueError {
             path: self.path.display().to_string(),
