@@ -47,7 +47,7 @@ fn lookup(c: &mut Criterion) {
     )
     .expect("config")
     .config;
-    let limiter = Limiter::new(&config.limits, &config.apps, None);
+    let limiter = Limiter::new(&config.limits, &config.apps, None, None);
     let get = http::Method::GET;
     c.bench_function("rule_for_no_rule", |b| {
         b.iter(|| std::hint::black_box(limiter.rule_for(&get, "/api/apps/v1/robot/groups")))

@@ -62,7 +62,7 @@ pub async fn handle(
             // A store that is down does not make the proxy unready (it fetches locally), but
             // the operator sees it.
             let store = proxy.tokens().store_up().map(|up| {
-                json!({"up": up, "detail": if up { "sharing tokens with other instances" } else { "unreachable: fetching tokens locally" }})
+                json!({"up": up, "detail": if up { "sharing tokens and call limits with other instances" } else { "unreachable: fetching tokens and counting call limits per instance" }})
             });
             // The callback queue, when the relay runs: unreadable makes the gateway unready
             // (callbacks would get 503).

@@ -11,10 +11,16 @@
 //!
 //! A full window says when its oldest counted slot leaves the ring, which is when a call can
 //! next be admitted: the wait of `max_wait_ms` and the `Retry-After` of a 429.
+//!
+//! With `[token.store]` the windows are counted cluster-wide in its Redis, in the same slot
+//! scheme, by one Lua script per call (`TokenStore::take_slot`). When the store is
+//! unreachable each instance counts alone in its own windows, which record the calls it
+//! admitted through the store too, so a failover starts from what this instance spent.
 
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
+use crate::auth::store::{self, TokenStore};
 use crate::config::{AppConfig, LimitsConfig};
 use crate::platform::{self, Rate};
 
@@ -59,6 +65,11 @@ impl Window {
         self.n
     }
 
+    /// The length of one slot (`per / SLOTS`, rounded up).
+    pub fn slot_length(&self) -> Duration {
+        self.slot
+    }
+
     fn slot_of(&self, t: Instant) -> u64 {
         let since = t.saturating_duration_since(self.origin).as_nanos();
         u64::try_from(since / self.slot.as_nanos().max(1)).unwrap_or(u64::MAX)
@@ -85,6 +96,14 @@ impl Window {
     pub fn used(&mut self, now: Instant) -> u32 {
         self.advance(self.slot_of(now));
         self.counts.iter().sum()
+    }
+
+    /// Counts a call at `now` that was admitted elsewhere (by the shared window).
+    pub fn record(&mut self, now: Instant) {
+        let s = self.slot_of(now).max(self.head);
+        self.advance(s);
+        let c = &mut self.counts[(s % RING as u64) as usize];
+        *c = c.saturating_add(1);
     }
 
     /// Counts a call at `now` if the window has room; else how long until it has.
@@ -146,6 +165,10 @@ pub struct Limiter {
     windows: Vec<Vec<Arc<Mutex<Window>>>>,
     /// Per app: what makes it the same app across a reload (name and token identity).
     app_keys: Vec<String>,
+    /// The shared store that counts windows cluster-wide, if configured.
+    store: Option<Arc<TokenStore>>,
+    /// Per app, per rule: the window's key in the store (empty without a store).
+    shared_keys: Vec<Vec<String>>,
 }
 
 /// A call the limits refused: which rule, and when a call could pass.
@@ -163,7 +186,13 @@ impl Limiter {
     /// The built-in table (PLATFORM.md section 3) with the file's rules added or in place of
     /// the built-in ones of the same method and pattern; windows for every app, taken over
     /// from `previous` where the app and the rule are unchanged.
-    pub fn new(config: &LimitsConfig, apps: &[AppConfig], previous: Option<&Limiter>) -> Self {
+    /// With `store`, windows are counted in it cluster-wide while it answers.
+    pub fn new(
+        config: &LimitsConfig,
+        apps: &[AppConfig],
+        previous: Option<&Limiter>,
+        store: Option<Arc<TokenStore>>,
+    ) -> Self {
         let mut rules: Vec<Rule> = platform::APIS
             .iter()
             .filter_map(|a| {
@@ -232,6 +261,34 @@ impl Limiter {
                     .collect()
             })
             .collect();
+        // Instances configured alike name a window alike: the app's store prefix (its token
+        // identity), the rule with its placeholders unnamed, and the rate (a changed rate
+        // starts a new window, as it does locally).
+        let shared_keys = match store {
+            None => Vec::new(),
+            Some(_) => apps
+                .iter()
+                .map(|a| {
+                    let prefix = store::app_key(a);
+                    rules
+                        .iter()
+                        .map(|r| {
+                            let pattern: Vec<&str> = r
+                                .pattern
+                                .split('/')
+                                .map(|s| if s.starts_with('{') { "{}" } else { s })
+                                .collect();
+                            format!(
+                                "{prefix}:limit:{} {}:{}",
+                                r.method,
+                                pattern.join("/"),
+                                rate_text(r.rate)
+                            )
+                        })
+                        .collect()
+                })
+                .collect(),
+        };
         Limiter {
             enabled: config.enabled,
             max_wait: config.max_wait,
@@ -240,6 +297,8 @@ impl Limiter {
             segments,
             windows,
             app_keys,
+            store,
+            shared_keys,
         }
     }
 
@@ -283,33 +342,42 @@ impl Limiter {
         })
     }
 
-    /// Counts a call of app `app` under rule `rule` if its window has room now.
+    /// Whether windows are counted in the shared store now (it is configured, and up or
+    /// due for another try): a counted call then goes through [`Limiter::admit`].
+    pub fn shared(&self) -> bool {
+        self.store.as_ref().is_some_and(|s| s.worth_trying())
+    }
+
+    /// Counts a call of app `app` under rule `rule` in this instance's window if it has
+    /// room now (the call then needs no await).
     pub fn try_admit(&self, app: usize, rule: usize) -> bool {
         let Some(window) = self.windows.get(app).and_then(|w| w.get(rule)) else {
             return true;
         };
-        let mut w = window.lock().unwrap_or_else(PoisonError::into_inner);
-        w.try_acquire(Instant::now()).is_ok()
+        lock(window).try_acquire(Instant::now()).is_ok()
     }
 
     /// Counts a call of app `app` under rule `rule`, waiting up to `max_wait_ms` for room;
-    /// `Err` when there is none by then (SPEC section 4.9).
+    /// `Err` when there is none by then (SPEC section 4.9). Counted in the shared store
+    /// while it answers, else in this instance's window.
     pub async fn admit(&self, app: usize, rule: usize) -> Result<(), Limited> {
         let Some(window) = self.windows.get(app).and_then(|w| w.get(rule)) else {
             return Ok(());
         };
         let deadline = Instant::now() + self.max_wait;
         loop {
-            let now = Instant::now();
-            let wait = match window
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner)
-                .try_acquire(now)
-            {
-                Ok(()) => return Ok(()),
-                Err(wait) => wait,
+            let wait = match self.take_shared(app, rule, window).await {
+                Some(Ok(())) => {
+                    lock(window).record(Instant::now());
+                    return Ok(());
+                }
+                Some(Err(wait)) => wait,
+                None => match lock(window).try_acquire(Instant::now()) {
+                    Ok(()) => return Ok(()),
+                    Err(wait) => wait,
+                },
             };
-            if now + wait > deadline {
+            if wait > deadline.saturating_duration_since(Instant::now()) {
                 let r = &self.rules[rule];
                 return Err(Limited {
                     rule: r.label(),
@@ -320,6 +388,28 @@ impl Limiter {
             tokio::time::sleep(wait).await;
         }
     }
+
+    /// A slot in the shared window, when the store is configured and answers; `None` to
+    /// count in this instance's window instead.
+    async fn take_shared(
+        &self,
+        app: usize,
+        rule: usize,
+        window: &Mutex<Window>,
+    ) -> Option<Result<(), Duration>> {
+        let store = self.store.as_deref().filter(|s| s.worth_trying())?;
+        let key = self.shared_keys.get(app)?.get(rule)?;
+        let (n, slot) = {
+            let w = lock(window);
+            (w.limit(), w.slot_length())
+        };
+        let taken = store.take_slot(key, n, slot, SLOTS).await.ok()?;
+        Some(taken.map(drop))
+    }
+}
+
+fn lock(window: &Mutex<Window>) -> std::sync::MutexGuard<'_, Window> {
+    window.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
 impl Limiter {
@@ -329,7 +419,7 @@ impl Limiter {
         let mut out = Vec::new();
         for (a, rules) in self.windows.iter().enumerate() {
             for (r, w) in rules.iter().enumerate() {
-                let mut w = w.lock().unwrap_or_else(PoisonError::into_inner);
+                let mut w = lock(w);
                 let used = w.used(now);
                 if used > 0 {
                     out.push((a, r, w.limit(), used));
@@ -390,7 +480,7 @@ mod tests {
         )
         .unwrap()
         .config;
-        let limiter = Limiter::new(&config.limits, &config.apps, None);
+        let limiter = Limiter::new(&config.limits, &config.apps, None, None);
         for api in platform::APIS.iter().filter(|a| a.rate.is_some()) {
             let path: Vec<&str> = api
                 .path

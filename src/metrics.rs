@@ -165,7 +165,7 @@ impl Metrics {
             prometheus::IntGaugeVec::new(
                 Opts::new(
                     "limit_window_calls",
-                    "Calls counted in a call-limit window as of the last scrape, by app and rule \
+                    "Calls this instance counted in a call-limit window as of the last scrape, by app and rule \
                      (windows in use only)",
                 ),
                 &["app", "rule", "limit"],

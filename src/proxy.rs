@@ -239,7 +239,6 @@ impl Proxy {
         previous: Option<&TokenManager>,
         previous_limits: Option<&Limiter>,
     ) -> Self {
-        let limiter = Arc::new(Limiter::new(&config.limits, &config.apps, previous_limits));
         let apps = &config.apps;
         let mut by_prefix: Vec<usize> = (0..apps.len())
             .filter(|&i| apps[i].prefix.is_some())
@@ -257,6 +256,12 @@ impl Proxy {
             clock.clone(),
             metrics.clone(),
             previous,
+        ));
+        let limiter = Arc::new(Limiter::new(
+            &config.limits,
+            &config.apps,
+            previous_limits,
+            tokens.store(),
         ));
         let mut token_paths: Vec<String> = Vec::new();
         let paths = [config.token.path.as_str(), crate::platform::CORP_TOKEN_PATH]
@@ -415,7 +420,7 @@ impl Proxy {
     }
 
     /// The request path, phase by phase (pingora's shape): admit → route and authorise →
-    /// local token endpoint → (rate limits, to come) → the exchange, with one replay.
+    /// local token endpoint → call limits → the exchange, with one replay.
     async fn forward(
         &self,
         peer: &Peer,
@@ -435,9 +440,9 @@ impl Proxy {
                 .await;
         }
         if let Some(rule) = self.limiter.rule_for(&parts.method, routed.path(&parts)) {
-            if !self.limiter.try_admit(routed.app, rule) {
-                // Boxed, and only here: the wait's timer would otherwise enlarge every
-                // request's future, also of the calls no rule counts.
+            if self.limiter.shared() || !self.limiter.try_admit(routed.app, rule) {
+                // Boxed, and only here: the wait's timer and the store's call would
+                // otherwise enlarge every request's future, also of the calls no rule counts.
                 Box::pin(self.limit(routed.app, rule)).await?;
             }
         }

@@ -376,3 +376,50 @@ async fn instances_share_callback_nonces_so_a_retry_elsewhere_is_not_kept_twice(
         "delivered once, by the instance that kept it"
     );
 }
+
+#[tokio::test]
+async fn call_limits_hold_across_instances_and_each_instance_counts_alone_without_redis() {
+    let Some(mut redis) = Redis::start() else {
+        return;
+    };
+    let rules = "[limits]\nmax_wait_ms = 1500\n\
+                 [[limits.rule]]\nmethod = \"GET\"\npath = \"/api/apps/v1/minute\"\nrate = \"6/min\"\n\
+                 [[limits.rule]]\nmethod = \"GET\"\npath = \"/api/apps/v1/second\"\nrate = \"5/s\"\n\
+                 [[limits.rule]]\nmethod = \"GET\"\npath = \"/api/apps/v1/alone\"\nrate = \"4/min\"\n";
+    let (sandbox, proxies, _dir) = cluster(&redis, 3, rules, SandboxOptions::default()).await;
+    let seen = |path: &str| sandbox.recorded().iter().filter(|r| r.path == path).count();
+    all_ok(&spread(&proxies, 3, "/api/warm").await);
+
+    // 30 calls spread over three instances: six pass in the minute, wherever they land.
+    let answers = spread(&proxies, 30, "/api/apps/v1/minute").await;
+    let passed = answers.iter().filter(|a| a.status == 200).count();
+    assert_eq!(passed, 6, "the cluster admits the rule's 6");
+    for a in answers.iter().filter(|a| a.status != 200) {
+        assert_proxy_error(a, 429, "rate_limited");
+    }
+    assert_eq!(seen("/api/apps/v1/minute"), 6);
+
+    // 10 calls over three instances under 5/s: each instance alone would pass its share at
+    // once; shared, the second five wait for the first five's second to pass.
+    let started = Instant::now();
+    let answers = spread(&proxies, 10, "/api/apps/v1/second").await;
+    let took = started.elapsed();
+    all_ok(&answers);
+    assert!(took >= Duration::from_millis(900), "spread over {took:?}");
+
+    // Redis stopped: every instance keeps serving and holds the whole limit alone.
+    redis.stop();
+    let answers = spread(&proxies, 30, "/api/apps/v1/alone").await;
+    assert_eq!(answers.iter().filter(|a| a.status == 200).count(), 12);
+    assert_eq!(seen("/api/apps/v1/alone"), 12, "4 per instance");
+    let ready = get(&format!("http://{}/readyz", proxies[0].admin_addr.unwrap())).await;
+    let store = &ready.json()["token_store"];
+    assert_eq!(store["up"], false, "{}", ready.text());
+    assert!(
+        store["detail"]
+            .as_str()
+            .unwrap()
+            .contains("call limits per instance"),
+        "{store}"
+    );
+}

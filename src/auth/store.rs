@@ -21,7 +21,7 @@
 //! once, shown in `/readyz` and `cx_proxy_token_store_up`); the manager then fetches locally,
 //! and the next successful call marks it up again.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -34,6 +34,10 @@ use crate::secret::Secret;
 
 /// Longest a single Redis call may take before the store counts as down.
 const CALL_TIMEOUT: Duration = Duration::from_millis(500);
+
+/// After a failed call, how long call limits count per instance before trying the store
+/// again (token fetches, readiness probes and scrapes try it whenever they run).
+const RETRY_AFTER_FAILURE: Duration = Duration::from_secs(1);
 
 /// Stores a token unless the stored one is at least as new; returns what is stored after.
 const PUT_SCRIPT: &str = r#"
@@ -54,6 +58,46 @@ if redis.call('GET', KEYS[1]) == ARGV[1] then
   return redis.call('DEL', KEYS[1])
 end
 return 0
+"#;
+
+/// Takes a slot in one call-limit window shared by all instances (SPEC section 4.9), in
+/// the scheme of [`crate::limits::Window`]: a hash of calls per slot, keyed by slot number
+/// on the Redis server's clock (so the instances' clocks need not agree). Fields of slots
+/// that left the window are deleted when a new slot is opened, so the hash holds at most
+/// a window's slots however large the limit; the key expires with the window.
+///
+/// KEYS[1] the window; ARGV: n, slot length (µs), slots per window. Returns
+/// `{admitted, wait_us, counted}`: `{1, 0, calls now}` or `{0, µs until room, calls now}`
+/// (`wait_us` -1 when `n` is 0).
+const SLOT_SCRIPT: &str = r#"
+local n = tonumber(ARGV[1])
+local slot = tonumber(ARGV[2])
+local slots = tonumber(ARGV[3])
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+local s = math.floor(now / slot)
+local fields = {}
+for i = 0, slots do fields[i + 1] = string.format('%.0f', s - slots + i) end
+local counts = redis.call('HMGET', KEYS[1], unpack(fields))
+local total = 0
+for i = 1, #counts do total = total + (tonumber(counts[i]) or 0) end
+if total < n then
+  if redis.call('HINCRBY', KEYS[1], fields[slots + 1], 1) == 1 then
+    for _, k in ipairs(redis.call('HKEYS', KEYS[1])) do
+      if tonumber(k) < s - slots then redis.call('HDEL', KEYS[1], k) end
+    end
+    redis.call('PEXPIRE', KEYS[1], math.ceil(slot * (slots + 1) / 1000))
+  end
+  return {1, 0, total + 1}
+end
+local left = total
+for i = 1, #counts do
+  left = left - (tonumber(counts[i]) or 0)
+  if left < n then
+    return {0, (s + i) * slot - now, total}
+  end
+end
+return {0, -1, total}
 "#;
 
 /// A token as shared between instances.
@@ -114,11 +158,15 @@ pub struct TokenStore {
     up: AtomicBool,
     /// Set once the first call has been made (so "down" is not logged before trying).
     tried: AtomicBool,
+    /// When a call last failed (ms since the epoch; 0: never). Call limits skip the store
+    /// for a while after a failure rather than pay a connect attempt per call.
+    failed_at_ms: AtomicU64,
     lease: Duration,
     owner: String,
     metrics: Arc<Metrics>,
     put: redis::Script,
     release: redis::Script,
+    slot: redis::Script,
 }
 
 impl std::fmt::Debug for TokenStore {
@@ -140,11 +188,13 @@ impl TokenStore {
             conn: tokio::sync::Mutex::new(None),
             up: AtomicBool::new(false),
             tried: AtomicBool::new(false),
+            failed_at_ms: AtomicU64::new(0),
             lease,
             owner: format!("{}-{}", std::process::id(), now_us()),
             metrics,
             put: redis::Script::new(PUT_SCRIPT),
             release: redis::Script::new(RELEASE_SCRIPT),
+            slot: redis::Script::new(SLOT_SCRIPT),
         })
     }
 
@@ -159,11 +209,14 @@ impl TokenStore {
         self.metrics.set_store_up(ok);
         match (ok, was, first) {
             (true, false, _) => {
-                tracing::info!("token store reachable: sharing tokens with other instances")
+                tracing::info!(
+                    "token store reachable: sharing tokens and call limits with other instances"
+                )
             }
             (false, true, _) | (false, _, true) => tracing::warn!(
                 error = why.unwrap_or(""),
-                "token store unreachable: fetching tokens locally until it returns"
+                "token store unreachable: fetching tokens and counting call limits per instance \
+                 until it returns"
             ),
             _ => {}
         }
@@ -216,12 +269,53 @@ impl TokenStore {
                 }
             }
             Err(e) => {
+                self.failed_at_ms.store(now_ms(), Ordering::Relaxed);
                 if self.up() || !self.tried.load(Ordering::Relaxed) {
                     self.mark(false, Some(&e.0));
                 }
             }
         }
         result
+    }
+
+    /// Whether a call is worth making now: the store is up, or its last failure is older
+    /// than `RETRY_AFTER_FAILURE` (a call then finds out whether it is back).
+    pub fn worth_trying(&self) -> bool {
+        self.up()
+            || now_ms().saturating_sub(self.failed_at_ms.load(Ordering::Relaxed))
+                >= RETRY_AFTER_FAILURE.as_millis() as u64
+    }
+
+    /// Takes a slot in the shared window `key` of `n` calls per `slots` slots of `slot`
+    /// (see `SLOT_SCRIPT`): `Ok(Ok(calls counted))` when admitted, `Ok(Err(wait))` when
+    /// the window is full for `wait`.
+    pub async fn take_slot(
+        &self,
+        key: &str,
+        n: u32,
+        slot: Duration,
+        slots: u32,
+    ) -> Result<Result<u32, Duration>, StoreError> {
+        let slot_us = u64::try_from(slot.as_micros()).unwrap_or(u64::MAX).max(1);
+        let script = &self.slot;
+        let (admitted, wait_us, counted): (i64, i64, i64) = self
+            .call(|mut c| async move {
+                script
+                    .key(key)
+                    .arg(n)
+                    .arg(slot_us)
+                    .arg(slots)
+                    .invoke_async(&mut c)
+                    .await
+            })
+            .await?;
+        Ok(if admitted == 1 {
+            Ok(u32::try_from(counted).unwrap_or(u32::MAX))
+        } else if wait_us < 0 {
+            Err(Duration::MAX)
+        } else {
+            Err(Duration::from_micros(wait_us.unsigned_abs()))
+        })
     }
 
     /// Checks that the store answers (readiness, metrics); updates the up/down state.
