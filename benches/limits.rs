@@ -1,6 +1,7 @@
 //! The cost the call limits add per request (issue 13): finding the rule (a call no rule
 //! counts pays this only), and for a counted call one `Window::try_acquire` under its rule's
-//! own mutex, uncontended, without Redis. Run: `cargo bench --bench limits`.
+//! own mutex, uncontended, without Redis (`counted_call_admitted_local` is both). Run:
+//! `cargo bench --bench limits`.
 
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
@@ -54,6 +55,26 @@ fn lookup(c: &mut Criterion) {
     });
     c.bench_function("rule_for_built_in_rule", |b| {
         b.iter(|| std::hint::black_box(limiter.rule_for(&get, "/api/apps/v1/robot/chats/c-1")))
+    });
+    // What a counted call adds before it is forwarded, without Redis: the lookup and a slot
+    // taken under the rule's own mutex (a rate high enough never to be full).
+    let config = Config::from_toml(
+        "[[app]]\nname = \"a\"\napp_key = \"k\"\ncorp_id = 1\ncorp_secret = \"s\"\n\
+         [[limits.rule]]\nmethod = \"GET\"\npath = \"/api/apps/v1/robot/chats/{chat_id}\"\n\
+         rate = \"4000000000/s\"\n",
+        "bench.toml",
+        None,
+    )
+    .expect("config")
+    .config;
+    let limiter = Limiter::new(&config.limits, &config.apps, None, None);
+    c.bench_function("counted_call_admitted_local", |b| {
+        b.iter(|| {
+            let rule = limiter
+                .rule_for(&get, "/api/apps/v1/robot/chats/c-1")
+                .expect("rule");
+            std::hint::black_box(limiter.try_admit(0, rule))
+        })
     });
 }
 

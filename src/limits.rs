@@ -331,10 +331,13 @@ impl Limiter {
             n += 1;
         }
         let (_, candidates) = self.index.get(n)?.iter().find(|(m, _)| m == method)?;
+        // Last segment first: patterns share their leading `/api/apps/v1`, so a path that
+        // no rule counts is told apart at its end.
         candidates.iter().copied().find(|&i| {
             self.segments[i]
                 .iter()
                 .zip(&segs[..n])
+                .rev()
                 .all(|(want, got)| match want {
                     Some(literal) => **literal == **got,
                     None => !got.is_empty(),
