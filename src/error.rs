@@ -148,6 +148,13 @@ impl ProxyError {
         }
     }
 
+    /// `Retry-After` in whole seconds (RFC 9110 section 10.2.3), rounded up so that a
+    /// client that waits it finds the slot free; at least 1.
+    pub fn retry_after_secs(&self) -> Option<u64> {
+        self.retry_after
+            .map(|after| (after.as_secs() + u64::from(after.subsec_nanos() > 0)).max(1))
+    }
+
     /// The JSON body of SPEC section 5.
     pub fn body_json(&self) -> Vec<u8> {
         crate::wire::error_body(i64::from(self.kind.code()), &self.message)

@@ -2,20 +2,26 @@
 //! calls in *any* sliding window of length `per`, with memory that does not grow with `n`.
 //!
 //! A [`Window`] counts calls per slot of `per / SLOTS` (rounded up) in a ring of
-//! `SLOTS + 1` counters. A call at time `t` is admitted when the calls of the current slot
-//! and the `SLOTS` before it, which cover `[t - per, t]` and a little more, number fewer
-//! than `n`. Counting that little more is what makes the limit hold for every window, not
-//! only for windows aligned to slots: the price is that a full window frees up to one slot
-//! (5 %) later than an exact log of call times would. An exact log would need `n`
-//! timestamps per rule (100,000 for a 100,000-an-hour rule); this needs 21 counters.
+//! `SLOTS + 1` counters, and keeps for each slot the time of its latest call. A call at time
+//! `t` is admitted when the calls of the slots whose latest call is within `(t - per, t]`
+//! number fewer than `n`. The current slot and the `SLOTS` before it cover that span and a
+//! little more; a slot counts whole until its latest call has left the window, which is
+//! what makes the limit hold for every window, not only for windows aligned to slots. The
+//! price: a call early in a slot is held until the slot's latest call leaves, so a window
+//! may free up to one slot (5 %) later than an exact log of call times would; a burst (all
+//! its calls at once) frees exactly on time. An exact log would need `n` timestamps per
+//! rule (100,000 for a 100,000-an-hour rule); this needs 21 counters and 21 times.
 //!
-//! A full window says when its oldest counted slot leaves the ring, which is when a call can
-//! next be admitted: the wait of `max_wait_ms` and the `Retry-After` of a 429.
+//! A full window says when its oldest counted slot leaves, which is when a call can next
+//! be admitted: the wait of `max_wait_ms` and the `Retry-After` of a 429.
 //!
 //! With `[token.store]` the windows are counted cluster-wide in its Redis, in the same slot
-//! scheme, by one Lua script per call (`TokenStore::take_slot`). When the store is
-//! unreachable each instance counts alone in its own windows, which record the calls it
-//! admitted through the store too, so a failover starts from what this instance spent.
+//! scheme, by one Lua script per call (`TokenStore::take_slot`). A call is admitted when both
+//! the shared window and this instance's own have room, and counted in both: the shared one
+//! holds the cluster to `n`, and the instance's own still holds the calls it passed alone
+//! while Redis was unreachable, so sharing that resumes cannot add a second `n` on top.
+//! When the store is unreachable each instance counts alone (and so each holds the whole
+//! limit); counted calls do not wait on Redis then, a background probe finds it back.
 
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
@@ -24,8 +30,9 @@ use crate::auth::store::{self, TokenStore};
 use crate::config::{AppConfig, LimitsConfig};
 use crate::platform::{self, Rate};
 
-/// Path segments a rule may have (more: the rule matches no path).
-const MAX_SEGMENTS: usize = 16;
+/// Path segments a rule may have, counting the empty one before the leading `/` (a longer
+/// path matches no rule).
+pub const MAX_SEGMENTS: usize = 16;
 
 /// Slots per window.
 pub const SLOTS: u32 = 20;
@@ -35,9 +42,12 @@ const RING: usize = SLOTS as usize + 1;
 #[derive(Debug, Clone)]
 pub struct Window {
     n: u32,
+    per: Duration,
     slot: Duration,
     /// Calls per slot; slot number `s` lives at `s % RING`.
     counts: [u32; RING],
+    /// Per slot: its latest call, nanoseconds after `origin` (meaningful where counted).
+    latest: [u64; RING],
     /// The newest slot number the ring has been moved to.
     head: u64,
     /// Slot 0 starts here.
@@ -53,8 +63,10 @@ impl Window {
         let slot = Duration::from_nanos(u64::try_from(nanos).unwrap_or(u64::MAX));
         Window {
             n: rate.n,
+            per,
             slot,
             counts: [0; RING],
+            latest: [0; RING],
             head: 0,
             origin,
         }
@@ -65,19 +77,31 @@ impl Window {
         self.n
     }
 
+    /// Takes a new `n` (a reload changed the rule's count, not its period): the calls
+    /// counted stay counted.
+    pub fn set_limit(&mut self, n: u32) {
+        self.n = n;
+    }
+
     /// The length of one slot (`per / SLOTS`, rounded up).
     pub fn slot_length(&self) -> Duration {
         self.slot
     }
 
-    fn slot_of(&self, t: Instant) -> u64 {
-        let since = t.saturating_duration_since(self.origin).as_nanos();
-        u64::try_from(since / self.slot.as_nanos().max(1)).unwrap_or(u64::MAX)
+    /// The window's length.
+    pub fn period(&self) -> Duration {
+        self.per
     }
 
-    fn start_of(&self, slot: u64) -> Instant {
-        let nanos = u128::from(slot) * self.slot.as_nanos();
-        self.origin + Duration::from_nanos(u64::try_from(nanos).unwrap_or(u64::MAX))
+    fn nanos_of(&self, t: Instant) -> u64 {
+        u64::try_from(t.saturating_duration_since(self.origin).as_nanos()).unwrap_or(u64::MAX)
+    }
+
+    fn slot_of(&self, t: Instant) -> u64 {
+        self.nanos_of(t)
+            / u64::try_from(self.slot.as_nanos())
+                .unwrap_or(u64::MAX)
+                .max(1)
     }
 
     /// Moves the ring to slot `s`, emptying the slots it passes.
@@ -92,40 +116,72 @@ impl Window {
         self.head = s;
     }
 
-    /// Calls counted now (in the ring as of `now`).
-    pub fn used(&mut self, now: Instant) -> u32 {
-        self.advance(self.slot_of(now));
-        self.counts.iter().sum()
+    /// Calls in the window as of `now` (`at` nanoseconds after origin, in slot `s`), and
+    /// how long until it has room when it has none.
+    fn state(&self, s: u64, at: u64) -> (u32, Option<Duration>) {
+        let per = u64::try_from(self.per.as_nanos()).unwrap_or(u64::MAX);
+        // Oldest first: ring position s + 1 + j holds slot s - SLOTS + j.
+        let slots = (0..RING as u64).map(|j| ((s + 1 + j) % RING as u64) as usize);
+        let live = |i: usize| self.counts[i] > 0 && at.saturating_sub(self.latest[i]) < per;
+        let total: u32 = slots
+            .clone()
+            .filter(|&i| live(i))
+            .map(|i| self.counts[i])
+            .sum();
+        if total < self.n {
+            return (total, None);
+        }
+        let mut left = total;
+        for i in slots.filter(|&i| live(i)) {
+            left -= self.counts[i];
+            if left < self.n {
+                // This slot leaves when its latest call is `per` old.
+                return (total, Some(Duration::from_nanos(self.latest[i] + per - at)));
+            }
+        }
+        // n = 0: never.
+        (total, Some(Duration::MAX))
     }
 
-    /// Counts a call at `now` that was admitted elsewhere (by the shared window).
-    pub fn record(&mut self, now: Instant) {
+    /// Calls counted in the window now.
+    pub fn used(&mut self, now: Instant) -> u32 {
         let s = self.slot_of(now).max(self.head);
         self.advance(s);
-        let c = &mut self.counts[(s % RING as u64) as usize];
-        *c = c.saturating_add(1);
+        self.state(s, self.nanos_of(now)).0
+    }
+
+    /// Counts a call at `now`.
+    fn count(&mut self, s: u64, at: u64) -> u64 {
+        let i = (s % RING as u64) as usize;
+        self.counts[i] = self.counts[i].saturating_add(1);
+        self.latest[i] = self.latest[i].max(at);
+        s
     }
 
     /// Counts a call at `now` if the window has room; else how long until it has.
     pub fn try_acquire(&mut self, now: Instant) -> Result<(), Duration> {
+        self.reserve(now).map(drop)
+    }
+
+    /// [`Window::try_acquire`] that names the slot counted, so that the call can be taken
+    /// back ([`Window::release`]) if another window refuses it.
+    pub fn reserve(&mut self, now: Instant) -> Result<u64, Duration> {
         let s = self.slot_of(now).max(self.head);
         self.advance(s);
-        let total: u32 = self.counts.iter().sum();
-        if total < self.n {
-            self.counts[(s % RING as u64) as usize] += 1;
-            return Ok(());
+        let at = self.nanos_of(now);
+        match self.state(s, at) {
+            (_, None) => Ok(self.count(s, at)),
+            (_, Some(wait)) => Err(wait),
         }
-        // Oldest first: the slot at ring position s + 1 + j is slot s - SLOTS + j, which
-        // leaves the ring when slot s + j + 1 starts.
-        let mut left = total;
-        for j in 0..RING as u64 {
-            left -= self.counts[((s + 1 + j) % RING as u64) as usize];
-            if left < self.n {
-                return Err(self.start_of(s + j + 1).saturating_duration_since(now));
-            }
+    }
+
+    /// Takes back a call counted in slot `s` by [`Window::reserve`] (if the slot is still in
+    /// the ring; its latest time stays, which only holds the slot longer).
+    pub fn release(&mut self, s: u64) {
+        if s + (RING as u64) > self.head {
+            let i = (s % RING as u64) as usize;
+            self.counts[i] = self.counts[i].saturating_sub(1);
         }
-        // n = 0: never.
-        Err(Duration::MAX)
     }
 }
 
@@ -163,7 +219,7 @@ pub struct Limiter {
     /// Per app (by index), per rule (by index): the window. Locked only by calls of that
     /// app to that rule.
     windows: Vec<Vec<Arc<Mutex<Window>>>>,
-    /// Per app: what makes it the same app across a reload (name and token identity).
+    /// Per app: what makes it the same app across a reload (its identity at the platform).
     app_keys: Vec<String>,
     /// The shared store that counts windows cluster-wide, if configured.
     store: Option<Arc<TokenStore>>,
@@ -203,6 +259,7 @@ impl Limiter {
                 })
             })
             .collect();
+        let built_in = rules.len();
         for r in &config.rules {
             match rules
                 .iter_mut()
@@ -222,10 +279,7 @@ impl Limiter {
             .map(|r| {
                 r.pattern
                     .split('/')
-                    .map(|seg| {
-                        let var = seg.starts_with('{') && seg.ends_with('}');
-                        (!var).then(|| seg.as_bytes().into())
-                    })
+                    .map(|seg| (!is_placeholder(seg)).then(|| seg.as_bytes().into()))
                     .collect()
             })
             .collect();
@@ -243,11 +297,21 @@ impl Limiter {
                 None => by_method.push((m, vec![i])),
             }
         }
+        // The most specific rule first (fewest `{x}` segments), a file's rule before a
+        // built-in one as specific: a file rule for one chat is not hidden by the built-in
+        // rule for every chat.
+        for by_method in &mut index {
+            for (_, candidates) in by_method.iter_mut() {
+                candidates.sort_by_key(|&i| {
+                    let vars = segments[i].iter().filter(|s| s.is_none()).count();
+                    (vars, i < built_in)
+                });
+            }
+        }
         let now = Instant::now();
-        let app_keys: Vec<String> = apps
-            .iter()
-            .map(|a| format!("{}\0{}", a.name, a.fingerprint()))
-            .collect();
+        // An app's windows belong to its identity at the platform (which counts the calls),
+        // not to its name here: a renamed app keeps them.
+        let app_keys: Vec<String> = apps.iter().map(|a| a.fingerprint()).collect();
         let windows = app_keys
             .iter()
             .map(|key| {
@@ -262,8 +326,8 @@ impl Limiter {
             })
             .collect();
         // Instances configured alike name a window alike: the app's store prefix (its token
-        // identity), the rule with its placeholders unnamed, and the rate (a changed rate
-        // starts a new window, as it does locally).
+        // identity), the rule with its placeholders unnamed, and the period (the count is
+        // passed with each call; a changed period starts a new window, as it does locally).
         let shared_keys = match store {
             None => Vec::new(),
             Some(_) => apps
@@ -276,13 +340,13 @@ impl Limiter {
                             let pattern: Vec<&str> = r
                                 .pattern
                                 .split('/')
-                                .map(|s| if s.starts_with('{') { "{}" } else { s })
+                                .map(|s| if is_placeholder(s) { "{}" } else { s })
                                 .collect();
                             format!(
-                                "{prefix}:limit:{} {}:{}",
+                                "{prefix}:limit:{} {}:{}s",
                                 r.method,
                                 pattern.join("/"),
-                                rate_text(r.rate)
+                                r.rate.per.as_secs()
                             )
                         })
                         .collect()
@@ -302,15 +366,19 @@ impl Limiter {
         }
     }
 
-    /// The window this generation keeps for app `key` and an identical rule.
+    /// The window this generation keeps for app `key` and the same rule over the same
+    /// period (a changed count applies to the calls already counted; a changed period
+    /// needs other slots, and starts a new window).
     fn window_of(&self, key: &str, rule: &Rule) -> Option<Arc<Mutex<Window>>> {
         let app = self.app_keys.iter().position(|k| k == key)?;
         let r = self.rules.iter().position(|o| {
             o.method == rule.method
-                && o.rate == rule.rate
+                && o.rate.per == rule.rate.per
                 && platform::same_pattern(&o.pattern, &rule.pattern)
         })?;
-        Some(self.windows[app][r].clone())
+        let window = self.windows[app][r].clone();
+        lock(&window).set_limit(rule.rate.n);
+        Some(window)
     }
 
     /// The rules in force.
@@ -318,15 +386,43 @@ impl Limiter {
         &self.rules
     }
 
-    /// The rule counting `method` `path` (the path as forwarded), if any.
+    /// The rule counting `method` `path` (the path as forwarded), if any. HEAD is counted
+    /// as GET (servers run the GET handler for it). A path is matched in every spelling a
+    /// lenient server would still serve, as [`platform::same_path`] reads token paths:
+    /// percent-escapes decoded, `//` as `/`, a trailing `/` or a `;parameter` ignored,
+    /// letters compared without case.
     pub fn rule_for(&self, method: &http::Method, path: &str) -> Option<usize> {
         if !self.enabled {
             return None;
         }
+        let method = if method == http::Method::HEAD {
+            &http::Method::GET
+        } else {
+            method
+        };
+        if let Some(rule) = self.matching(method, path.as_bytes(), false) {
+            return Some(rule);
+        }
+        // The common spelling missed; another spelling is tried only when the path has one
+        // (a scan, no allocation, for the calls no rule counts).
+        let p = path.as_bytes();
+        let odd = p
+            .iter()
+            .any(|&b| b == b'%' || b == b';' || b.is_ascii_uppercase())
+            || p.windows(2).any(|w| w == b"//")
+            || (p.len() > 1 && p.ends_with(b"/"));
+        if !odd {
+            return None;
+        }
+        self.matching(method, &lenient(p), true)
+    }
+
+    /// The first candidate (most specific first) whose pattern `path` matches.
+    fn matching(&self, method: &http::Method, path: &[u8], any_case: bool) -> Option<usize> {
         // The path split once, without allocating; a path longer than any pattern matches none.
         let mut segs: [&[u8]; MAX_SEGMENTS] = [&[]; MAX_SEGMENTS];
         let mut n = 0;
-        for seg in path.as_bytes().split(|&b| b == b'/') {
+        for seg in path.split(|&b| b == b'/') {
             *segs.get_mut(n)? = seg;
             n += 1;
         }
@@ -339,16 +435,25 @@ impl Limiter {
                 .zip(&segs[..n])
                 .rev()
                 .all(|(want, got)| match want {
+                    Some(literal) if any_case => literal.eq_ignore_ascii_case(got),
                     Some(literal) => **literal == **got,
                     None => !got.is_empty(),
                 })
         })
     }
 
-    /// Whether windows are counted in the shared store now (it is configured, and up or
-    /// due for another try): a counted call then goes through [`Limiter::admit`].
+    /// Whether windows are counted in the shared store now (it is configured and up): a
+    /// counted call then goes through [`Limiter::admit`]. While it is down, this starts a
+    /// background probe now and then, and counted calls do not wait on it.
     pub fn shared(&self) -> bool {
-        self.store.as_ref().is_some_and(|s| s.worth_trying())
+        let Some(store) = &self.store else {
+            return false;
+        };
+        if store.up() {
+            return true;
+        }
+        store.probe_if_due();
+        false
     }
 
     /// Counts a call of app `app` under rule `rule` in this instance's window if it has
@@ -361,26 +466,29 @@ impl Limiter {
     }
 
     /// Counts a call of app `app` under rule `rule`, waiting up to `max_wait_ms` for room;
-    /// `Err` when there is none by then (SPEC section 4.9). Counted in the shared store
-    /// while it answers, else in this instance's window.
+    /// `Err` when there is none by then (SPEC section 4.9). While the shared store answers,
+    /// the call needs room in both its window there and this instance's own.
     pub async fn admit(&self, app: usize, rule: usize) -> Result<(), Limited> {
         let Some(window) = self.windows.get(app).and_then(|w| w.get(rule)) else {
             return Ok(());
         };
         let deadline = Instant::now() + self.max_wait;
         loop {
-            let wait = match self.take_shared(app, rule, window).await {
-                Some(Ok(())) => {
-                    lock(window).record(Instant::now());
-                    return Ok(());
-                }
-                Some(Err(wait)) => wait,
-                None => match lock(window).try_acquire(Instant::now()) {
-                    Ok(()) => return Ok(()),
-                    Err(wait) => wait,
+            // One `now` for the reservation and the deadline: a call told to wait exactly
+            // what is left of `max_wait_ms` waits.
+            let now = Instant::now();
+            let reserved = lock(window).reserve(now);
+            let wait = match reserved {
+                Err(wait) => wait,
+                Ok(slot) => match self.take_shared(app, rule, window).await {
+                    None | Some(Ok(())) => return Ok(()),
+                    Some(Err(wait)) => {
+                        lock(window).release(slot);
+                        wait
+                    }
                 },
             };
-            if wait > deadline.saturating_duration_since(Instant::now()) {
+            if wait > deadline.saturating_duration_since(now) {
                 let r = &self.rules[rule];
                 return Err(Limited {
                     rule: r.label(),
@@ -392,23 +500,63 @@ impl Limiter {
         }
     }
 
-    /// A slot in the shared window, when the store is configured and answers; `None` to
-    /// count in this instance's window instead.
+    /// A slot in the shared window, when the store is configured and up; `None` to count
+    /// in this instance's window alone.
     async fn take_shared(
         &self,
         app: usize,
         rule: usize,
         window: &Mutex<Window>,
     ) -> Option<Result<(), Duration>> {
-        let store = self.store.as_deref().filter(|s| s.worth_trying())?;
+        let store = self.store.as_deref().filter(|s| s.up())?;
         let key = self.shared_keys.get(app)?.get(rule)?;
-        let (n, slot) = {
+        let (n, per, slot) = {
             let w = lock(window);
-            (w.limit(), w.slot_length())
+            (w.limit(), w.period(), w.slot_length())
         };
-        let taken = store.take_slot(key, n, slot, SLOTS).await.ok()?;
+        let taken = store.take_slot(key, n, per, slot, SLOTS).await.ok()?;
         Some(taken.map(drop))
     }
+}
+
+/// Whether a pattern segment is a `{x}` placeholder.
+pub fn is_placeholder(segment: &str) -> bool {
+    segment.len() > 2 && segment.starts_with('{') && segment.ends_with('}')
+}
+
+/// `path` as a lenient server reads it: percent-escapes decoded (but for `%2F`, which stays
+/// inside its segment), runs of `/` as one, `;parameters` of a segment and a trailing `/`
+/// dropped. Case is left to the comparison.
+fn lenient(path: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(path.len());
+    let mut i = 0;
+    let mut in_params = false;
+    while let Some(&b) = path.get(i) {
+        i += 1;
+        if b == b'/' {
+            in_params = false;
+            if out.last() != Some(&b'/') {
+                out.push(b'/');
+            }
+            continue;
+        }
+        if in_params || b == b';' {
+            in_params = true;
+            continue;
+        }
+        let hex = |h: Option<&u8>| h.and_then(|h| (*h as char).to_digit(16));
+        match (b, hex(path.get(i)), hex(path.get(i + 1))) {
+            (b'%', Some(hi), Some(lo)) if hi * 16 + lo != u32::from(b'/') => {
+                out.push((hi * 16 + lo) as u8);
+                i += 2;
+            }
+            _ => out.push(b),
+        }
+    }
+    if out.len() > 1 && out.ends_with(b"/") {
+        out.pop();
+    }
+    out
 }
 
 fn lock(window: &Mutex<Window>) -> std::sync::MutexGuard<'_, Window> {
@@ -464,13 +612,89 @@ mod tests {
             assert_eq!(w.try_acquire(t0 + Duration::from_secs(i)), Ok(()));
         }
         let wait = w.try_acquire(t0 + Duration::from_secs(10)).unwrap_err();
-        // The first call's slot (0-3 s) leaves at 63 s: 53 s from the refused call.
-        assert_eq!(wait, Duration::from_secs(53));
-        assert!(w.try_acquire(t0 + Duration::from_secs(63)).is_ok());
+        // The first slot (0-3 s) holds all three; its latest call (2 s) leaves at 62 s.
+        assert_eq!(wait, Duration::from_secs(52));
+        assert!(w.try_acquire(t0 + Duration::from_secs(62)).is_ok());
         assert_eq!(
-            w.used(t0 + Duration::from_secs(63)),
+            w.used(t0 + Duration::from_secs(62)),
             1,
             "the first three have left"
+        );
+    }
+
+    #[test]
+    fn a_burst_frees_exactly_one_window_later() {
+        let t0 = Instant::now() + Duration::from_millis(37);
+        let mut w = Window::new(rate(5, 1000), Instant::now());
+        for _ in 0..5 {
+            assert!(w.try_acquire(t0).is_ok());
+        }
+        let asked = t0 + Duration::from_millis(1);
+        assert_eq!(w.try_acquire(asked), Err(Duration::from_millis(999)));
+        assert!(w.try_acquire(t0 + Duration::from_millis(1000)).is_ok());
+    }
+
+    #[test]
+    fn a_reserved_call_taken_back_frees_its_place() {
+        let t0 = Instant::now();
+        let mut w = Window::new(rate(1, 1000), t0);
+        let slot = w.reserve(t0).unwrap();
+        assert!(w.try_acquire(t0).is_err());
+        w.release(slot);
+        assert!(w.try_acquire(t0).is_ok());
+    }
+
+    fn limiter(rules: &str) -> Limiter {
+        let config = crate::config::Config::from_toml(
+            &format!(
+                "[[app]]\nname = \"a\"\napp_key = \"k\"\ncorp_id = 1\ncorp_secret = \"s\"\n{rules}"
+            ),
+            "t.toml",
+            None,
+        )
+        .unwrap()
+        .config;
+        Limiter::new(&config.limits, &config.apps, None, None)
+    }
+
+    #[test]
+    fn every_spelling_a_lenient_server_serves_is_counted_and_head_as_get() {
+        let l = limiter("");
+        let get = http::Method::GET;
+        let export = l.rule_for(&get, "/api/apps/address-book/v1.0/all").unwrap();
+        for spelling in [
+            "/api/apps/address-book/v1.0/all/",
+            "/api/apps//address-book/v1.0/all",
+            "/api/apps/address-book/v1.0/%61ll",
+            "/api/apps/address-book/v1%2E0/all",
+            "/api/APPS/address-book/v1.0/all",
+            "/api/apps/address-book/v1.0/all;jsessionid=1",
+        ] {
+            assert_eq!(l.rule_for(&get, spelling), Some(export), "{spelling}");
+        }
+        assert_eq!(
+            l.rule_for(&http::Method::HEAD, "/api/apps/address-book/v1.0/all"),
+            Some(export)
+        );
+        assert_eq!(l.rule_for(&get, "/api/apps/address-book/v1.0/al"), None);
+        assert_eq!(
+            l.rule_for(&get, "/api/apps/address-book/v1.0/all%2Fx"),
+            None
+        );
+    }
+
+    #[test]
+    fn the_most_specific_rule_wins_and_a_file_rule_over_a_built_in_one() {
+        let l = limiter(
+            "[[limits.rule]]\nmethod = \"GET\"\npath = \"/api/apps/v1/robot/chats/hot\"\nrate = \"1/min\"\n",
+        );
+        let get = http::Method::GET;
+        let hot = l.rule_for(&get, "/api/apps/v1/robot/chats/hot").unwrap();
+        assert_eq!(l.rules()[hot].pattern, "/api/apps/v1/robot/chats/hot");
+        let other = l.rule_for(&get, "/api/apps/v1/robot/chats/c-1").unwrap();
+        assert_eq!(
+            l.rules()[other].pattern,
+            "/api/apps/v1/robot/chats/{chat_id}"
         );
     }
 
@@ -514,6 +738,6 @@ mod tests {
             assert!(w.try_acquire(t0 + Duration::from_micros(i * 10)).is_ok());
         }
         assert!(w.try_acquire(t0 + Duration::from_secs(2)).is_err());
-        assert!(std::mem::size_of::<Window>() < 160);
+        assert!(std::mem::size_of::<Window>() < 320);
     }
 }

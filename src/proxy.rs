@@ -457,18 +457,17 @@ impl Proxy {
         };
         self.metrics
             .rate_limited(&self.config.apps[app].name, &limited.rule);
-        let mut e = ProxyError::new(
-            ErrorKind::RateLimited,
-            format!(
-                "app {}: {} allows {} (PLATFORM.md section 3 or [limits]); the window is full, \
-                 retry after {} s",
-                self.config.apps[app].name,
-                limited.rule,
-                limited.rate,
-                limited.retry_after.as_secs() + 1
-            ),
-        );
+        let mut e = ProxyError::new(ErrorKind::RateLimited, "");
         e.retry_after = Some(limited.retry_after);
+        e.message = format!(
+            "app {}: {} allows {} (PLATFORM.md section 3 or [limits]); the window is full, \
+             retry after {} s",
+            self.config.apps[app].name,
+            limited.rule,
+            limited.rate,
+            e.retry_after_secs().unwrap_or(1)
+        )
+        .into();
         Err(e)
     }
 

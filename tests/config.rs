@@ -529,3 +529,49 @@ fn limit_rules_read_their_rate_and_refuse_what_is_not_one() {
         "{all}"
     );
 }
+
+#[test]
+fn limit_rules_that_could_never_match_are_refused() {
+    let rule = |method: &str, path: &str| {
+        format!("[[limits.rule]]\nmethod = \"{method}\"\npath = \"{path}\"\nrate = \"1/s\"\n")
+    };
+    let deep: String = (0..16).map(|i| format!("/s{i}")).collect();
+    let bad = [
+        rule("GET", "/api/v1/../x"),
+        rule("GET", "/api/./x"),
+        rule("GET", "/api//x"),
+        rule("GET", "/api/a b"),
+        rule("GET", "/api/%61"),
+        rule("GET", "/api/{x"),
+        rule("GET", "/api/pre{x}"),
+        rule("GET", &deep),
+        rule("CONNECT", "/api/x"),
+    ]
+    .concat();
+    let all = load(&format!("{MINIMAL}\n{bad}")).unwrap_err().to_string();
+    for (i, what) in [
+        "\"..\" segment",
+        "\".\" segment",
+        "empty segment",
+        "holds ' '",
+        "holds '%'",
+        "a placeholder is a whole segment",
+        "a placeholder is a whole segment",
+        "has 16 segments",
+    ]
+    .iter()
+    .enumerate()
+    {
+        assert!(
+            all.contains(&format!("limits.rule[{i}].path: ")) && all.contains(what),
+            "{i}: {what} in\n{all}"
+        );
+    }
+    assert!(
+        all.contains("limits.rule[8].method: CONNECT is never forwarded"),
+        "{all}"
+    );
+    // A trailing slash is matched either way: kept without it.
+    let ok = load(&format!("{MINIMAL}\n{}", rule("GET", "/api/v1/ts/"))).unwrap();
+    assert_eq!(ok.config.limits.rules[0].path, "/api/v1/ts");
+}

@@ -81,6 +81,19 @@ async fn a_burst_waits_for_room_up_to_max_wait_and_is_refused_at_once_without_it
     }
     assert!(took >= Duration::from_millis(600), "spread over {took:?}");
 
+    // At the default max_wait_ms (1 s) a burst of ten passes too: five now, five when the
+    // first five are one second old.
+    let env = EnvBuilder::new()
+        .extra(&rule("GET", path, "5/s"))
+        .start()
+        .await;
+    env.ready().await;
+    let started = Instant::now();
+    for a in get_concurrently(&env.url(path), 10).await {
+        assert_eq!(a.status, 200, "{}", a.text());
+    }
+    assert!(started.elapsed() >= Duration::from_millis(900));
+
     let env = five_a_second(0).await;
     let started = Instant::now();
     let answers = get_concurrently(&env.url(path), 8).await;
@@ -160,4 +173,43 @@ async fn a_hammering_client_never_makes_the_platform_answer_49001() {
         }
     }
     assert!(passed >= 5, "the limit is used, not starved: {passed}");
+}
+
+#[tokio::test]
+async fn a_reload_keeps_the_windows_of_a_renamed_app_and_a_changed_count() {
+    let path = "/api/apps/v1/reloaded";
+    let env = EnvBuilder::new()
+        .extra(&rule("GET", path, "3/min"))
+        .set("limits.max_wait_ms", 0)
+        .start()
+        .await;
+    for _ in 0..3 {
+        assert_eq!(get(&env.url(path)).await.status, 200);
+    }
+    let dir = env.dir.path();
+    let reload = |rate: &str| {
+        let app = default_app(dir).replace("name = \"default\"", "name = \"renamed\"");
+        let text = config_text(
+            &env.sandbox,
+            dir,
+            &format!("{}{app}", rule("GET", path, rate)),
+        );
+        set(&text, "limits.max_wait_ms", 0)
+    };
+    // Renamed, and the count raised by one: the three calls still count.
+    env.proxy
+        .gateway
+        .apply(config(&reload("4/min")))
+        .await
+        .unwrap();
+    assert_eq!(get(&env.url(path)).await.status, 200, "the fourth of 4/min");
+    assert_proxy_error(&get(&env.url(path)).await, 429, "rate_limited");
+    // Another period is another window.
+    env.proxy
+        .gateway
+        .apply(config(&reload("4/h")))
+        .await
+        .unwrap();
+    assert_eq!(get(&env.url(path)).await.status, 200);
+    assert_eq!(seen(&env, path), 5);
 }

@@ -74,6 +74,16 @@ impl Redis {
         }
     }
 
+    /// Sends `signal` (`STOP`, `CONT`) to the server we started, by PID.
+    fn signal(&self, signal: &str) {
+        let pid = self.child.as_ref().expect("running").id().to_string();
+        let ok = Command::new("kill")
+            .args([&format!("-{signal}"), &pid])
+            .status()
+            .expect("kill runs");
+        assert!(ok.success());
+    }
+
     /// Stops the server (only the one we started, by PID).
     fn stop(&mut self) {
         if let Some(mut c) = self.child.take() {
@@ -379,7 +389,7 @@ async fn instances_share_callback_nonces_so_a_retry_elsewhere_is_not_kept_twice(
 
 #[tokio::test]
 async fn call_limits_hold_across_instances_and_each_instance_counts_alone_without_redis() {
-    let Some(mut redis) = Redis::start() else {
+    let Some(redis) = Redis::start() else {
         return;
     };
     let rules = "[limits]\nmax_wait_ms = 1500\n\
@@ -407,11 +417,20 @@ async fn call_limits_hold_across_instances_and_each_instance_counts_alone_withou
     all_ok(&answers);
     assert!(took >= Duration::from_millis(900), "spread over {took:?}");
 
-    // Redis stopped: every instance keeps serving and holds the whole limit alone.
-    redis.stop();
+    // Redis paused (it accepts connections and answers nothing, the worst way to fail):
+    // every instance keeps serving, holds the whole limit alone, and its calls do not queue
+    // behind the store's timeouts (max_wait_ms is 1.5 s and these windows are full for a
+    // minute, so every answer is due at once).
+    redis.signal("STOP");
+    let started = Instant::now();
     let answers = spread(&proxies, 30, "/api/apps/v1/alone").await;
+    let took = started.elapsed();
     assert_eq!(answers.iter().filter(|a| a.status == 200).count(), 12);
     assert_eq!(seen("/api/apps/v1/alone"), 12, "4 per instance");
+    assert!(
+        took < Duration::from_secs(3),
+        "30 calls took {took:?} with the store paused"
+    );
     let ready = get(&format!("http://{}/readyz", proxies[0].admin_addr.unwrap())).await;
     let store = &ready.json()["token_store"];
     assert_eq!(store["up"], false, "{}", ready.text());
@@ -422,4 +441,19 @@ async fn call_limits_hold_across_instances_and_each_instance_counts_alone_withou
             .contains("call limits per instance"),
         "{store}"
     );
+
+    // Back: sharing resumes, and an instance's own window still holds what it passed
+    // alone, so it does not pass another 4 on top of those within the minute.
+    redis.signal("CONT");
+    let admin = format!("http://{}/readyz", proxies[0].admin_addr.unwrap());
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while get(&admin).await.json()["token_store"]["up"] != true {
+        assert!(Instant::now() < deadline, "the store never came back");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let answers = spread(&proxies[..1], 5, "/api/apps/v1/alone").await;
+    for a in &answers {
+        assert_proxy_error(a, 429, "rate_limited");
+    }
+    assert_eq!(seen("/api/apps/v1/alone"), 12);
 }

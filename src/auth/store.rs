@@ -35,8 +35,7 @@ use crate::secret::Secret;
 /// Longest a single Redis call may take before the store counts as down.
 const CALL_TIMEOUT: Duration = Duration::from_millis(500);
 
-/// After a failed call, how long call limits count per instance before trying the store
-/// again (token fetches, readiness probes and scrapes try it whenever they run).
+/// After a failed connect, how long before anyone connects again.
 const RETRY_AFTER_FAILURE: Duration = Duration::from_secs(1);
 
 /// Stores a token unless the stored one is at least as new; returns what is stored after.
@@ -61,40 +60,56 @@ return 0
 "#;
 
 /// Takes a slot in one call-limit window shared by all instances (SPEC section 4.9), in
-/// the scheme of [`crate::limits::Window`]: a hash of calls per slot, keyed by slot number
-/// on the Redis server's clock (so the instances' clocks need not agree). Fields of slots
-/// that left the window are deleted when a new slot is opened, so the hash holds at most
-/// a window's slots however large the limit; the key expires with the window.
+/// the scheme of [`crate::limits::Window`]: a hash holding per slot its calls (`n:SLOT`) and
+/// its latest call's time (`t:SLOT`, µs), slots numbered on the Redis server's clock (so
+/// the instances' clocks need not agree). A slot counts while its latest call is within the
+/// window. Fields of slots that left the ring are deleted when a new slot opens, so the
+/// hash holds at most a ring's slots however large the limit; the key expires with them.
 ///
-/// KEYS[1] the window; ARGV: n, slot length (µs), slots per window. Returns
-/// `{admitted, wait_us, counted}`: `{1, 0, calls now}` or `{0, µs until room, calls now}`
-/// (`wait_us` -1 when `n` is 0).
+/// KEYS[1] the window; ARGV: n, window length (µs), slot length (µs), slots per window.
+/// Returns `{admitted, wait_us, counted}`: `{1, 0, calls now}` or `{0, µs until room,
+/// calls now}` (`wait_us` -1 when nothing will ever leave).
 const SLOT_SCRIPT: &str = r#"
 local n = tonumber(ARGV[1])
-local slot = tonumber(ARGV[2])
-local slots = tonumber(ARGV[3])
+local per = tonumber(ARGV[2])
+local slot = tonumber(ARGV[3])
+local slots = tonumber(ARGV[4])
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
 local s = math.floor(now / slot)
 local fields = {}
-for i = 0, slots do fields[i + 1] = string.format('%.0f', s - slots + i) end
-local counts = redis.call('HMGET', KEYS[1], unpack(fields))
-local total = 0
-for i = 1, #counts do total = total + (tonumber(counts[i]) or 0) end
+for i = 0, slots do
+  local name = string.format('%.0f', s - slots + i)
+  fields[2 * i + 1] = 'n:' .. name
+  fields[2 * i + 2] = 't:' .. name
+end
+local got = redis.call('HMGET', KEYS[1], unpack(fields))
+local counts, total = {}, 0
+for i = 0, slots do
+  local c = tonumber(got[2 * i + 1]) or 0
+  local last = tonumber(got[2 * i + 2]) or 0
+  if c > 0 and now - last < per then
+    counts[#counts + 1] = {c, last}
+    total = total + c
+  end
+end
 if total < n then
-  if redis.call('HINCRBY', KEYS[1], fields[slots + 1], 1) == 1 then
+  local cur = fields[2 * slots + 1]
+  local fresh = redis.call('HINCRBY', KEYS[1], cur, 1) == 1
+  redis.call('HSET', KEYS[1], fields[2 * slots + 2], string.format('%.0f', now))
+  if fresh then
     for _, k in ipairs(redis.call('HKEYS', KEYS[1])) do
-      if tonumber(k) < s - slots then redis.call('HDEL', KEYS[1], k) end
+      if tonumber(string.sub(k, 3)) < s - slots then redis.call('HDEL', KEYS[1], k) end
     end
     redis.call('PEXPIRE', KEYS[1], math.ceil(slot * (slots + 1) / 1000))
   end
   return {1, 0, total + 1}
 end
 local left = total
-for i = 1, #counts do
-  left = left - (tonumber(counts[i]) or 0)
+for _, c in ipairs(counts) do
+  left = left - c[1]
   if left < n then
-    return {0, (s + i) * slot - now, total}
+    return {0, c[2] + per - now, total}
   end
 end
 return {0, -1, total}
@@ -158,9 +173,12 @@ pub struct TokenStore {
     up: AtomicBool,
     /// Set once the first call has been made (so "down" is not logged before trying).
     tried: AtomicBool,
-    /// When a call last failed (ms since the epoch; 0: never). Call limits skip the store
-    /// for a while after a failure rather than pay a connect attempt per call.
+    /// When a connect last failed (ms since the epoch; 0: never). For
+    /// `RETRY_AFTER_FAILURE` after it nobody connects again, and counted calls do not use
+    /// the store until a background probe finds it back.
     failed_at_ms: AtomicU64,
+    /// A background probe (see [`TokenStore::probe_if_due`]) is running.
+    probing: AtomicBool,
     lease: Duration,
     owner: String,
     metrics: Arc<Metrics>,
@@ -189,6 +207,7 @@ impl TokenStore {
             up: AtomicBool::new(false),
             tried: AtomicBool::new(false),
             failed_at_ms: AtomicU64::new(0),
+            probing: AtomicBool::new(false),
             lease,
             owner: format!("{}-{}", std::process::id(), now_us()),
             metrics,
@@ -227,10 +246,30 @@ impl TokenStore {
         if let Some(c) = slot.as_ref() {
             return Ok(c.clone());
         }
-        let c = tokio::time::timeout(CALL_TIMEOUT, ConnectionManager::new(self.client.clone()))
-            .await
-            .map_err(|_| StoreError("connect timed out".into()))?
-            .map_err(|e| StoreError(format!("cannot connect: {:?}", e.kind())))?;
+        // Callers that queued here behind a connect that failed do not each try again (a
+        // store that does not answer would hold every one of them for the timeout in turn).
+        if now_ms().saturating_sub(self.failed_at_ms.load(Ordering::Relaxed))
+            < RETRY_AFTER_FAILURE.as_millis() as u64
+        {
+            return Err(StoreError("unreachable (tried just now)".into()));
+        }
+        // Our own retry policy (a failed call marks the store down, the next one reconnects):
+        // the manager's retries with backoff would turn a refused connection into a wait
+        // of the whole timeout.
+        let config = redis::aio::ConnectionManagerConfig::new()
+            .set_number_of_retries(0)
+            .set_connection_timeout(Some(CALL_TIMEOUT));
+        let connect = ConnectionManager::new_with_config(self.client.clone(), config);
+        let c = match tokio::time::timeout(CALL_TIMEOUT, connect).await {
+            Ok(Ok(c)) => c,
+            failed => {
+                self.failed_at_ms.store(now_ms(), Ordering::Relaxed);
+                return Err(StoreError(match failed {
+                    Ok(Err(e)) => format!("cannot connect: {:?}", e.kind()),
+                    _ => "connect timed out".into(),
+                }));
+            }
+        };
         *slot = Some(c.clone());
         Ok(c)
     }
@@ -269,7 +308,6 @@ impl TokenStore {
                 }
             }
             Err(e) => {
-                self.failed_at_ms.store(now_ms(), Ordering::Relaxed);
                 if self.up() || !self.tried.load(Ordering::Relaxed) {
                     self.mark(false, Some(&e.0));
                 }
@@ -278,31 +316,45 @@ impl TokenStore {
         result
     }
 
-    /// Whether a call is worth making now: the store is up, or its last failure is older
-    /// than `RETRY_AFTER_FAILURE` (a call then finds out whether it is back).
-    pub fn worth_trying(&self) -> bool {
-        self.up()
+    /// While the store is down, pings it in the background once its last failure is older
+    /// than `RETRY_AFTER_FAILURE`, one ping at a time; callers that must not wait on a down
+    /// store (counted calls) go on without it and learn from [`TokenStore::up`] when it is
+    /// back.
+    pub fn probe_if_due(self: &Arc<Self>) {
+        if self.up()
             || now_ms().saturating_sub(self.failed_at_ms.load(Ordering::Relaxed))
-                >= RETRY_AFTER_FAILURE.as_millis() as u64
+                < RETRY_AFTER_FAILURE.as_millis() as u64
+            || self.probing.swap(true, Ordering::AcqRel)
+        {
+            return;
+        }
+        let store = self.clone();
+        tokio::spawn(async move {
+            store.ping().await;
+            store.probing.store(false, Ordering::Release);
+        });
     }
 
-    /// Takes a slot in the shared window `key` of `n` calls per `slots` slots of `slot`
-    /// (see `SLOT_SCRIPT`): `Ok(Ok(calls counted))` when admitted, `Ok(Err(wait))` when
-    /// the window is full for `wait`.
+    /// Takes a slot in the shared window `key` of `n` calls per `per`, counted in `slots`
+    /// slots of `slot` (see `SLOT_SCRIPT`): `Ok(Ok(calls counted))` when admitted,
+    /// `Ok(Err(wait))` when the window is full for `wait`.
     pub async fn take_slot(
         &self,
         key: &str,
         n: u32,
+        per: Duration,
         slot: Duration,
         slots: u32,
     ) -> Result<Result<u32, Duration>, StoreError> {
-        let slot_us = u64::try_from(slot.as_micros()).unwrap_or(u64::MAX).max(1);
+        let us = |d: Duration| u64::try_from(d.as_micros()).unwrap_or(u64::MAX).max(1);
+        let (per_us, slot_us) = (us(per), us(slot));
         let script = &self.slot;
         let (admitted, wait_us, counted): (i64, i64, i64) = self
             .call(|mut c| async move {
                 script
                     .key(key)
                     .arg(n)
+                    .arg(per_us)
                     .arg(slot_us)
                     .arg(slots)
                     .invoke_async(&mut c)

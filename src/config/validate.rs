@@ -849,6 +849,11 @@ impl<'a> Check<'a> {
         for (i, r) in l.rule.into_iter().enumerate() {
             let at = format!("limits.rule[{i}]");
             let method = match r.method {
+                Some(m) if m.eq_ignore_ascii_case("CONNECT") => self.fail(
+                    &format!("{at}.method"),
+                    "CONNECT is never forwarded (the proxy answers it 405), so the rule would \
+                     count nothing",
+                ),
                 Some(m) if !m.is_empty() && m.bytes().all(|b| b.is_ascii_alphabetic()) => {
                     Some(m.to_ascii_uppercase())
                 }
@@ -858,12 +863,17 @@ impl<'a> Check<'a> {
                 ),
                 None => self.fail(&format!("{at}.method"), "missing"),
             };
-            let path = match r.path {
-                Some(p) if p.starts_with('/') && !p.contains(['?', '#']) => Some(p),
-                Some(p) => self.fail(
-                    &format!("{at}.path"),
-                    format!("{p:?} must be a path starting with /"),
-                ),
+            let path = match r.path.map(|p| (pattern_problem(&p), p)) {
+                Some((None, p)) => {
+                    // A trailing `/` is matched either way (as a lenient server reads paths).
+                    let trimmed = if p.len() > 1 {
+                        p.trim_end_matches('/')
+                    } else {
+                        &p
+                    };
+                    Some(trimmed.to_owned())
+                }
+                Some((Some(why), p)) => self.fail(&format!("{at}.path"), format!("{p:?} {why}")),
                 None => self.fail(&format!("{at}.path"), "missing"),
             };
             let rate = match r.rate.as_deref().map(|t| (t, LimitRule::parse_rate(t))) {
@@ -1016,4 +1026,52 @@ fn parse_upstream_url(url: &str) -> Result<(Scheme, Authority, String), &'static
     }
     let base_path = uri.path().trim_end_matches('/').to_owned();
     Ok((scheme, authority, base_path))
+}
+
+/// Why a `[[limits.rule]]` path pattern could never match a forwarded path, if it could not:
+/// it must start with `/`, hold no query, fragment, escape, space or backslash, no `.` or
+/// `..` segment (forwarded paths have them resolved) and no empty one, at most
+/// `limits::MAX_SEGMENTS` segments, and braces only as a whole `{name}` segment.
+fn pattern_problem(p: &str) -> Option<String> {
+    if !p.starts_with('/') {
+        return Some("must be a path starting with /".into());
+    }
+    if let Some(c) = p
+        .chars()
+        .find(|c| !c.is_ascii_graphic() || matches!(c, '?' | '#' | '%' | '\\'))
+    {
+        return Some(format!(
+            "holds {c:?}: a pattern is a plain path (no query, fragment, escape, space or \
+             backslash)"
+        ));
+    }
+    let body = p.trim_end_matches('/');
+    let segments: Vec<&str> = body.split('/').skip(1).collect();
+    if segments.len() + 1 > crate::limits::MAX_SEGMENTS {
+        return Some(format!(
+            "has {} segments; a rule matches at most {}",
+            segments.len(),
+            crate::limits::MAX_SEGMENTS - 1
+        ));
+    }
+    for seg in segments {
+        match seg {
+            "" => return Some("has an empty segment (//)".into()),
+            "." | ".." => {
+                return Some(format!(
+                    "has a {seg:?} segment; forwarded paths have them resolved, so it would \
+                     match nothing"
+                ))
+            }
+            _ if crate::limits::is_placeholder(seg)
+                && !seg[1..seg.len() - 1].contains(['{', '}']) => {}
+            _ if seg.contains(['{', '}']) => {
+                return Some(format!(
+                    "has segment {seg:?}: a placeholder is a whole segment, {{name}}"
+                ))
+            }
+            _ => {}
+        }
+    }
+    None
 }

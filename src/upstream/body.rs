@@ -75,11 +75,8 @@ impl ProxyError {
         let headers = resp.headers_mut();
         headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
         headers.insert(ERROR_HEADER, HeaderValue::from_static(self.kind.name()));
-        if let Some(after) = self.retry_after {
-            // RFC 9110 section 10.2.3: delay-seconds, rounded up so a client that waits it
-            // finds the slot free.
-            let secs = after.as_secs() + u64::from(after.subsec_nanos() > 0);
-            headers.insert(http::header::RETRY_AFTER, HeaderValue::from(secs.max(1)));
+        if let Some(secs) = self.retry_after_secs() {
+            headers.insert(http::header::RETRY_AFTER, HeaderValue::from(secs));
         }
         resp
     }
