@@ -108,13 +108,7 @@ impl LimitRule {
 }
 
 fn rate_text<S: Serializer>(r: &platform::Rate, s: S) -> Result<S::Ok, S::Error> {
-    let unit = match r.per.as_secs() {
-        1 => "s",
-        60 => "min",
-        3600 => "h",
-        _ => "d",
-    };
-    s.serialize_str(&format!("{}/{unit}", r.n))
+    s.collect_str(r)
 }
 
 /// `[server]`.
@@ -616,6 +610,45 @@ impl Config {
         match toml::to_string(self) {
             Ok(text) => out.push_str(&text),
             Err(e) => out.push_str(&format!("# cannot be shown as TOML: {e}\n")),
+        }
+        out.push_str(&self.limits_table());
+        out
+    }
+
+    /// The call limits in force, as comments: the documented table (PLATFORM.md section 3)
+    /// with the file's rules added or in place of built-in ones (SPEC section 4.9).
+    fn limits_table(&self) -> String {
+        let l = &self.limits;
+        if !l.enabled {
+            return "\n# call limits: off (limits.enabled = false)\n".into();
+        }
+        let mut out = String::from(
+            "\n# call limits in force, per app (PLATFORM.md section 3 and [[limits.rule]]):\n",
+        );
+        let file = |method: &str, path: &str| {
+            l.rules
+                .iter()
+                .find(|r| r.method == method && platform::same_pattern(&r.path, path))
+        };
+        for api in platform::APIS {
+            let Some(rate) = api.rate else { continue };
+            let line = match file(api.method, api.path) {
+                Some(r) => format!(
+                    "{} {} {} (file; built in: {rate})",
+                    api.method, api.path, r.rate
+                ),
+                None => format!("{} {} {rate} (built in)", api.method, api.path),
+            };
+            out.push_str(&format!("#   {}\n", line.escape_debug()));
+        }
+        for r in &l.rules {
+            let built_in = platform::APIS.iter().any(|a| {
+                a.rate.is_some() && a.method == r.method && platform::same_pattern(a.path, &r.path)
+            });
+            if !built_in {
+                let line = format!("{} {} {} (file)", r.method, r.path, r.rate);
+                out.push_str(&format!("#   {}\n", line.escape_debug()));
+            }
         }
         out
     }

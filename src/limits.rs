@@ -492,7 +492,7 @@ impl Limiter {
                 let r = &self.rules[rule];
                 return Err(Limited {
                     rule: r.label(),
-                    rate: rate_text(r.rate),
+                    rate: r.rate.to_string(),
                     retry_after: wait,
                 });
             }
@@ -579,18 +579,6 @@ impl Limiter {
         }
         out
     }
-}
-
-/// `N/s`, `N/min`, `N/h` or `N/d`.
-pub fn rate_text(r: Rate) -> String {
-    let unit = match r.per.as_secs() {
-        1 => "s",
-        60 => "min",
-        3600 => "h",
-        86_400 => "d",
-        _ => return format!("{}/{}s", r.n, r.per.as_secs()),
-    };
-    format!("{}/{unit}", r.n)
 }
 
 #[cfg(test)]

@@ -140,6 +140,20 @@ pub struct Rate {
     pub per: Duration,
 }
 
+impl std::fmt::Display for Rate {
+    /// `N/s`, `N/min`, `N/h` or `N/d` (another period as `N/Ss`), as `[limits]` writes it.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let unit = match self.per.as_secs() {
+            1 => "s",
+            60 => "min",
+            3600 => "h",
+            86_400 => "d",
+            s => return write!(f, "{}/{s}s", self.n),
+        };
+        write!(f, "{}/{unit}", self.n)
+    }
+}
+
 const fn rate(n: u32, per_s: u64) -> Option<Rate> {
     Some(Rate {
         n,

@@ -511,7 +511,14 @@ fn limit_rules_read_their_rate_and_refuse_what_is_not_one() {
     assert_eq!(l.max_wait, std::time::Duration::from_millis(1500));
     assert_eq!(l.rules[0].method, "GET");
     assert_eq!(l.rules[0].rate.n, 10);
-    assert!(loaded.config.render().contains("rate = \"10/s\""));
+    let shown = loaded.config.render();
+    assert!(shown.contains("rate = \"10/s\""), "{shown}");
+    // The table in force: the built-in rules, the file's one in place of a built-in one.
+    assert!(
+        shown.contains("#   GET /api/apps/v1/robot/chats/{chat_id} 10/s (file; built in: ")
+            && shown.contains("#   GET /api/apps/address-book/v1.0/all 10/h (built in)"),
+        "{shown}"
+    );
     let bad = format!(
         "{MINIMAL}\n[[limits.rule]]\nmethod = \"GET\"\npath = \"/a/{{x}}\"\nrate = \"0/min\"\n\
          [[limits.rule]]\nmethod = \"GET\"\npath = \"/a/{{x}}\"\nrate = \"3/week\"\n\
