@@ -400,36 +400,57 @@ impl Limiter {
         } else {
             method
         };
-        if let Some(rule) = self.matching(method, path.as_bytes(), false) {
-            return Some(rule);
+        let (rule, odd) = self.matching(method, path.as_bytes(), false);
+        // The common spelling missed; another is tried only when the path has one (found
+        // in the same pass over its bytes, so a call no rule counts allocates nothing).
+        match rule {
+            Some(rule) => Some(rule),
+            None if odd => self.matching(method, &lenient(path.as_bytes()), true).0,
+            None => None,
         }
-        // The common spelling missed; another spelling is tried only when the path has one
-        // (a scan, no allocation, for the calls no rule counts).
-        let p = path.as_bytes();
-        let odd = p
-            .iter()
-            .any(|&b| b == b'%' || b == b';' || b.is_ascii_uppercase())
-            || p.windows(2).any(|w| w == b"//")
-            || (p.len() > 1 && p.ends_with(b"/"));
-        if !odd {
-            return None;
-        }
-        self.matching(method, &lenient(p), true)
     }
 
-    /// The first candidate (most specific first) whose pattern `path` matches.
-    fn matching(&self, method: &http::Method, path: &[u8], any_case: bool) -> Option<usize> {
-        // The path split once, without allocating; a path longer than any pattern matches none.
+    /// The first candidate (most specific first) whose pattern `path` matches, and whether
+    /// `path` is spelt in a way [`lenient`] would change (an escape, a `;`, an upper-case
+    /// letter, an empty segment after the first, or more segments than a rule has).
+    fn matching(
+        &self,
+        method: &http::Method,
+        path: &[u8],
+        any_case: bool,
+    ) -> (Option<usize>, bool) {
+        // The path split once, without allocating.
         let mut segs: [&[u8]; MAX_SEGMENTS] = [&[]; MAX_SEGMENTS];
-        let mut n = 0;
-        for seg in path.split(|&b| b == b'/') {
-            *segs.get_mut(n)? = seg;
-            n += 1;
+        let (mut n, mut start, mut odd) = (0, 0, false);
+        for (i, &b) in path.iter().enumerate() {
+            if b == b'/' {
+                let Some(seg) = segs.get_mut(n) else {
+                    return (None, true);
+                };
+                *seg = &path[start..i];
+                odd |= n > 0 && start == i;
+                n += 1;
+                start = i + 1;
+            } else {
+                odd |= ODD[usize::from(b)];
+            }
         }
-        let (_, candidates) = self.index.get(n)?.iter().find(|(m, _)| m == method)?;
+        let Some(seg) = segs.get_mut(n) else {
+            return (None, true);
+        };
+        *seg = &path[start..];
+        odd |= n > 0 && start == path.len();
+        n += 1;
+        let Some((_, candidates)) = self
+            .index
+            .get(n)
+            .and_then(|by| by.iter().find(|(m, _)| m == method))
+        else {
+            return (None, odd);
+        };
         // Last segment first: patterns share their leading `/api/apps/v1`, so a path that
         // no rule counts is told apart at its end.
-        candidates.iter().copied().find(|&i| {
+        let rule = candidates.iter().copied().find(|&i| {
             self.segments[i]
                 .iter()
                 .zip(&segs[..n])
@@ -439,7 +460,8 @@ impl Limiter {
                     Some(literal) => **literal == **got,
                     None => !got.is_empty(),
                 })
-        })
+        });
+        (rule, odd)
     }
 
     /// Whether windows are counted in the shared store now (it is configured and up): a
@@ -518,6 +540,19 @@ impl Limiter {
         Some(taken.map(drop))
     }
 }
+
+/// Bytes that make a path spelling one [`lenient`] would change: `%`, `;`, `A`-`Z`.
+static ODD: [bool; 256] = {
+    let mut t = [false; 256];
+    t[b'%' as usize] = true;
+    t[b';' as usize] = true;
+    let mut c = b'A';
+    while c <= b'Z' {
+        t[c as usize] = true;
+        c += 1;
+    }
+    t
+};
 
 /// Whether a pattern segment is a `{x}` placeholder.
 pub fn is_placeholder(segment: &str) -> bool {
