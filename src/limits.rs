@@ -30,9 +30,7 @@ use crate::auth::store::{self, TokenStore};
 use crate::config::{AppConfig, LimitsConfig};
 use crate::platform::{self, Rate};
 
-/// Path segments a rule may have, counting the empty one before the leading `/` (a longer
-/// path matches no rule).
-pub const MAX_SEGMENTS: usize = 16;
+use crate::platform::{is_placeholder, MAX_PATTERN_SEGMENTS as MAX_SEGMENTS};
 
 /// Slots per window.
 pub const SLOTS: u32 = 20;
@@ -552,11 +550,6 @@ static ODD: [bool; 256] = {
     }
     t
 };
-
-/// Whether a pattern segment is a `{x}` placeholder.
-pub fn is_placeholder(segment: &str) -> bool {
-    segment.len() > 2 && segment.starts_with('{') && segment.ends_with('}')
-}
 
 /// `path` as a lenient server reads it: percent-escapes decoded (but for `%2F`, which stays
 /// inside its segment), runs of `/` as one, `;parameters` of a segment and a trailing `/`

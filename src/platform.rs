@@ -357,7 +357,7 @@ pub fn api_index(method: &str, path: &str) -> Option<usize> {
 /// Whether two path patterns are the same rule: equal segment by segment, where any two
 /// `{x}` segments are equal whatever their names.
 pub fn same_pattern(a: &str, b: &str) -> bool {
-    let var = |s: &str| s.starts_with('{') && s.ends_with('}');
+    let var = is_placeholder;
     let (mut x, mut y) = (a.split('/'), b.split('/'));
     loop {
         match (x.next(), y.next()) {
@@ -368,6 +368,15 @@ pub fn same_pattern(a: &str, b: &str) -> bool {
     }
 }
 
+/// Path segments a `[limits]` rule's pattern may have, counting the empty one before the
+/// leading `/` (a longer path matches no rule).
+pub const MAX_PATTERN_SEGMENTS: usize = 16;
+
+/// Whether a pattern segment is a `{x}` placeholder.
+pub fn is_placeholder(segment: &str) -> bool {
+    segment.len() > 2 && segment.starts_with('{') && segment.ends_with('}')
+}
+
 /// Whether `path` matches `pattern`, where a `{x}` segment matches any one non-empty segment.
 pub fn path_matches(pattern: &str, path: &str) -> bool {
     let mut want = pattern.split('/');
@@ -375,7 +384,7 @@ pub fn path_matches(pattern: &str, path: &str) -> bool {
     loop {
         match (want.next(), got.next()) {
             (None, None) => return true,
-            (Some(w), Some(g)) if w.starts_with('{') && w.ends_with('}') => {
+            (Some(w), Some(g)) if is_placeholder(w) => {
                 if g.is_empty() {
                     return false;
                 }

@@ -1031,7 +1031,7 @@ fn parse_upstream_url(url: &str) -> Result<(Scheme, Authority, String), &'static
 /// Why a `[[limits.rule]]` path pattern could never match a forwarded path, if it could not:
 /// it must start with `/`, hold no query, fragment, escape, space or backslash, no `.` or
 /// `..` segment (forwarded paths have them resolved) and no empty one, at most
-/// `limits::MAX_SEGMENTS` segments, and braces only as a whole `{name}` segment.
+/// `platform::MAX_PATTERN_SEGMENTS` segments, and braces only as a whole `{name}` segment.
 fn pattern_problem(p: &str) -> Option<String> {
     if !p.starts_with('/') {
         return Some("must be a path starting with /".into());
@@ -1047,11 +1047,11 @@ fn pattern_problem(p: &str) -> Option<String> {
     }
     let body = p.trim_end_matches('/');
     let segments: Vec<&str> = body.split('/').skip(1).collect();
-    if segments.len() + 1 > crate::limits::MAX_SEGMENTS {
+    if segments.len() + 1 > platform::MAX_PATTERN_SEGMENTS {
         return Some(format!(
             "has {} segments; a rule matches at most {}",
             segments.len(),
-            crate::limits::MAX_SEGMENTS - 1
+            platform::MAX_PATTERN_SEGMENTS - 1
         ));
     }
     for seg in segments {
@@ -1063,8 +1063,7 @@ fn pattern_problem(p: &str) -> Option<String> {
                      match nothing"
                 ))
             }
-            _ if crate::limits::is_placeholder(seg)
-                && !seg[1..seg.len() - 1].contains(['{', '}']) => {}
+            _ if platform::is_placeholder(seg) && !seg[1..seg.len() - 1].contains(['{', '}']) => {}
             _ if seg.contains(['{', '}']) => {
                 return Some(format!(
                     "has segment {seg:?}: a placeholder is a whole segment, {{name}}"
