@@ -28,8 +28,8 @@ use prometheus::IntCounter;
 use subtle::ConstantTimeEq;
 
 pub use rewrite::{
-    normalize_path, sanitize_request_headers, strip_hop_by_hop, upstream_target, Redacted,
-    QUERY_VALUE, X_CX_APP,
+    normalize_path, path_problem, sanitize_request_headers, strip_hop_by_hop,
+    token_behind_semicolon, upstream_target, Redacted, QUERY_VALUE, X_CX_APP,
 };
 
 use crate::auth::{Injection, Token, TokenManager};
@@ -522,6 +522,21 @@ impl Proxy {
         declared: Option<u64>,
         access: &mut Access,
     ) -> Result<Routed, ProxyError> {
+        if let Some(why) = path_problem(parts.uri.path()) {
+            return Err(ProxyError::new(ErrorKind::BadRequest, why));
+        }
+        if let Some(query) = parts.uri.query() {
+            if token_behind_semicolon(query, &self.token_param) {
+                return Err(ProxyError::new(
+                    ErrorKind::BadRequest,
+                    format!(
+                        "the query names {} behind a ';': the proxy injects the token, and a \
+                         server that splits on ';' would read the client's",
+                        self.token_param
+                    ),
+                ));
+            }
+        }
         // Owned only when resolving dot segments changed the path.
         let normalized = match normalize_path(parts.uri.path()) {
             Cow::Borrowed(_) => None,

@@ -98,7 +98,10 @@ pub async fn serve<M, S, B>(
         .header_read_timeout(HEADER_READ_TIMEOUT)
         .max_headers(MAX_HEADERS)
         .max_buf_size(MAX_HEAD_BYTES)
-        .keep_alive(true);
+        .keep_alive(true)
+        // A client that shuts its write side after a complete request (some legacy clients,
+        // `nc`) still gets its answer, as nginx gives it.
+        .half_close(true);
     builder
         .http2()
         .timer(TokioTimer::new())

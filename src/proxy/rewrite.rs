@@ -221,6 +221,49 @@ fn sensitive_key(raw: &str, extra: &str) -> bool {
             .any(|s| key.contains(s))
 }
 
+/// Whether a query value holds `name=` for a sensitive name (behind `,`, `|` or any other
+/// separator a server might split on).
+fn hides_secret(value: &str, extra: &str) -> bool {
+    value
+        .match_indices('=')
+        .any(|(i, _)| sensitive_key(&value[..i], extra))
+}
+
+/// Why a path may not be forwarded, if it may not: an encoded slash or backslash (`%2F`,
+/// `%5C`) or a raw backslash, which a server that decodes before resolving dot segments
+/// could read as a way out of an app prefix or a client's grant (SPEC section 4.2).
+pub fn path_problem(path: &str) -> Option<&'static str> {
+    let b = path.as_bytes();
+    // One scan for the two bytes that can start a problem; the usual path has neither.
+    let at = b.iter().position(|&c| c == b'%' || c == b'\\')?;
+    let rest = &b[at..];
+    if rest.contains(&b'\\') {
+        return Some("the path holds a backslash (\\), which a server may read as a slash");
+    }
+    let encoded = rest.windows(3).any(|w| {
+        w[0] == b'%'
+            && ((w[1] == b'2' && (w[2] | 0x20) == b'f') || (w[1] == b'5' && (w[2] | 0x20) == b'c'))
+    });
+    encoded.then_some(
+        "the path holds an encoded slash or backslash (%2F, %5C), which a server that decodes \
+         it could read as a way out of a path",
+    )
+}
+
+/// Whether the query has a `;`-separated piece naming `param` (after percent-decoding): a
+/// server that splits on `;` would read the client's token beside ours (SPEC section 4.4).
+pub fn token_behind_semicolon(query: &str, param: &str) -> bool {
+    if !query.contains(';') {
+        return false;
+    }
+    query.split('&').any(|pair| {
+        pair.split(';').skip(1).any(|piece| {
+            let key = piece.split_once('=').map_or(piece, |(k, _)| k);
+            key_is(key, param) || key_is(key, "access_token")
+        })
+    })
+}
+
 /// A request target for logs: the path, and the query with secret values as `***`.
 pub struct Redacted<'a> {
     path: &'a str,
@@ -249,7 +292,11 @@ impl fmt::Display for Redacted<'_> {
             let pair = &rest[..end];
             f.write_str(sep)?;
             match pair.split_once('=') {
-                Some((k, _)) if sensitive_key(k, self.param) => write!(f, "{k}=***")?,
+                // A token-like name inside the value (`1,access_token=…`): another separator
+                // some server may split on.
+                Some((k, v)) if sensitive_key(k, self.param) || hides_secret(v, self.param) => {
+                    write!(f, "{k}=***")?
+                }
                 _ => f.write_str(pair)?,
             }
             if end == rest.len() {
@@ -382,5 +429,50 @@ mod tests {
             r.to_string(),
             "/p?corp_id=1;corp_secret=***&corp_authorization=***;x=1&%63orp_secret=***"
         );
+        // Behind any other separator, the value goes too.
+        let r = Redacted::new(
+            "/p",
+            Some("group_id=1,access_token=EVIL&b=2|corp_secret=S&c=x=y"),
+            "access_token",
+        );
+        assert_eq!(r.to_string(), "/p?group_id=***&b=***&c=x=y");
+    }
+
+    #[test]
+    fn slashes_a_server_might_decode_are_problems() {
+        for p in [
+            "/a%2Fb",
+            "/a%2f..",
+            "/a%5Cb",
+            "/a%5c",
+            "/a\\b",
+            "/x%20y/%2F",
+        ] {
+            assert!(path_problem(p).is_some(), "{p}");
+        }
+        for p in ["/a/b", "/a%20b", "/a%25", "/%2", "/a%2"] {
+            assert!(path_problem(p).is_none(), "{p}");
+        }
+    }
+
+    #[test]
+    fn a_token_behind_a_semicolon_is_found_in_any_spelling() {
+        assert!(token_behind_semicolon(
+            "group_id=1;access_token=E",
+            "access_token"
+        ));
+        assert!(token_behind_semicolon(
+            "a=1&b=2;access%5Ftoken=E",
+            "access_token"
+        ));
+        assert!(token_behind_semicolon("a=1;tok=E", "tok"));
+        assert!(!token_behind_semicolon(
+            "a=1;b=access_token",
+            "access_token"
+        ));
+        assert!(!token_behind_semicolon(
+            "access_token=E&a=1",
+            "access_token"
+        ));
     }
 }

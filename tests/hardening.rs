@@ -1,0 +1,109 @@
+//! Cases other reverse proxies and token SDKs got wrong in the field (issue 14), each kind
+//! with the example that showed it and a second input of the same kind.
+
+mod support;
+
+use std::net::SocketAddr;
+
+use support::*;
+
+/// Writes `bytes`, shuts the write side (as `nc` and some legacy clients do), reads the
+/// answer until the proxy closes or 5 s pass.
+async fn half_closed_exchange(addr: SocketAddr, bytes: &[u8]) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    s.write_all(bytes).await.unwrap();
+    s.shutdown().await.unwrap();
+    let mut out = Vec::new();
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(5), s.read_to_end(&mut out)).await;
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+#[tokio::test]
+async fn a_client_that_half_closes_after_a_complete_request_gets_its_answer() {
+    let env = EnvBuilder::new().start().await;
+    env.ready().await;
+    let answer = half_closed_exchange(
+        env.proxy.addr,
+        b"GET /api/apps/v1/robot/chats HTTP/1.1\r\nHost: x\r\n\r\n",
+    )
+    .await;
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    assert!(answer.contains("\"err_code\":0"), "{answer}");
+    // HTTP/1.0 with a body, and `Connection: close`: the same.
+    let answer = half_closed_exchange(
+        env.proxy.addr,
+        b"POST /api/apps/v1/to-do HTTP/1.0\r\nHost: x\r\nContent-Length: 2\r\nConnection: close\r\n\r\n{}",
+    )
+    .await;
+    assert!(answer.starts_with("HTTP/1.0 200"), "{answer}");
+    let seen = env.sandbox.recorded();
+    assert!(seen.iter().any(|r| r.path == "/api/apps/v1/robot/chats"));
+    assert!(seen
+        .iter()
+        .any(|r| r.path == "/api/apps/v1/to-do" && r.body_len == 2));
+}
+
+#[tokio::test]
+async fn encoded_slashes_and_backslashes_in_a_path_are_refused() {
+    let env = EnvBuilder::new()
+        .extra(
+            "[[client]]\nname = \"robot-only\"\nnetworks = [\"127.0.0.1/32\"]\napps = [\"default\"]\n\
+             paths = [\"/api/apps/v1/robot/\"]\n",
+        )
+        .start()
+        .await;
+    env.ready().await;
+    for path in [
+        "/api/apps/v1/robot%2F..%2F..%2Fv1%2Fto-do",
+        "/api/apps/v1/robot%2f..%2f..%2fv1%2fto-do",
+        "/api/apps/v1/robot%5C..%5C..%5Cv1%5Cto-do",
+        "/api/apps/v1/robot%5c..%5cv1",
+    ] {
+        let a = get(&env.url(path)).await;
+        let v = assert_proxy_error(&a, 400, "bad_request");
+        assert!(
+            v["err_msg"].as_str().unwrap().contains("slash"),
+            "{path}: {v}"
+        );
+    }
+    // A raw backslash (no client library sends one; a legacy one may).
+    let answer = raw_exchange(
+        env.proxy.addr,
+        b"GET /api/apps/v1/robot\\..\\..\\v1\\to-do HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert!(answer.starts_with("HTTP/1.1 400"), "{answer}");
+    assert!(answer.contains("x-cx-proxy-error: bad_request"), "{answer}");
+    assert!(env
+        .sandbox
+        .recorded()
+        .iter()
+        .all(|r| !r.path.contains("to-do")));
+    // An escape of anything else is the client's business.
+    assert_eq!(get(&env.url("/api/apps/v1/robot/a%20b")).await.status, 200);
+}
+
+#[tokio::test]
+async fn a_client_token_behind_a_semicolon_is_refused() {
+    let env = EnvBuilder::new().start().await;
+    env.ready().await;
+    for query in [
+        "group_id=1;access_token=EVIL",
+        "group_id=1;access%5Ftoken=EVIL2&x=1",
+    ] {
+        let a = get(&env.url(&format!("/api/apps/v1/robot/chats?{query}"))).await;
+        let v = assert_proxy_error(&a, 400, "bad_request");
+        assert!(
+            v["err_msg"].as_str().unwrap().contains("access_token"),
+            "{v}"
+        );
+    }
+    assert!(env
+        .sandbox
+        .recorded()
+        .iter()
+        .all(|r| !r.query.contains("EVIL")));
+    // (The access log masks a token-like name behind any separator: the unit test
+    // `rewrite::tests::logs_see_no_secret_values`.)
+}
