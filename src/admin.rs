@@ -9,7 +9,9 @@
 //! | `GET /callbacks` | each callback route's queue: pending, dead letters, oldest age |
 //! | `POST /callbacks/{name}/redeliver` | puts the route's dead letters back in its queue |
 //!
-//! It obeys `server.allow` like the proxy port: forcing refreshes spends the platform quota.
+//! It obeys its own `admin.allow` (loopback by default), not `server.allow`: forcing
+//! refreshes spends the platform quota, and a remote Prometheus need not be allowed to
+//! proxy calls.
 
 use http::header::{HeaderValue, CONTENT_TYPE};
 use http::{Method, Request, Response, StatusCode};
@@ -45,8 +47,17 @@ pub async fn handle(
     peer: &Peer,
     req: Request<Incoming>,
 ) -> Response<Body> {
-    if let Err(e) = proxy.allowed(peer) {
-        return e.into_response();
+    let allowed = proxy.config().admin.as_ref().is_some_and(|a| {
+        peer.ip()
+            .is_some_and(|ip| a.allow.iter().any(|net| net.contains(&ip)))
+    });
+    if !allowed {
+        let who = peer.ip().map_or("unknown".into(), |ip| ip.to_string());
+        return ProxyError::new(
+            ErrorKind::Forbidden,
+            format!("client address {who} is not in admin.allow"),
+        )
+        .into_response();
     }
     let path = req.uri().path();
     match (req.method(), path) {

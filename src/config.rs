@@ -151,6 +151,9 @@ pub struct TlsFiles {
 pub struct AdminConfig {
     /// Where the admin endpoints listen.
     pub listen: SocketAddr,
+    /// Who may use them (SPEC section 3): loopback unless the file says otherwise,
+    /// independent of `server.allow` (a remote Prometheus need not be allowed to proxy).
+    pub allow: Vec<IpNet>,
 }
 
 /// `[upstream]`.

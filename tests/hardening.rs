@@ -107,3 +107,67 @@ async fn a_client_token_behind_a_semicolon_is_refused() {
     // (The access log masks a token-like name behind any separator: the unit test
     // `rewrite::tests::logs_see_no_secret_values`.)
 }
+
+#[tokio::test]
+async fn the_admin_port_has_its_own_allow_list_loopback_by_default() {
+    // The proxy port closed to this host; the admin port (default: loopback) still open.
+    let env = EnvBuilder::new()
+        .admin()
+        .set("server.allow", vec!["10.0.0.0/8"])
+        .start()
+        .await;
+    assert_proxy_error(&get(&env.url("/api/a")).await, 403, "forbidden");
+    assert_eq!(get(&env.admin_url("/healthz")).await.status, 200);
+    // And the other way round: the proxy port open, the admin port not.
+    let env = EnvBuilder::new()
+        .admin()
+        .set("admin.allow", vec!["10.0.0.0/8", "fd00::/8"])
+        .start()
+        .await;
+    assert_eq!(get(&env.url("/api/a")).await.status, 200);
+    for path in ["/metrics", "/readyz"] {
+        let a = get(&env.admin_url(path)).await;
+        let v = assert_proxy_error(&a, 403, "forbidden");
+        assert!(
+            v["err_msg"].as_str().unwrap().contains("admin.allow"),
+            "{v}"
+        );
+    }
+    let a = send(
+        &client(false),
+        request(
+            http::Method::POST,
+            &env.admin_url("/tokens/default/refresh"),
+            "",
+        ),
+    )
+    .await;
+    assert_proxy_error(&a, 403, "forbidden");
+}
+
+#[test]
+fn config_mistakes_check_used_to_let_through_are_refused() {
+    let load = |extra: &str| {
+        cx_proxy::config::Config::from_toml(
+            &format!(
+                "[[app]]\nname = \"a\"\napp_key = \"k\"\ncorp_id = 1\ncorp_secret = \"s\"\n{extra}"
+            ),
+            "p.toml",
+            None,
+        )
+        .map(drop)
+        .unwrap_err()
+        .to_string()
+    };
+    let e = load("[admin]\nallow = [\"127.0.0.1/32\"]\n");
+    assert!(e.contains("p.toml: admin.listen: missing"), "{e}");
+    let e = load("[admin]\nlisten = \"127.0.0.1:0\"\nallow = [\"everyone\"]\n");
+    assert!(
+        e.contains("p.toml: admin.allow[0]: \"everyone\" is not a network"),
+        "{e}"
+    );
+    let e = load("[[client]]\nname = \"c\"\nnetworks = [\"127.0.0.1\"]\napps = []\n");
+    assert!(e.contains("p.toml: client[0].apps: grants no app"), "{e}");
+    let e = load("[[app]]\nname = \"b\"\napp_key = \"k\"\ncorp_id = 1\ncorp_secret = \"t\"\nprefix = \"/b\"\n");
+    assert!(e.contains("same credentials"), "{e}");
+}

@@ -71,6 +71,7 @@ impl Default for Server {
 #[serde(default)]
 pub(super) struct Admin {
     pub listen: Option<Parsed<SocketAddr>>,
+    pub allow: Option<Vec<String>>,
 }
 
 #[derive(Debug, Deserialize)]

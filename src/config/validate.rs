@@ -22,6 +22,9 @@ use crate::platform::{self, code, AppKind};
 use crate::secret::Secret;
 
 /// Reads and checks a whole file.
+/// The admin port's `allow` when the file gives none: this host only.
+const LOOPBACK: [&str; 2] = ["127.0.0.1/32", "::1/128"];
+
 pub(super) fn config(
     text: &str,
     name: &str,
@@ -32,12 +35,21 @@ pub(super) fn config(
     let mut c = Check::new(name, dir, secrets, read.problems, read.refused);
     let f = read.value;
     let server = c.server(f.server);
-    let admin = match f.admin.map(|a| a.listen) {
-        Some(None) => c.fail(
-            "admin.listen",
-            "missing: the admin listener needs an address",
-        ),
-        admin => admin.flatten(),
+    let admin = match f.admin {
+        None => None,
+        Some(a) => {
+            let allow = match &a.allow {
+                Some(raw) => c.networks("admin.allow", raw),
+                None => LOOPBACK.iter().filter_map(|n| n.parse().ok()).collect(),
+            };
+            match a.listen {
+                None => c.fail(
+                    "admin.listen",
+                    "missing: the admin listener needs an address",
+                ),
+                Some(listen) => Some((listen, allow)),
+            }
+        }
     };
     let upstream = c.upstream(f.upstream);
     let token = c.token(f.token);
@@ -47,7 +59,7 @@ pub(super) fn config(
     let limits = c.limits(f.limits);
     // Two listeners cannot share an address (port 0 picks a free one for each).
     let listens = [
-        ("admin.listen", admin.as_ref().map(|a| a.0)),
+        ("admin.listen", admin.as_ref().map(|a| a.0 .0)),
         ("callbacks.listen", callbacks.as_ref().map(|t| t.listen)),
     ];
     for (i, (key, addr)) in listens.iter().enumerate() {
@@ -66,7 +78,10 @@ pub(super) fn config(
             config: Config {
                 source: name.to_owned(),
                 server,
-                admin: admin.map(|listen| AdminConfig { listen: listen.0 }),
+                admin: admin.map(|(listen, allow)| AdminConfig {
+                    listen: listen.0,
+                    allow,
+                }),
                 upstream,
                 token,
                 apps,
