@@ -387,6 +387,13 @@ impl Proxy {
                 resp
             }
         };
+        // No answer to HEAD carries a body, ours or the upstream's, on any protocol (RFC
+        // 9110 section 9.3.2; hyper leaves it out on HTTP/1 only). Its length stays.
+        let resp = if method == Method::HEAD {
+            resp.map(|_| Body::full(Bytes::new()))
+        } else {
+            resp
+        };
         let total = started.elapsed();
         let status = resp.status().as_u16();
         self.metrics
@@ -624,6 +631,10 @@ impl Proxy {
                 }
                 other => other?,
             };
+            // An answer to HEAD has no body to probe (one that comes anyway is dropped).
+            if parts.method == Method::HEAD {
+                return Ok(resp);
+            }
             let (resp, rejected) = self.check_rejection(resp, app).await?;
             if !rejected {
                 return Ok(resp);
@@ -734,7 +745,16 @@ impl Proxy {
         resp: Response<Body>,
         idx: usize,
     ) -> Result<(Response<Body>, bool), ProxyError> {
-        let (resp, code) = probe::probe(resp, self.upstream.timeout()).await?;
+        // An answer that breaks off while probed is an upstream error like one that never
+        // came.
+        let (resp, code) = probe::probe(resp, self.upstream.timeout())
+            .await
+            .inspect_err(|e| {
+                self.metrics.upstream_error(match e.kind {
+                    ErrorKind::UpstreamTimeout => "timeout",
+                    _ => "unreachable",
+                })
+            })?;
         let Some(code) = code.filter(|&c| c != crate::platform::code::SUCCESS) else {
             return Ok((resp, false));
         };

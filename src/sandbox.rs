@@ -244,6 +244,9 @@ pub struct SandboxOptions {
     pub h1_only: bool,
     /// Enforce the documented rate limits (49001 / 55001).
     pub rate_limits: bool,
+    /// Answer HEAD with a body anyway, as a misbehaving server does (for tests of the
+    /// proxy's side); off, HEAD answers carry none (RFC 9110 section 9.3.2).
+    pub head_bodies: bool,
 }
 
 impl Default for SandboxOptions {
@@ -262,6 +265,7 @@ impl Default for SandboxOptions {
             daily_quota: 0,
             h1_only: false,
             rate_limits: true,
+            head_bodies: false,
         }
     }
 }
@@ -421,7 +425,14 @@ impl Sandbox {
                 .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             hyper::service::service_fn(move |req| {
                 let shared = shared.clone();
-                async move { Ok::<_, Infallible>(handle(&shared, req).await) }
+                async move {
+                    let head = req.method() == Method::HEAD;
+                    let mut resp = handle(&shared, req).await;
+                    if head && !shared.opts.head_bodies {
+                        *resp.body_mut() = SandboxBody::Full(None);
+                    }
+                    Ok::<_, Infallible>(resp)
+                }
             })
         };
         let task = tokio::spawn(crate::server::serve::<_, _, SandboxBody>(

@@ -171,3 +171,39 @@ fn config_mistakes_check_used_to_let_through_are_refused() {
     let e = load("[[app]]\nname = \"b\"\napp_key = \"k\"\ncorp_id = 1\ncorp_secret = \"t\"\nprefix = \"/b\"\n");
     assert!(e.contains("same credentials"), "{e}");
 }
+
+#[tokio::test]
+async fn no_answer_to_head_carries_a_body_on_either_protocol() {
+    // The upstream misbehaves (a body on HEAD, over h2 to the proxy).
+    let env = EnvBuilder::new()
+        .admin()
+        .sandbox(cx_proxy::sandbox::SandboxOptions {
+            head_bodies: true,
+            ..Default::default()
+        })
+        .start()
+        .await;
+    env.ready().await;
+    for h2 in [false, true] {
+        let c = client(h2);
+        // Forwarded: the sandbox's body is dropped, the answer is whole.
+        let a = send(
+            &c,
+            request(http::Method::HEAD, &env.url("/api/apps/v1/robot/chats"), ""),
+        )
+        .await;
+        assert_eq!(a.status, 200, "h2 {h2}");
+        assert!(a.body.is_empty(), "h2 {h2}");
+        // The proxy's own answers: no route, a refused path.
+        let a = send(
+            &c,
+            request(http::Method::HEAD, &env.url("/api/apps/v1/robot%2Fx"), ""),
+        )
+        .await;
+        assert_eq!(a.status, 400, "h2 {h2}");
+        assert!(a.body.is_empty(), "h2 {h2}");
+        assert_eq!(a.headers["x-cx-proxy-error"], "bad_request");
+    }
+    let metrics = get(&env.admin_url("/metrics")).await.text();
+    assert!(!metrics.contains("upstream_errors_total{"), "{metrics}");
+}
