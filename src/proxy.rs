@@ -390,7 +390,7 @@ impl Proxy {
         // No answer to HEAD carries a body, ours or the upstream's, on any protocol (RFC
         // 9110 section 9.3.2; hyper leaves it out on HTTP/1 only). Its length stays.
         let resp = if method == Method::HEAD {
-            resp.map(|_| Body::full(Bytes::new()))
+            resp.map(|_| Body::Empty)
         } else {
             resp
         };
@@ -612,6 +612,10 @@ impl Proxy {
             ReplayBody::new(body, routed.declared, max, self.upstream.timeout()).await?;
         let mut token = self.token(app, Need::Current).await?;
         let mut attempt = Attempt::First;
+        // A GET, HEAD or OPTIONS that a reused connection dropped before any answer is sent
+        // once more on a fresh one (SPEC section 4.4); other methods only if none of their
+        // bytes were written, which the pool already does.
+        let mut resendable = matches!(parts.method, Method::GET | Method::HEAD | Method::OPTIONS);
         loop {
             let out = body.next();
             // The last attempt may take the headers; an earlier one sends a copy.
@@ -622,12 +626,18 @@ impl Proxy {
             };
             let target = self.target(routed.path(parts), parts.uri.query(), Some(&token));
             let req = self.upstream_request(parts, headers, target, Some(&token), out)?;
-            let resp = match self.send(req, access).await {
+            let will_resend = resendable && body.replayable();
+            let resp = match self.send_once(req, access, will_resend).await {
                 Err(_) if tripped.as_ref().is_some_and(|t| t.load(Ordering::SeqCst)) => {
                     return Err(ProxyError::new(
                         ErrorKind::PayloadTooLarge,
                         format!("request body is over the limit of {max} bytes ({BodyTooLarge})"),
                     ))
+                }
+                Err(UpstreamError::Dropped) if will_resend => {
+                    tracing::debug!("a reused upstream connection was closed: sending again");
+                    resendable = false;
+                    continue;
                 }
                 other => other?,
             };
@@ -723,14 +733,28 @@ impl Proxy {
         req: Request<Body>,
         access: &mut Access,
     ) -> Result<Response<Body>, ProxyError> {
+        self.send_once(req, access, false)
+            .await
+            .map_err(ProxyError::from)
+    }
+
+    /// [`Proxy::send`] that leaves a [`UpstreamError::Dropped`] to the caller uncounted
+    /// when `will_resend` (it is not an error the client sees).
+    async fn send_once(
+        &self,
+        req: Request<Body>,
+        access: &mut Access,
+        will_resend: bool,
+    ) -> Result<Response<Body>, UpstreamError> {
         let sent = Instant::now();
         let resp = self.upstream.send(req).await;
         access.upstream = Some(sent.elapsed());
-        let resp = resp.inspect_err(|e| {
-            self.metrics.upstream_error(match e {
-                UpstreamError::Timeout(_) => "timeout",
-                UpstreamError::Unreachable(_) => "unreachable",
-            })
+        let resp = resp.inspect_err(|e| match e {
+            UpstreamError::Timeout(_) => self.metrics.upstream_error("timeout"),
+            UpstreamError::Dropped if will_resend => {}
+            UpstreamError::Unreachable(_) | UpstreamError::Dropped => {
+                self.metrics.upstream_error("unreachable")
+            }
         })?;
         let (mut parts, body) = resp.into_parts();
         strip_hop_by_hop(&mut parts.headers);

@@ -50,6 +50,11 @@ const IDLE_MAX: Duration = Duration::from_secs(50);
 /// How often a request is moved to another connection when the pooled one turned out to be
 /// closed before the request was written (always safe: nothing was sent).
 const STALE_RETRIES: usize = 3;
+/// Header fields an upstream answer may have (hyper's default, 100, is below what some
+/// servers behind gateways send).
+const MAX_RESPONSE_HEADERS: usize = 512;
+/// Bytes an upstream answer's head may take (hyper's default read buffer ceiling).
+const MAX_RESPONSE_HEAD_BYTES: usize = 400 * 1024;
 /// TCP keep-alive probes on upstream connections.
 const TCP_KEEPALIVE: Duration = Duration::from_secs(60);
 /// HTTP/2 keep-alive pings on upstream connections.
@@ -64,13 +69,17 @@ pub enum UpstreamError {
     /// Connect, TLS or protocol failure.
     #[error("{0}")]
     Unreachable(String),
+    /// A reused connection closed after the request was written and before any answer
+    /// (the upstream had closed it while idle): safe to send again only if the method is.
+    #[error("the upstream closed a reused connection before answering (it had likely closed it while idle)")]
+    Dropped,
 }
 
 impl From<UpstreamError> for ProxyError {
     fn from(e: UpstreamError) -> Self {
         match e {
             UpstreamError::Timeout(_) => ProxyError::new(ErrorKind::UpstreamTimeout, e.to_string()),
-            UpstreamError::Unreachable(_) => {
+            UpstreamError::Unreachable(_) | UpstreamError::Dropped => {
                 ProxyError::new(ErrorKind::UpstreamUnreachable, e.to_string())
             }
         }
@@ -295,6 +304,9 @@ impl Upstream {
                     stale += 1;
                     req = back;
                 }
+                _ if pooled && closed_before_answer(failed.error()) => {
+                    return Err(UpstreamError::Dropped)
+                }
                 _ => return Err(exchange_failed(failed.error())),
             }
         }
@@ -361,6 +373,8 @@ impl Upstream {
             Ok(Conn::H2(sender))
         } else {
             let (sender, conn) = http1::Builder::new()
+                .max_headers(MAX_RESPONSE_HEADERS)
+                .max_buf_size(MAX_RESPONSE_HEAD_BYTES)
                 .handshake(io)
                 .await
                 .map_err(|e| fail(chain(&e)))?;
@@ -379,6 +393,48 @@ fn drive(conn: impl std::future::Future<Output = hyper::Result<()>> + Send + 'st
     });
 }
 
+/// Whether an exchange on a reused connection ended before any answer because the
+/// connection went away: EOF before the response head (with or without TLS close_notify),
+/// or a reset. (A failed `try_send_request` never saw a response head.)
+fn closed_before_answer(e: &hyper::Error) -> bool {
+    if e.is_incomplete_message() {
+        return true;
+    }
+    let mut source = std::error::Error::source(e);
+    while let Some(s) = source {
+        if let Some(io) = s.downcast_ref::<std::io::Error>() {
+            return matches!(
+                io.kind(),
+                std::io::ErrorKind::ConnectionReset
+                    | std::io::ErrorKind::BrokenPipe
+                    | std::io::ErrorKind::ConnectionAborted
+                    // TLS: the peer closed without close_notify.
+                    | std::io::ErrorKind::UnexpectedEof
+            );
+        }
+        source = s.source();
+    }
+    false
+}
+
+/// What a failed exchange says: what happened, in words, then hyper's own chain.
 fn exchange_failed(e: &hyper::Error) -> UpstreamError {
-    UpstreamError::Unreachable(format!("upstream exchange failed: {}", chain(e)))
+    let what = if e.is_parse_too_large() {
+        format!(
+            "the upstream's response head is over the proxy's limit ({MAX_RESPONSE_HEADERS} \
+             header fields, {} KiB)",
+            MAX_RESPONSE_HEAD_BYTES / 1024
+        )
+    } else if e.is_parse_status() {
+        "the upstream's response has an invalid status code".to_owned()
+    } else if e.is_parse() {
+        "the upstream's answer is not valid HTTP".to_owned()
+    } else if e.is_incomplete_message() {
+        "the upstream closed the connection before its answer was complete".to_owned()
+    } else if e.is_timeout() {
+        "the upstream did not answer in time".to_owned()
+    } else {
+        "the upstream exchange failed".to_owned()
+    };
+    UpstreamError::Unreachable(format!("{what}: {}", chain(e)))
 }

@@ -207,3 +207,161 @@ async fn no_answer_to_head_carries_a_body_on_either_protocol() {
     let metrics = get(&env.admin_url("/metrics")).await.text();
     assert!(!metrics.contains("upstream_errors_total{"), "{metrics}");
 }
+
+type Reply = Result<hyper::Response<http_body_util::Full<bytes::Bytes>>, String>;
+
+/// An HTTP/1.1 upstream (its CA written to `dir/ca.pem`) that answers token fetches and
+/// leaves every other request to `answer(n, path)`, `n` counting the requests its
+/// connection served before (an `Err` closes the connection without an answer). Returns
+/// its address and the requests it read, as `METHOD path`.
+async fn test_upstream(
+    dir: &std::path::Path,
+    answer: fn(u32, &str) -> Reply,
+) -> (SocketAddr, std::sync::Arc<std::sync::Mutex<Vec<String>>>) {
+    use std::sync::{Arc, Mutex};
+    let ca = cx_proxy::sandbox::ca::TestCa::new("test upstream CA").unwrap();
+    std::fs::write(dir.join("ca.pem"), ca.pem()).unwrap();
+    let mut tls = (*ca.server_config().unwrap()).clone();
+    tls.alpn_protocols = vec![b"http/1.1".to_vec()];
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(tls));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let log = seen.clone();
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            let (acceptor, log) = (acceptor.clone(), log.clone());
+            tokio::spawn(async move {
+                let Ok(tls) = acceptor.accept(tcp).await else {
+                    return;
+                };
+                let served = Arc::new(std::sync::atomic::AtomicU32::new(0));
+                let service = hyper::service::service_fn(
+                    move |req: hyper::Request<hyper::body::Incoming>| {
+                        let (served, log) = (served.clone(), log.clone());
+                        async move {
+                            let path = req.uri().path().to_owned();
+                            log.lock().unwrap().push(format!("{} {path}", req.method()));
+                            let n = served.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                            if path.ends_with("/access-tokens") {
+                                return Ok(json_reply(
+                                    r#"{"err_code":0,"err_msg":"success","access_token":"tok-1","expires_in":7200}"#,
+                                ));
+                            }
+                            answer(n, &path)
+                        }
+                    },
+                );
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .max_buf_size(1 << 20)
+                    .serve_connection(hyper_util::rt::TokioIo::new(tls), service)
+                    .await;
+            });
+        }
+    });
+    (addr, seen)
+}
+
+fn json_reply(body: &'static str) -> hyper::Response<http_body_util::Full<bytes::Bytes>> {
+    hyper::Response::new(http_body_util::Full::new(bytes::Bytes::from_static(
+        body.as_bytes(),
+    )))
+}
+
+const SUCCESS: &str = r#"{"err_code":0,"err_msg":"success","data":{}}"#;
+
+/// A proxy with the default app in front of the test upstream at `addr` (CA in `dir`).
+async fn proxy_before(dir: &std::path::Path, addr: SocketAddr) -> cx_proxy::ProxyHandle {
+    std::fs::write(dir.join("corp_secret"), SECRET).unwrap();
+    let text = format!(
+        "[server]\nlisten = \"127.0.0.1:0\"\n[upstream]\nurl = \"https://127.0.0.1:{}\"\n\
+         ca_file = \"{}\"\ntimeout_ms = 5000\nmax_connections = 1\n{}",
+        addr.port(),
+        dir.join("ca.pem").display(),
+        default_app(dir)
+    );
+    cx_proxy::ProxyHandle::start(config(&text)).await.unwrap()
+}
+
+#[tokio::test]
+async fn a_reused_connection_closed_before_the_answer_resends_only_what_is_safe() {
+    let dir = tempfile::tempdir().unwrap();
+    // The first call on a connection is answered; on the next, the connection is closed.
+    let (addr, seen) = test_upstream(dir.path(), |n, _| match n {
+        0 => Ok(json_reply(SUCCESS)),
+        _ => Err("dropped".into()),
+    })
+    .await;
+    let proxy = proxy_before(dir.path(), addr).await;
+    let url = |p: &str| format!("http://{}{p}", proxy.addr);
+    let c = client(false);
+    // Each call after the first finds the pooled connection, which the upstream drops.
+    for (method, path) in [
+        (http::Method::GET, "/api/one"),
+        (http::Method::GET, "/api/two"),
+        (http::Method::OPTIONS, "/api/three"),
+        (http::Method::HEAD, "/api/four"),
+    ] {
+        let a = send(&c, request(method.clone(), &url(path), "")).await;
+        assert_eq!(a.status, 200, "{method} {path}: {}", a.text());
+    }
+    let count = |what: &str| seen.lock().unwrap().iter().filter(|s| *s == what).count();
+    assert_eq!(count("GET /api/two"), 2, "sent, dropped, sent again");
+    assert_eq!(count("OPTIONS /api/three"), 2);
+    // Not idempotent, and its bytes were written: never sent twice, the client is told.
+    for (method, path) in [
+        (http::Method::POST, "/api/five"),
+        (http::Method::PUT, "/api/six"),
+    ] {
+        let a = send(&c, request(method.clone(), &url(path), "{}")).await;
+        let v = assert_proxy_error(&a, 502, "upstream_unreachable");
+        assert!(
+            v["err_msg"]
+                .as_str()
+                .unwrap()
+                .contains("closed a reused connection before answering"),
+            "{v}"
+        );
+        assert_eq!(count(&format!("{method} {path}")), 1);
+        // The next call opens a fresh connection.
+        assert_eq!(
+            send(&c, request(http::Method::GET, &url("/api/x"), ""))
+                .await
+                .status,
+            200
+        );
+    }
+}
+
+#[tokio::test]
+async fn an_upstream_answer_with_many_header_fields_passes_and_too_many_are_named() {
+    let dir = tempfile::tempdir().unwrap();
+    let (addr, _) = test_upstream(dir.path(), |_, path| {
+        let n = if path.ends_with("/many") { 120 } else { 600 };
+        let mut resp = json_reply(SUCCESS);
+        for i in 0..n {
+            resp.headers_mut().insert(
+                http::HeaderName::try_from(format!("x-field-{i}")).unwrap(),
+                http::HeaderValue::from_static("v"),
+            );
+        }
+        Ok(resp)
+    })
+    .await;
+    let proxy = proxy_before(dir.path(), addr).await;
+    // (Read raw: hyper's own client stops at 100 fields.)
+    let answer = raw_exchange(
+        proxy.addr,
+        b"GET /api/many HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    assert!(answer.contains("x-field-119: v"), "{answer}");
+    let a = get(&format!("http://{}/api/too-many", proxy.addr)).await;
+    let v = assert_proxy_error(&a, 502, "upstream_unreachable");
+    let msg = v["err_msg"].as_str().unwrap();
+    assert!(
+        msg.contains("response head is over the proxy's limit (512 header fields"),
+        "{msg}"
+    );
+}

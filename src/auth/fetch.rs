@@ -146,6 +146,7 @@ async fn get(
     let resp = upstream.send(req).await.map_err(|e| match e {
         UpstreamError::Timeout(ms) => TokenError::Timeout(ms),
         UpstreamError::Unreachable(m) => TokenError::Unreachable(scrub(&m)),
+        e @ UpstreamError::Dropped => TokenError::Unreachable(e.to_string()),
     })?;
     let status = resp.status();
     let body = tokio::time::timeout_at(
