@@ -72,8 +72,19 @@ pub async fn handle(
             };
             // A store that is down does not make the proxy unready (it fetches locally), but
             // the operator sees it.
-            let store = proxy.tokens().store_up().map(|up| {
-                json!({"up": up, "detail": if up { "sharing tokens and call limits with other instances" } else { "unreachable: fetching tokens and counting call limits per instance" }})
+            let store = proxy.tokens().store_state().map(|state| {
+                use crate::auth::store::StoreState;
+                let detail = match state {
+                    StoreState::Up => "sharing tokens and call limits with other instances",
+                    StoreState::RefusingWrites => {
+                        "degraded: it refuses writes, so tokens fetched here are not shared and \
+                         call limits are counted per instance"
+                    }
+                    StoreState::Down => {
+                        "unreachable: fetching tokens and counting call limits per instance"
+                    }
+                };
+                json!({"up": state == StoreState::Up, "state": state.name(), "detail": detail})
             });
             // The callback queue, when the relay runs: unreadable makes the gateway unready
             // (callbacks would get 503).

@@ -457,3 +457,58 @@ async fn call_limits_hold_across_instances_and_each_instance_counts_alone_withou
     }
     assert_eq!(seen("/api/apps/v1/alone"), 12);
 }
+
+/// `CONFIG SET key value` on the test's redis-server.
+async fn redis_config(redis: &Redis, key: &str, value: &str) {
+    let client = redis::Client::open(redis.url()).unwrap();
+    let mut c = client.get_multiplexed_async_connection().await.unwrap();
+    let () = redis::cmd("CONFIG")
+        .arg("SET")
+        .arg(key)
+        .arg(value)
+        .query_async(&mut c)
+        .await
+        .unwrap();
+}
+
+#[tokio::test]
+async fn a_store_that_refuses_writes_is_degraded_and_a_token_seen_rejected_is_never_adopted() {
+    let Some(redis) = Redis::start() else {
+        return;
+    };
+    let (sandbox, proxies, _dir) = cluster(&redis, 2, "", SandboxOptions::default()).await;
+    all_ok(&spread(&proxies, 10, "/api/a").await);
+    let admin = format!("http://{}", proxies[0].admin_addr.unwrap());
+
+    // Redis out of memory: reads still work, every write is refused.
+    redis_config(&redis, "maxmemory-policy", "noeviction").await;
+    redis_config(&redis, "maxmemory", "1").await;
+    sandbox.revoke_all();
+    // The rejected token is replaced by a local fetch (it cannot be stored).
+    all_ok(&spread(&proxies[..1], 10, "/api/b").await);
+    let ready = get(&format!("{admin}/readyz")).await;
+    let store = &ready.json()["token_store"];
+    assert_eq!(store["state"], "refusing_writes", "{}", ready.text());
+    assert_eq!(store["up"], false);
+    let metrics = get(&format!("{admin}/metrics")).await.text();
+    assert!(metrics.contains("cx_proxy_token_store_up 0"), "{metrics}");
+
+    // Redis takes writes again; the readiness probe finds out.
+    redis_config(&redis, "maxmemory", "0").await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let r = get(&format!("{admin}/readyz")).await;
+        if r.json()["token_store"]["state"] == "up" {
+            break;
+        }
+        assert!(Instant::now() < deadline, "never writable again: {}", r.text());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // The platform revokes every token. The store still holds the first one, which this
+    // instance saw rejected: it is not adopted; a new one is fetched and shared.
+    let fetches = sandbox.token_fetches(APP_KEY);
+    sandbox.revoke_all();
+    all_ok(&spread(&proxies[..1], 10, "/api/c").await);
+    assert_eq!(sandbox.token_fetches(APP_KEY), fetches + 1);
+    all_ok(&spread(&proxies, 10, "/api/d").await);
+}

@@ -29,6 +29,11 @@ use crate::upstream::Upstream;
 
 /// Size of the fetch-cap window.
 const WINDOW: Duration = Duration::from_secs(60);
+/// Rejected tokens remembered per app. A store that could not be written while tokens
+/// turned over can hold one several generations old; a handful covers any outage in
+/// which the platform revoked tokens (a revocation a minute would be extraordinary).
+const REJECTED_KEPT: usize = 8;
+
 /// How often an instance waiting on another's fetch looks at the shared store.
 const STORE_POLL: Duration = Duration::from_millis(50);
 /// First and largest pause between failed background fetches.
@@ -61,7 +66,9 @@ struct AppTokens {
     /// Wakes the refresher early (forced refresh, shutdown).
     wake: Notify,
     /// The last token the platform rejected: never adopted again.
-    last_rejected: Mutex<Option<Arc<Token>>>,
+    /// Tokens this instance saw rejected, newest last (at most `REJECTED_KEPT`): none of
+    /// them is adopted again, whatever the shared store holds.
+    rejected: Mutex<std::collections::VecDeque<Arc<Token>>>,
     /// Key prefix in the shared store.
     store_key: String,
 }
@@ -141,7 +148,7 @@ impl TokenManager {
                             prev.is_some_and(|p| p.had_token.load(Ordering::Relaxed)),
                         ),
                         wake: Notify::new(),
-                        last_rejected: Mutex::new(None),
+                        rejected: Mutex::new(std::collections::VecDeque::new()),
                         store_key: store::app_key(a),
                     })
                 })
@@ -225,7 +232,15 @@ impl TokenManager {
     /// burst of rejections of one token causes one fetch).
     pub async fn reject(&self, idx: usize, token: &Arc<Token>) {
         let app = &self.apps[idx];
-        *lock(&app.last_rejected) = Some(token.clone());
+        {
+            let mut rejected = lock(&app.rejected);
+            if !rejected.iter().any(|r| r.secret() == token.secret()) {
+                if rejected.len() == REJECTED_KEPT {
+                    rejected.pop_front();
+                }
+                rejected.push_back(token.clone());
+            }
+        }
         self.metrics.rejection(&app.key);
         self.cache.remove_if_current(&app.key, token).await;
     }
@@ -247,6 +262,11 @@ impl TokenManager {
     /// Whether the shared token store answers (`None`: none configured).
     pub fn store_up(&self) -> Option<bool> {
         self.store.as_ref().map(|s| s.up())
+    }
+
+    /// How the shared token store is (`None`: none configured).
+    pub fn store_state(&self) -> Option<store::StoreState> {
+        self.store.as_ref().map(|s| s.state())
     }
 
     /// Index of the app named `name`.
@@ -289,7 +309,7 @@ impl TokenManager {
     }
 
     /// Fetches under the app's gate. Unless `force`, a usable token that is neither
-    /// `replacing` nor the last rejected one, and not yet due, is returned as is (someone else
+    /// `replacing` nor one this instance saw rejected, and not yet due, is returned as is (someone else
     /// fetched while we waited). With a shared store, a token another instance stored is
     /// adopted the same way, and only the holder of the store's lease fetches. The new token
     /// is cached before the gate opens, so the next holder sees it.
@@ -302,10 +322,10 @@ impl TokenManager {
     ) -> Result<Arc<Token>, TokenError> {
         let app = &self.apps[idx];
         let _gate = app.gate.lock().await;
-        let rejected = lock(&app.last_rejected).clone();
+        let rejected: Vec<Arc<Token>> = lock(&app.rejected).iter().cloned().collect();
         let stale = |t: &Token| {
             replacing.is_some_and(|r| r.secret() == t.secret())
-                || rejected.as_ref().is_some_and(|r| r.secret() == t.secret())
+                || rejected.iter().any(|r| r.secret() == t.secret())
         };
         if !force {
             if let Some(t) = self.cache.peek(&app.key).await {

@@ -135,6 +135,28 @@ impl StoredToken {
     }
 }
 
+/// How the shared store is ([`StoreState::name`] for `/readyz`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StoreState {
+    /// Answers and takes writes.
+    Up,
+    /// Answers reads, refuses writes (out of memory, a read-only replica).
+    RefusingWrites,
+    /// Does not answer.
+    Down,
+}
+
+impl StoreState {
+    /// `up`, `refusing_writes` or `down`.
+    pub fn name(self) -> &'static str {
+        match self {
+            StoreState::Up => "up",
+            StoreState::RefusingWrites => "refusing_writes",
+            StoreState::Down => "down",
+        }
+    }
+}
+
 /// Why a store call failed (the store is then treated as down).
 #[derive(Debug, thiserror::Error)]
 #[error("token store: {0}")]
@@ -170,7 +192,10 @@ fn nonce_key(route: &str, nonce: &str) -> String {
 pub struct TokenStore {
     client: redis::Client,
     conn: tokio::sync::Mutex<Option<ConnectionManager>>,
+    /// The last call was answered (see [`TokenStore::reachable`]).
     up: AtomicBool,
+    /// The last write was refused by the server (see [`TokenStore::refusing`]).
+    refusing_writes: AtomicBool,
     /// Set once the first call has been made (so "down" is not logged before trying).
     tried: AtomicBool,
     /// When a connect last failed (ms since the epoch; 0: never). For
@@ -179,6 +204,8 @@ pub struct TokenStore {
     failed_at_ms: AtomicU64,
     /// A background probe (see [`TokenStore::probe_if_due`]) is running.
     probing: AtomicBool,
+    /// When the last background probe ended (ms since the epoch).
+    probed_at_ms: AtomicU64,
     lease: Duration,
     owner: String,
     metrics: Arc<Metrics>,
@@ -205,9 +232,11 @@ impl TokenStore {
             client,
             conn: tokio::sync::Mutex::new(None),
             up: AtomicBool::new(false),
+            refusing_writes: AtomicBool::new(false),
             tried: AtomicBool::new(false),
             failed_at_ms: AtomicU64::new(0),
             probing: AtomicBool::new(false),
+            probed_at_ms: AtomicU64::new(0),
             lease,
             owner: format!("{}-{}", std::process::id(), now_us()),
             metrics,
@@ -217,15 +246,32 @@ impl TokenStore {
         })
     }
 
-    /// Whether the last call succeeded.
+    /// Whether the store is in full use: it answers, and it takes writes.
     pub fn up(&self) -> bool {
+        self.reachable() && !self.refusing_writes.load(Ordering::Relaxed)
+    }
+
+    /// Whether the last call was answered (successfully or with the server's error).
+    fn reachable(&self) -> bool {
         self.up.load(Ordering::Relaxed)
+    }
+
+    /// How the store is, for `/readyz`.
+    pub fn state(&self) -> StoreState {
+        match (
+            self.reachable(),
+            self.refusing_writes.load(Ordering::Relaxed),
+        ) {
+            (false, _) => StoreState::Down,
+            (true, true) => StoreState::RefusingWrites,
+            (true, false) => StoreState::Up,
+        }
     }
 
     fn mark(&self, ok: bool, why: Option<&str>) {
         let was = self.up.swap(ok, Ordering::Relaxed);
         let first = !self.tried.swap(true, Ordering::Relaxed);
-        self.metrics.set_store_up(ok);
+        self.metrics.set_store_up(self.up());
         match (ok, was, first) {
             (true, false, _) => {
                 tracing::info!(
@@ -277,23 +323,32 @@ impl TokenStore {
     /// Runs one call under the timeout, keeping the up/down state. A call that fails on a
     /// pooled connection is tried once more on a fresh one (the old one may have died with a
     /// restarted server).
-    async fn call<T, F, Fut>(&self, f: F) -> Result<T, StoreError>
+    async fn call<T, F, Fut>(&self, write: bool, f: F) -> Result<T, StoreError>
     where
         F: Fn(ConnectionManager) -> Fut,
         Fut: std::future::Future<Output = redis::RedisResult<T>>,
     {
         let mut result = Err(StoreError("not tried".into()));
+        // The server answered, with an error (out of memory, read-only replica…): it is
+        // reachable, and the connection is fine.
+        let mut answered = false;
         for _attempt in 0..2 {
             let had_connection = self.conn.lock().await.is_some();
             result = match self.connection().await {
                 Ok(conn) => match tokio::time::timeout(CALL_TIMEOUT, f(conn)).await {
                     Ok(Ok(v)) => Ok(v),
-                    Ok(Err(e)) => Err(StoreError(format!("{:?}", e.kind()))),
+                    Ok(Err(e)) => {
+                        answered = matches!(
+                            e.kind(),
+                            redis::ErrorKind::Server(_) | redis::ErrorKind::Extension
+                        );
+                        Err(StoreError(format!("{:?}", e.kind())))
+                    }
                     Err(_) => Err(StoreError("call timed out".into())),
                 },
                 Err(e) => Err(e),
             };
-            if result.is_ok() {
+            if result.is_ok() || answered {
                 break;
             }
             *self.conn.lock().await = None;
@@ -301,19 +356,32 @@ impl TokenStore {
                 break;
             }
         }
-        match &result {
-            Ok(_) => {
-                if !self.up() || !self.tried.load(Ordering::Relaxed) {
-                    self.mark(true, None);
-                }
-            }
-            Err(e) => {
-                if self.up() || !self.tried.load(Ordering::Relaxed) {
-                    self.mark(false, Some(&e.0));
-                }
-            }
+        let reachable = result.is_ok() || answered;
+        if reachable != self.reachable() || !self.tried.load(Ordering::Relaxed) {
+            self.mark(reachable, result.as_ref().err().map(|e| e.0.as_str()));
+        }
+        if write && reachable {
+            self.refusing(answered, result.as_ref().err().map(|e| e.0.as_str()));
         }
         result
+    }
+
+    /// Records whether the store refuses writes (it answers reads, so it is reachable, but
+    /// tokens fetched here cannot be shared); logged once per change.
+    fn refusing(&self, refusing: bool, why: Option<&str>) {
+        if self.refusing_writes.swap(refusing, Ordering::Relaxed) == refusing {
+            return;
+        }
+        self.metrics.set_store_up(self.up());
+        if refusing {
+            tracing::warn!(
+                error = why.unwrap_or(""),
+                "token store refuses writes: tokens fetched here are not shared until it \
+                 accepts them again"
+            );
+        } else {
+            tracing::info!("token store accepts writes again");
+        }
     }
 
     /// While the store is down, pings it in the background once its last failure is older
@@ -321,9 +389,11 @@ impl TokenStore {
     /// store (counted calls) go on without it and learn from [`TokenStore::up`] when it is
     /// back.
     pub fn probe_if_due(self: &Arc<Self>) {
+        let since = |at: &AtomicU64| now_ms().saturating_sub(at.load(Ordering::Relaxed));
+        let pause = RETRY_AFTER_FAILURE.as_millis() as u64;
         if self.up()
-            || now_ms().saturating_sub(self.failed_at_ms.load(Ordering::Relaxed))
-                < RETRY_AFTER_FAILURE.as_millis() as u64
+            || since(&self.failed_at_ms) < pause
+            || since(&self.probed_at_ms) < pause
             || self.probing.swap(true, Ordering::AcqRel)
         {
             return;
@@ -331,6 +401,7 @@ impl TokenStore {
         let store = self.clone();
         tokio::spawn(async move {
             store.ping().await;
+            store.probed_at_ms.store(now_ms(), Ordering::Relaxed);
             store.probing.store(false, Ordering::Release);
         });
     }
@@ -350,7 +421,7 @@ impl TokenStore {
         let (per_us, slot_us) = (us(per), us(slot));
         let script = &self.slot;
         let (admitted, wait_us, counted): (i64, i64, i64) = self
-            .call(|mut c| async move {
+            .call(true, |mut c| async move {
                 script
                     .key(key)
                     .arg(n)
@@ -370,10 +441,32 @@ impl TokenStore {
         })
     }
 
-    /// Checks that the store answers (readiness, metrics); updates the up/down state.
+    /// Checks that the store answers (readiness, metrics, the limits' probe), and while it
+    /// refuses writes, whether it takes one again (a short-lived key of this instance's);
+    /// updates the state.
     pub async fn ping(&self) -> bool {
+        if self.refusing_writes.load(Ordering::Relaxed) {
+            let key = format!("cx-proxy:probe:{}", self.owner);
+            let r: Result<(), _> = self
+                .call(true, |mut c| {
+                    let key = key.clone();
+                    async move {
+                        redis::cmd("SET")
+                            .arg(&key)
+                            .arg(1)
+                            .arg("PX")
+                            .arg(1000)
+                            .query_async(&mut c)
+                            .await
+                    }
+                })
+                .await;
+            return r.is_ok();
+        }
         let r: Result<String, _> = self
-            .call(|mut c| async move { redis::cmd("PING").query_async(&mut c).await })
+            .call(false, |mut c| async move {
+                redis::cmd("PING").query_async(&mut c).await
+            })
             .await;
         r.is_ok()
     }
@@ -386,7 +479,7 @@ impl TokenStore {
         nonce: &str,
     ) -> Result<Option<String>, StoreError> {
         let key = nonce_key(route, nonce);
-        self.call(|mut c| {
+        self.call(false, |mut c| {
             let key = key.clone();
             async move { c.get(&key).await }
         })
@@ -405,7 +498,7 @@ impl TokenStore {
         let key = nonce_key(route, nonce);
         let ms = u64::try_from(window.as_millis()).unwrap_or(u64::MAX).max(1);
         let signature = signature.to_ascii_lowercase();
-        self.call(|mut c| {
+        self.call(true, |mut c| {
             let (key, signature) = (key.clone(), signature.clone());
             async move {
                 redis::cmd("SET")
@@ -426,7 +519,7 @@ impl TokenStore {
     pub async fn get(&self, key: &str) -> Result<Option<StoredToken>, StoreError> {
         let k = format!("{key}:token");
         let raw: Option<String> = self
-            .call(|mut c| {
+            .call(false, |mut c| {
                 let k = k.clone();
                 async move { c.get(k).await }
             })
@@ -441,7 +534,7 @@ impl TokenStore {
         let ttl_ms = t.remaining().as_millis().max(1) as u64;
         let script = &self.put;
         let stored: String = self
-            .call(|mut c| {
+            .call(true, |mut c| {
                 let (k, value) = (k.clone(), value.clone());
                 async move {
                     script
@@ -464,7 +557,7 @@ impl TokenStore {
         let owner = self.owner.clone();
         let ms = self.lease.as_millis() as u64;
         let got: Option<String> = self
-            .call(|mut c| {
+            .call(true, |mut c| {
                 let (k, owner) = (k.clone(), owner.clone());
                 async move {
                     redis::cmd("SET")
@@ -487,7 +580,7 @@ impl TokenStore {
         let owner = self.owner.clone();
         let script = &self.release;
         let _: Result<i64, _> = self
-            .call(|mut c| {
+            .call(true, |mut c| {
                 let (k, owner) = (k.clone(), owner.clone());
                 async move { script.key(k).arg(owner).invoke_async(&mut c).await }
             })
