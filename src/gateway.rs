@@ -327,6 +327,11 @@ pub async fn run(
     let mut serving = Vec::with_capacity(listeners.bound.len());
     for (role, listener) in listeners.bound {
         let g = gateway.clone();
+        // Requests hyper's parser refused, counted in the metrics of the config in force.
+        let counted = gateway.clone();
+        let refused: crate::server::OnRefused =
+            Arc::new(move |reason| counted.proxy().metrics().http_refused(reason));
+        let refused = Some(refused);
         serving.push(match role {
             Role::Proxy => {
                 let limit = limit.clone();
@@ -336,7 +341,14 @@ pub async fn run(
                     limit: limit.clone(),
                 };
                 let tls = gateway.tls();
-                tokio::spawn(serve::<_, _, Body>(listener, tls, make, stopped(), grace))
+                tokio::spawn(serve::<_, _, Body>(
+                    listener,
+                    tls,
+                    make,
+                    stopped(),
+                    grace,
+                    refused,
+                ))
             }
             Role::Admin => {
                 let make = move |peer: Peer| {
@@ -351,7 +363,14 @@ pub async fn run(
                         }
                     })
                 };
-                tokio::spawn(serve::<_, _, Body>(listener, None, make, stopped(), grace))
+                tokio::spawn(serve::<_, _, Body>(
+                    listener,
+                    None,
+                    make,
+                    stopped(),
+                    grace,
+                    refused,
+                ))
             }
             Role::Callbacks => {
                 let tls = gateway.callbacks_tls.clone();
@@ -383,7 +402,14 @@ pub async fn run(
                         }
                     })
                 };
-                tokio::spawn(serve::<_, _, Body>(listener, tls, make, stopped(), grace))
+                tokio::spawn(serve::<_, _, Body>(
+                    listener,
+                    tls,
+                    make,
+                    stopped(),
+                    grace,
+                    refused,
+                ))
             }
         });
     }

@@ -70,6 +70,7 @@ pub struct Metrics {
     rejections: IntCounterVec,
     platform_errors: IntCounterVec,
     upstream_errors: IntCounterVec,
+    http_refused: IntCounterVec,
     by_client: IntCounterVec,
     redis_up: Gauge,
     rate_limited: IntCounterVec,
@@ -176,6 +177,11 @@ impl Metrics {
             "Upstream exchanges that failed, by kind",
             &["kind"],
         );
+        let http_refused = counters(
+            "http_parse_errors_total",
+            "Requests refused by the HTTP parser before the proxy saw them (400 or 431), by reason",
+            &["reason"],
+        );
         let by_client = counters(
             "client_requests_total",
             "Requests by identified client",
@@ -205,6 +211,7 @@ impl Metrics {
             rejections,
             platform_errors,
             upstream_errors,
+            http_refused,
             by_client,
             redis_up,
             rate_limited,
@@ -281,6 +288,12 @@ impl Metrics {
     /// Counts a replay.
     pub fn replay(&self, app: &str) {
         self.replays.with_label_values(&[app]).inc();
+    }
+
+    /// Counts a request hyper's parser refused before the proxy saw it (`uri`, `method`,
+    /// `header`, `version`, `too_large`, `other`).
+    pub fn http_refused(&self, reason: &str) {
+        self.http_refused.with_label_values(&[reason]).inc();
     }
 
     /// Counts an upstream failure (`unreachable`, `timeout`).

@@ -443,6 +443,7 @@ impl Sandbox {
                 let _ = stopped.await;
             },
             Duration::from_secs(1),
+            None,
         ));
         Ok(Sandbox {
             addr,

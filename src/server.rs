@@ -27,6 +27,10 @@ use tokio_rustls::TlsAcceptor;
 
 use crate::BoxError;
 
+mod target;
+
+pub use target::EscapeTargets;
+
 /// Who is on the other end of a connection.
 #[derive(Debug, Clone, Default)]
 pub struct Peer {
@@ -75,14 +79,19 @@ pub const H2_KEEPALIVE: Duration = Duration::from_secs(60);
 /// First and largest pause after a failed `accept` (e.g. out of file descriptors).
 const ACCEPT_BACKOFF: (Duration, Duration) = (Duration::from_millis(10), Duration::from_secs(1));
 
+/// Called with the reason (see [`parse_refusal`]) when hyper's parser refuses a request.
+pub type OnRefused = Arc<dyn Fn(&'static str) + Send + Sync>;
+
 /// Serves `listener` until `shutdown` resolves, then drains for up to `grace`.
-/// `make_service` is called once per connection, after any TLS handshake.
+/// `make_service` is called once per connection, after any TLS handshake; `refused`, if
+/// given, hears of every request hyper's parser refused.
 pub async fn serve<M, S, B>(
     listener: TcpListener,
     tls: Option<Arc<ArcSwap<ServerConfig>>>,
     make_service: M,
     shutdown: impl Future<Output = ()>,
     grace: Duration,
+    refused: Option<OnRefused>,
 ) where
     M: Fn(Peer) -> S + Clone + Send + 'static,
     S: Service<Request<Incoming>, Response = Response<B>> + Send + 'static,
@@ -134,11 +143,12 @@ pub async fn serve<M, S, B>(
         let builder = builder.clone();
         let make_service = make_service.clone();
         let tls = tls.as_ref().map(|t| TlsAcceptor::from(t.load_full()));
+        let refused = refused.clone();
         tokio::spawn(async move {
             let result = match tls {
                 None => {
                     let service = make_service(Peer::from_addr(addr));
-                    serve_io(&builder, watcher, stream, service).await
+                    serve_io(&builder, watcher, EscapeTargets::new(stream), service).await
                 }
                 Some(acceptor) => {
                     let Some((io, cert_names)) = handshake(acceptor, stream).await else {
@@ -148,11 +158,22 @@ pub async fn serve<M, S, B>(
                         addr: Some(addr),
                         cert_names,
                     });
-                    serve_io(&builder, watcher, io, service).await
+                    serve_io(&builder, watcher, EscapeTargets::new(io), service).await
                 }
             };
             if let Err(e) = result {
-                tracing::debug!(peer = %addr, error = %e, "connection ended with an error");
+                match e.downcast_ref::<hyper::Error>().and_then(parse_refusal) {
+                    // What hyper's parser refused got its bare 400 or 431: said and counted.
+                    Some(reason) => {
+                        tracing::info!(peer = %addr, reason, error = %e, "request refused by the HTTP parser");
+                        if let Some(refused) = &refused {
+                            refused(reason);
+                        }
+                    }
+                    None => {
+                        tracing::debug!(peer = %addr, error = %e, "connection ended with an error")
+                    }
+                }
             }
         });
     }
@@ -169,6 +190,30 @@ pub async fn serve<M, S, B>(
         () = graceful.shutdown() => {}
         () = tokio::time::sleep(grace) => tracing::warn!("grace period over; closing the remaining connections"),
     }
+}
+
+/// What kind of request hyper's parser refused, as a metric label: `uri`, `method`,
+/// `header`, `version`, `too_large` or `other`; `None` for an error that is no refusal.
+pub fn parse_refusal(e: &hyper::Error) -> Option<&'static str> {
+    if !e.is_parse() {
+        return None;
+    }
+    if e.is_parse_too_large() {
+        return Some("too_large");
+    }
+    // hyper's parse kinds are not public; their messages are fixed strings.
+    let text = e.to_string();
+    Some(if text.contains("URI") {
+        "uri"
+    } else if text.contains("method") {
+        "method"
+    } else if text.contains("header") {
+        "header"
+    } else if text.contains("version") {
+        "version"
+    } else {
+        "other"
+    })
 }
 
 /// Serves one accepted connection, plain or TLS, until it ends or the drain cuts it.

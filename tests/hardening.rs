@@ -365,3 +365,53 @@ async fn an_upstream_answer_with_many_header_fields_passes_and_too_many_are_name
         "{msg}"
     );
 }
+
+#[tokio::test]
+async fn raw_bytes_in_a_target_are_forwarded_escaped_and_what_the_parser_refuses_is_counted() {
+    let env = EnvBuilder::new().admin().start().await;
+    env.ready().await;
+    // GBK "张三" in a query, unescaped, as an old Windows system sends it.
+    let answer = raw_exchange(
+        env.proxy.addr,
+        b"GET /api/apps/v1/robot/chats?name=\xd5\xc5\xc8\xfd HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    // UTF-8 in the path and a quote in the query, on a kept-alive connection's second request.
+    let answer = raw_exchange(
+        env.proxy.addr,
+        "GET /api/a HTTP/1.1\r\nHost: x\r\n\r\nGET /api/名单?q=\"x\" HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+            .as_bytes(),
+    )
+    .await;
+    assert_eq!(answer.matches("HTTP/1.1 200").count(), 2, "{answer}");
+    let seen = env.sandbox.recorded();
+    assert!(
+        seen.iter()
+            .any(|r| r.path == "/api/apps/v1/robot/chats" && r.query == "name=%D5%C5%C8%FD"),
+        "{seen:?}"
+    );
+    assert!(
+        seen.iter()
+            .any(|r| r.path == "/api/%E5%90%8D%E5%8D%95" && r.query == "q=%22x%22"),
+        "{seen:?}"
+    );
+    // What hyper still refuses (a method that is no token; raw bytes after a body) gets its
+    // 400, and is counted by reason.
+    let answer = raw_exchange(env.proxy.addr, b"G{T /api/a HTTP/1.1\r\nHost: x\r\n\r\n").await;
+    assert!(answer.starts_with("HTTP/1.1 400"), "{answer}");
+    let answer = raw_exchange(
+        env.proxy.addr,
+        b"POST /api/a HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\n{}GET /api/\xe5 HTTP/1.1\r\nHost: x\r\n\r\n",
+    )
+    .await;
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    assert!(answer.contains("HTTP/1.1 400"), "{answer}");
+    let metrics = get(&env.admin_url("/metrics")).await.text();
+    for line in [
+        "cx_proxy_http_parse_errors_total{reason=\"method\"} 1",
+        "cx_proxy_http_parse_errors_total{reason=\"uri\"} 1",
+    ] {
+        assert!(metrics.contains(line), "{line} not in\n{metrics}");
+    }
+}

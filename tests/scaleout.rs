@@ -501,7 +501,11 @@ async fn a_store_that_refuses_writes_is_degraded_and_a_token_seen_rejected_is_ne
         if r.json()["token_store"]["state"] == "up" {
             break;
         }
-        assert!(Instant::now() < deadline, "never writable again: {}", r.text());
+        assert!(
+            Instant::now() < deadline,
+            "never writable again: {}",
+            r.text()
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     // The platform revokes every token. The store still holds the first one, which this

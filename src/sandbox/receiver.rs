@@ -119,6 +119,7 @@ impl Receiver {
                 let _ = stopped.await;
             },
             Duration::from_secs(1),
+            None,
         ));
         Ok(Receiver {
             addr,

@@ -1,0 +1,269 @@
+//! Raw bytes in request targets, as legacy clients send them (an old Windows system putting
+//! GBK "张三" in a query unescaped; a Java client putting `{"a":1}` in one): percent-encoded
+//! on the connection's read side before hyper parses the request line, so such requests are
+//! served as nginx serves them (SPEC section 4.1).
+//!
+//! Why an adapter, not a parser: hyper (through httparse) accepts these bytes in a request
+//! line and then refuses the target when building its `Uri`, with a bare 400. Escaping them
+//! where they arrive keeps hyper the only HTTP parser: [`EscapeTargets`] never interprets a
+//! request, it only finds where request lines start. It knows that for certain at the
+//! start of the connection and after a head that no body follows; a head followed by
+//! anything but a method and a space (a body, HTTP/2's frames after its preface) ends its
+//! work on that connection, and from then on bytes pass untouched (a raw target on a later
+//! request after a body gets hyper's 400, which is logged and counted).
+//!
+//! Which bytes: `0x80`-`0xFF` and every visible ASCII byte the `http` crate refuses in a
+//! path or query, found by asking it (so the two cannot disagree). A request line longer
+//! than the head limit is left alone (hyper refuses it as too large).
+
+use std::io;
+use std::pin::Pin;
+use std::sync::OnceLock;
+use std::task::{Context, Poll};
+
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+
+use super::MAX_HEAD_BYTES;
+
+/// Methods a request line after a bodiless request may start with (RFC 9110 section 9
+/// and PATCH); anything else there is not taken for a request line.
+const METHODS: [&[u8]; 8] = [
+    b"GET ",
+    b"HEAD ",
+    b"POST ",
+    b"PUT ",
+    b"DELETE ",
+    b"OPTIONS ",
+    b"PATCH ",
+    b"TRACE ",
+];
+
+/// Bytes escaped in a request line.
+fn escaped() -> &'static [bool; 256] {
+    static TABLE: OnceLock<[bool; 256]> = OnceLock::new();
+    TABLE.get_or_init(|| {
+        let mut t = [false; 256];
+        t[0x80..].fill(true);
+        for b in 0x21u8..=0x7F {
+            let c = b as char;
+            let refused = http::uri::PathAndQuery::try_from(format!("/a{c}b?c").as_str()).is_err()
+                || http::uri::PathAndQuery::try_from(format!("/?a{c}b").as_str()).is_err();
+            // `#` ends the target for `http` rather than failing it; `%` starts an escape.
+            t[usize::from(b)] = refused && b != b'#' && b != b'%';
+        }
+        t
+    })
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum State {
+    /// In a request line (this many bytes of it read).
+    Line(usize),
+    /// In a head's header lines; the last bytes seen, to find its end.
+    Head,
+    /// After a head: this many bytes of a method and a space seen so far.
+    Sniff(usize),
+    /// Not at a request line again on this connection: bytes pass untouched.
+    Through,
+}
+
+/// The read side of a client connection with raw target bytes percent-encoded (see the
+/// module docs); the write side passes through.
+#[derive(Debug)]
+pub struct EscapeTargets<I> {
+    inner: I,
+    state: State,
+    /// The last bytes of a head seen (newest lowest), to find `\r\n\r\n` or `\n\n` across
+    /// reads.
+    tail: u32,
+    /// The sniffed start of what follows a head.
+    sniffed: [u8; 8],
+    /// Escaped bytes not yet handed on, and how many of them were.
+    pending: Vec<u8>,
+    handed: usize,
+}
+
+impl<I> EscapeTargets<I> {
+    /// Wraps a client connection, at its start.
+    pub fn new(inner: I) -> Self {
+        EscapeTargets {
+            inner,
+            state: State::Line(0),
+            tail: 0,
+            sniffed: [0; 8],
+            pending: Vec::new(),
+            handed: 0,
+        }
+    }
+
+    /// Moves the state over `b`; whether `b` is to be escaped (`table`: [`escaped`]).
+    fn step(&mut self, b: u8, table: &[bool; 256]) -> bool {
+        match self.state {
+            State::Through => false,
+            State::Line(n) => {
+                self.tail = (self.tail << 8) | u32::from(b);
+                if b == b'\n' {
+                    self.state = State::Head;
+                    // A request line ending the head (`GET / HTTP/1.0\r\n\r\n`).
+                    return false;
+                }
+                self.state = State::Line(n + 1);
+                n < MAX_HEAD_BYTES && table[usize::from(b)]
+            }
+            State::Head => {
+                self.tail = (self.tail << 8) | u32::from(b);
+                if self.tail == u32::from_be_bytes(*b"\r\n\r\n") || self.tail & 0xFFFF == 0x0A0A {
+                    self.state = State::Sniff(0);
+                }
+                false
+            }
+            State::Sniff(n) => {
+                self.sniffed[n] = b;
+                let seen = &self.sniffed[..=n];
+                if METHODS.contains(&seen) {
+                    self.state = State::Line(n + 1);
+                    self.tail = 0;
+                } else if METHODS.iter().any(|m| m.starts_with(seen)) {
+                    self.state = State::Sniff(n + 1);
+                } else {
+                    self.state = State::Through;
+                }
+                false
+            }
+        }
+    }
+}
+
+impl<I: AsyncRead + Unpin> AsyncRead for EscapeTargets<I> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        if this.handed < this.pending.len() {
+            let n = buf.remaining().min(this.pending.len() - this.handed);
+            buf.put_slice(&this.pending[this.handed..this.handed + n]);
+            this.handed += n;
+            return Poll::Ready(Ok(()));
+        }
+        let start = buf.filled().len();
+        let polled = Pin::new(&mut this.inner).poll_read(cx, buf);
+        if this.state == State::Through || !matches!(polled, Poll::Ready(Ok(()))) {
+            return polled;
+        }
+        // The common case: nothing to escape, the bytes stay where they are.
+        let table = escaped();
+        let mut first = None;
+        for (i, &b) in buf.filled()[start..].iter().enumerate() {
+            if this.step(b, table) {
+                first = Some(i);
+                break;
+            }
+        }
+        let Some(first) = first else {
+            return Poll::Ready(Ok(()));
+        };
+        // Escaping grows the bytes: they move to `pending` and are handed on from there.
+        let read = buf.filled()[start..].to_vec();
+        buf.set_filled(start + first);
+        this.pending.clear();
+        this.handed = 0;
+        push_escaped(&mut this.pending, read[first]);
+        for &b in &read[first + 1..] {
+            if this.step(b, table) {
+                push_escaped(&mut this.pending, b);
+            } else {
+                this.pending.push(b);
+            }
+        }
+        let n = buf.remaining().min(this.pending.len());
+        buf.put_slice(&this.pending[..n]);
+        this.handed = n;
+        Poll::Ready(Ok(()))
+    }
+}
+
+fn push_escaped(out: &mut Vec<u8>, b: u8) {
+    const HEX: &[u8; 16] = b"0123456789ABCDEF";
+    out.extend_from_slice(&[b'%', HEX[usize::from(b >> 4)], HEX[usize::from(b & 15)]]);
+}
+
+impl<I: AsyncWrite + Unpin> AsyncWrite for EscapeTargets<I> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().inner).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::AsyncReadExt;
+
+    async fn through(input: &[u8]) -> Vec<u8> {
+        let mut out = Vec::new();
+        EscapeTargets::new(input)
+            .read_to_end(&mut out)
+            .await
+            .unwrap();
+        out
+    }
+
+    #[tokio::test]
+    async fn raw_target_bytes_are_escaped_in_request_lines_only() {
+        let gbk = b"GET /api?name=\xd5\xc5\xc8\xfd HTTP/1.1\r\nHost: x\r\nX: \xd5\r\n\r\n";
+        assert_eq!(
+            through(gbk).await,
+            b"GET /api?name=%D5%C5%C8%FD HTTP/1.1\r\nHost: x\r\nX: \xd5\r\n\r\n"
+        );
+        // A second request after a bodiless one; then a body, after which nothing changes.
+        let two = b"GET /a?q={\"k\":1} HTTP/1.1\r\n\r\nPOST /b?x=\xe5 HTTP/1.1\r\nContent-Length: 8\r\n\r\n{\"\xe5\":1}GET /c?\xe5 HTTP/1.1\r\n\r\n";
+        assert_eq!(
+            through(two).await,
+            b"GET /a?q={%22k%22:1} HTTP/1.1\r\n\r\nPOST /b?x=%E5 HTTP/1.1\r\nContent-Length: 8\r\n\r\n{\"\xe5\":1}GET /c?\xe5 HTTP/1.1\r\n\r\n".to_vec()
+        );
+        // HTTP/2's preface and frames pass untouched.
+        let h2 = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\x00\x00\x12\x04\xff\xfe";
+        assert_eq!(through(h2).await, h2.to_vec());
+    }
+
+    #[tokio::test]
+    async fn a_small_reader_gets_every_escaped_byte() {
+        let input: &[u8] = b"GET /\xe5\xe5\xe5 HTTP/1.1\r\n\r\n";
+        let mut r = EscapeTargets::new(input);
+        let mut out = Vec::new();
+        let mut chunk = [0u8; 2];
+        loop {
+            let n = r.read(&mut chunk).await.unwrap();
+            if n == 0 {
+                break;
+            }
+            out.extend_from_slice(&chunk[..n]);
+        }
+        assert_eq!(out, b"GET /%E5%E5%E5 HTTP/1.1\r\n\r\n");
+    }
+}
