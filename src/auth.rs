@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 use http::HeaderValue;
 
 pub use cache::TokenCache;
-pub use fetch::{fetch, platform_get, TokenError};
+pub use fetch::{fetch, platform_get, token_answer, TokenError};
 pub use manager::{AppStatus, TokenManager};
 
 use crate::config::Inject;

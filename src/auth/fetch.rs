@@ -194,28 +194,16 @@ pub async fn platform_get(
     })
 }
 
-/// Fetches a new token for `app` from the upstream.
-pub async fn fetch(
-    upstream: &Upstream,
+/// Reads a token endpoint's answer (PLATFORM.md section 2): the token and its lifetime, or
+/// why there is none (the platform's code and message, scrubbed with `scrub`; a bad status;
+/// an answer that is not the documented JSON). Never a panic, whatever the bytes.
+pub fn token_answer(
+    status: http::StatusCode,
+    body: &[u8],
     app: &AppConfig,
-    inject: &Inject,
-    refresh_ahead: Duration,
-    clock: &dyn Clock,
-) -> Result<Token, TokenError> {
-    let scrub = |text: &str| {
-        app.credentials
-            .secrets()
-            .iter()
-            .fold(text.to_owned(), |t, s| s.scrub(&t))
-    };
-    let (status, body) = get(
-        upstream,
-        &app.token_path,
-        &app.credentials.query_pairs(),
-        &scrub,
-    )
-    .await?;
-    let answer: TokenAnswer = match serde_json::from_slice(&body) {
+    scrub: &(dyn Fn(&str) -> String + Sync),
+) -> Result<(String, Duration), TokenError> {
+    let answer: TokenAnswer = match serde_json::from_slice(body) {
         Ok(a) => a,
         Err(_) if !status.is_success() => return Err(TokenError::Status(status.as_u16())),
         Err(e) => {
@@ -243,5 +231,30 @@ pub async fn fetch(
         .filter(|t| !t.is_empty())
         .ok_or_else(|| TokenError::BadAnswer("no access_token in the answer".into()))?;
     let lifetime = lifetime(answer.expires_in.as_ref(), app)?;
+    Ok((token, lifetime))
+}
+
+/// Fetches a new token for `app` from the upstream.
+pub async fn fetch(
+    upstream: &Upstream,
+    app: &AppConfig,
+    inject: &Inject,
+    refresh_ahead: Duration,
+    clock: &dyn Clock,
+) -> Result<Token, TokenError> {
+    let scrub = |text: &str| {
+        app.credentials
+            .secrets()
+            .iter()
+            .fold(text.to_owned(), |t, s| s.scrub(&t))
+    };
+    let (status, body) = get(
+        upstream,
+        &app.token_path,
+        &app.credentials.query_pairs(),
+        &scrub,
+    )
+    .await?;
+    let (token, lifetime) = token_answer(status, &body, app, &scrub)?;
     Token::new(token, lifetime, clock.now(), inject, refresh_ahead)
 }
