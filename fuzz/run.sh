@@ -9,7 +9,7 @@
 set -euo pipefail
 SECONDS_EACH=${1:-60}
 cd "$(dirname "$0")/.."
-for t in config target probe token_answer callback; do
+for t in ${TARGETS:-config target probe token_answer callback}; do
   echo "== $t ($SECONDS_EACH s)"
   cargo +nightly fuzz run "$t" -- -max_total_time="$SECONDS_EACH" -rss_limit_mb=4096 2>&1 \
     | grep -E "^(#[0-9]+ *DONE|Done [0-9]+ runs|==[0-9]+==|SUMMARY|.*panicked)" || true
