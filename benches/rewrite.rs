@@ -89,5 +89,47 @@ fn token_cache(c: &mut Criterion) {
     });
 }
 
-criterion_group!(benches, rewrite, token_cache);
+/// What the read-side escaping of raw target bytes (`server::EscapeTargets`, issue 14)
+/// costs per request: reading a typical head through it (nothing to escape, the common
+/// case), against reading it directly; and a head with GBK bytes in its query.
+fn escape_targets(c: &mut Criterion) {
+    use std::pin::Pin;
+    use std::task::{Context, Poll, Waker};
+    use tokio::io::{AsyncRead, ReadBuf};
+    fn read_all<R: AsyncRead + Unpin>(mut r: R, buf: &mut [u8]) -> usize {
+        let mut cx = Context::from_waker(Waker::noop());
+        let mut total = 0;
+        loop {
+            let mut rb = ReadBuf::new(&mut buf[total..]);
+            match Pin::new(&mut r).poll_read(&mut cx, &mut rb) {
+                Poll::Ready(Ok(())) if !rb.filled().is_empty() => total += rb.filled().len(),
+                _ => return total,
+            }
+        }
+    }
+    let head: &[u8] = b"GET /api/apps/v1/robot/groups?group_id=1 HTTP/1.1\r\nHost: 127.0.0.1:18090\r\nUser-Agent: Java/1.8.0_201\r\nAccept: application/json\r\n\r\n";
+    let gbk: &[u8] = b"GET /api/apps/v1/robot/groups?name=\xd5\xc5\xc8\xfd HTTP/1.1\r\nHost: 127.0.0.1:18090\r\n\r\n";
+    let mut buf = vec![0u8; 8192];
+    c.bench_function("read_head_direct", |b| {
+        b.iter(|| black_box(read_all(black_box(head), &mut buf)))
+    });
+    c.bench_function("read_head_through_escape_targets", |b| {
+        b.iter(|| {
+            black_box(read_all(
+                cx_proxy::server::EscapeTargets::new(black_box(head)),
+                &mut buf,
+            ))
+        })
+    });
+    c.bench_function("read_gbk_head_through_escape_targets", |b| {
+        b.iter(|| {
+            black_box(read_all(
+                cx_proxy::server::EscapeTargets::new(black_box(gbk)),
+                &mut buf,
+            ))
+        })
+    });
+}
+
+criterion_group!(benches, rewrite, token_cache, escape_targets);
 criterion_main!(benches);

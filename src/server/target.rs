@@ -13,12 +13,11 @@
 //! request after a body gets hyper's 400, which is logged and counted).
 //!
 //! Which bytes: `0x80`-`0xFF` and every visible ASCII byte the `http` crate refuses in a
-//! path or query, found by asking it (so the two cannot disagree). A request line longer
-//! than the head limit is left alone (hyper refuses it as too large).
+//! path or query (a unit test asks it, byte by byte, so the two cannot drift apart). A
+//! request line longer than the head limit is left alone (hyper refuses it as too large).
 
 use std::io;
 use std::pin::Pin;
-use std::sync::OnceLock;
 use std::task::{Context, Poll};
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
@@ -38,21 +37,17 @@ const METHODS: [&[u8]; 8] = [
     b"TRACE ",
 ];
 
-/// Bytes escaped in a request line.
-fn escaped() -> &'static [bool; 256] {
-    static TABLE: OnceLock<[bool; 256]> = OnceLock::new();
-    TABLE.get_or_init(|| {
-        let mut t = [false; 256];
-        t[0x80..].fill(true);
-        for b in 0x21u8..=0x7F {
-            let c = b as char;
-            let refused = http::uri::PathAndQuery::try_from(format!("/a{c}b?c").as_str()).is_err()
-                || http::uri::PathAndQuery::try_from(format!("/?a{c}b").as_str()).is_err();
-            // `#` ends the target for `http` rather than failing it; `%` starts an escape.
-            t[usize::from(b)] = refused && b != b'#' && b != b'%';
-        }
-        t
-    })
+/// Whether a request-line byte is escaped: `0x80`-`0xFF`, DEL, and the visible ASCII bytes
+/// the `http` crate refuses in a path or query (`"`, `<`, `>`, `` ` ``; a unit test holds
+/// this to what `http` does, byte by byte). Written as comparisons so that a line's check
+/// compiles to vector compares.
+fn escapes(b: u8) -> bool {
+    (b >= 0x7F) | (b == b'"') | (b == b'<') | (b == b'>') | (b == b'`')
+}
+
+/// Whether any byte of `line` is escaped (no early exit: vectorised).
+fn any_escaped(line: &[u8]) -> bool {
+    line.iter().fold(false, |any, &b| any | escapes(b))
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -99,7 +94,7 @@ impl<I> EscapeTargets<I> {
     /// Moves the state over `new` a line at a time (`memchr`, not a byte at a time: this
     /// runs for every request head); the index of the first byte to escape, the state then
     /// just past it.
-    fn scan(&mut self, new: &[u8], table: &[bool; 256]) -> Option<usize> {
+    fn scan(&mut self, new: &[u8]) -> Option<usize> {
         let mut i = 0;
         while i < new.len() {
             let rest = &new[i..];
@@ -118,8 +113,8 @@ impl<I> EscapeTargets<I> {
                 State::Line(n) => {
                     let end = memchr::memchr(b'\n', rest);
                     let line = &rest[..end.unwrap_or(rest.len())];
-                    let escape = (n < MAX_HEAD_BYTES)
-                        .then(|| line.iter().position(|&b| table[usize::from(b)]))
+                    let escape = (n < MAX_HEAD_BYTES && any_escaped(line))
+                        .then(|| line.iter().position(|&b| escapes(b)))
                         .flatten();
                     if let Some(j) = escape {
                         self.remember(&line[..=j]);
@@ -140,7 +135,7 @@ impl<I> EscapeTargets<I> {
                     }
                 }
                 State::Sniff(_) => {
-                    if self.step(rest[0], table) {
+                    if self.step(rest[0]) {
                         return Some(i);
                     }
                     i += 1;
@@ -177,8 +172,8 @@ impl<I> EscapeTargets<I> {
         }
     }
 
-    /// Moves the state over `b`; whether `b` is to be escaped (`table`: [`escaped`]).
-    fn step(&mut self, b: u8, table: &[bool; 256]) -> bool {
+    /// Moves the state over `b`; whether `b` is to be escaped.
+    fn step(&mut self, b: u8) -> bool {
         match self.state {
             State::Through => false,
             State::Line(n) => {
@@ -189,7 +184,7 @@ impl<I> EscapeTargets<I> {
                     return false;
                 }
                 self.state = State::Line(n + 1);
-                n < MAX_HEAD_BYTES && table[usize::from(b)]
+                n < MAX_HEAD_BYTES && escapes(b)
             }
             State::Head => {
                 self.tail = (self.tail << 8) | u32::from(b);
@@ -234,8 +229,7 @@ impl<I: AsyncRead + Unpin> AsyncRead for EscapeTargets<I> {
             return polled;
         }
         // The common case: nothing to escape, the bytes stay where they are.
-        let table = escaped();
-        let Some(first) = this.scan(&buf.filled()[start..], table) else {
+        let Some(first) = this.scan(&buf.filled()[start..]) else {
             return Poll::Ready(Ok(()));
         };
         // Escaping grows the bytes: they move to `pending` and are handed on from there.
@@ -245,7 +239,7 @@ impl<I: AsyncRead + Unpin> AsyncRead for EscapeTargets<I> {
         this.handed = 0;
         push_escaped(&mut this.pending, read[first]);
         for &b in &read[first + 1..] {
-            if this.step(b, table) {
+            if this.step(b) {
                 push_escaped(&mut this.pending, b);
             } else {
                 this.pending.push(b);
@@ -323,6 +317,21 @@ mod tests {
         // HTTP/2's preface and frames pass untouched.
         let h2 = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\x00\x00\x12\x04\xff\xfe";
         assert_eq!(through(h2).await, h2.to_vec());
+    }
+
+    #[test]
+    fn the_escaped_bytes_are_those_http_refuses_in_a_target() {
+        for b in 0u8..=0xFF {
+            let refused = b >= 0x80 || {
+                let c = b as char;
+                (0x21..=0x7F).contains(&b)
+                    && c != '#'
+                    && c != '%'
+                    && (http::uri::PathAndQuery::try_from(format!("/a{c}b?c").as_str()).is_err()
+                        || http::uri::PathAndQuery::try_from(format!("/?a{c}b").as_str()).is_err())
+            };
+            assert_eq!(escapes(b), refused, "{b:#04x}");
+        }
     }
 
     #[tokio::test]
