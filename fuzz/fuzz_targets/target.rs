@@ -49,8 +49,9 @@ fuzz_target!(|data: &[u8]| {
     };
     let target = cx_proxy::proxy::upstream_target("/base", path, query, "access_token", Some("access_token=T"));
     assert!(target.ends_with("access_token=T"));
+    // The query as logged never shows a token-like value (the path is shown as it is).
     let shown = cx_proxy::proxy::Redacted::new(path, query, "access_token").to_string();
-    assert!(!shown.contains("access_token=T"));
+    assert!(!shown[path.len()..].contains("access_token=T"), "{shown}");
     let normalized = cx_proxy::proxy::normalize_path(path);
     assert!(!normalized.contains("/../"), "{normalized}");
     let _ = cx_proxy::proxy::path_problem(path);
