@@ -188,13 +188,18 @@ impl<I> EscapeTargets<I> {
             }
             State::Head => {
                 self.tail = (self.tail << 8) | u32::from(b);
-                if self.tail == u32::from_be_bytes(*b"\r\n\r\n") || self.tail & 0xFFFF == 0x0A0A {
+                // An empty line: `\n\r\n` or `\n\n`, as `head_end` finds it.
+                if self.tail & 0xFF_FFFF == 0x0A_0D0A || self.tail & 0xFFFF == 0x0A0A {
                     self.state = State::Sniff(0);
                 }
                 false
             }
             State::Sniff(n) => {
-                self.sniffed[n] = b;
+                let Some(slot) = self.sniffed.get_mut(n) else {
+                    self.state = State::Through;
+                    return false;
+                };
+                *slot = b;
                 let seen = &self.sniffed[..=n];
                 if METHODS.contains(&seen) {
                     self.state = State::Line(n + 1);
