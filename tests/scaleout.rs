@@ -338,14 +338,17 @@ async fn instances_share_callback_nonces_so_a_retry_elsewhere_is_not_kept_twice(
                 .unwrap(),
         );
     }
+    // One timestamp for every post: the platform's retry of a callback is the same signed
+    // request (a second boundary between two posts must not make it another one).
+    let timestamp = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+        .to_string();
     let post = |p: &ProxyHandle, body: &serde_json::Value, nonce: &str| {
         let mut s = Signed {
             corpid: "10001".into(),
-            timestamp: std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .unwrap()
-                .as_secs()
-                .to_string(),
+            timestamp: timestamp.clone(),
             nonce: nonce.into(),
             signature: String::new(),
         };
