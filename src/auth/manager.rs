@@ -259,11 +259,6 @@ impl TokenManager {
         self.store.clone()
     }
 
-    /// Whether the shared token store answers (`None`: none configured).
-    pub fn store_up(&self) -> Option<bool> {
-        self.store.as_ref().map(|s| s.up())
-    }
-
     /// How the shared token store is (`None`: none configured).
     pub fn store_state(&self) -> Option<store::StoreState> {
         self.store.as_ref().map(|s| s.state())
