@@ -60,7 +60,12 @@ pub async fn handle(
         .into_response();
     }
     let path = req.uri().path();
-    match (req.method(), path) {
+    // HEAD is answered as GET (RFC 9110 section 9.3.2); server::serve leaves the body out.
+    let method = match req.method() {
+        &Method::HEAD => &Method::GET,
+        m => m,
+    };
+    match (method, path) {
         (&Method::GET, "/healthz") => json(StatusCode::OK, &json!({"status": "ok"})),
         (&Method::GET, "/readyz") => {
             let apps = proxy.tokens().status().await;

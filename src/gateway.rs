@@ -28,7 +28,7 @@ use crate::config::Config;
 use crate::error::{ErrorKind, ProxyError, StartupError};
 use crate::proxy::Proxy;
 use crate::relay::{Relay, Settings};
-use crate::server::{serve, Peer};
+use crate::server::{serve, Peer, Serving};
 use crate::upstream::Body;
 
 /// The swappable state shared by every connection.
@@ -331,7 +331,12 @@ pub async fn run(
         let counted = gateway.clone();
         let refused: crate::server::OnRefused =
             Arc::new(move |reason| counted.proxy().metrics().http_refused(reason));
-        let refused = Some(refused);
+        let base = Serving {
+            tls: None,
+            grace,
+            refused: Some(refused),
+            head_bodies: false,
+        };
         serving.push(match role {
             Role::Proxy => {
                 let limit = limit.clone();
@@ -341,14 +346,8 @@ pub async fn run(
                     limit: limit.clone(),
                 };
                 let tls = gateway.tls();
-                tokio::spawn(serve::<_, _, Body>(
-                    listener,
-                    tls,
-                    make,
-                    stopped(),
-                    grace,
-                    refused,
-                ))
+                let serving = Serving { tls, ..base };
+                tokio::spawn(serve::<_, _, Body>(listener, make, stopped(), serving))
             }
             Role::Admin => {
                 let make = move |peer: Peer| {
@@ -363,14 +362,7 @@ pub async fn run(
                         }
                     })
                 };
-                tokio::spawn(serve::<_, _, Body>(
-                    listener,
-                    None,
-                    make,
-                    stopped(),
-                    grace,
-                    refused,
-                ))
+                tokio::spawn(serve::<_, _, Body>(listener, make, stopped(), base))
             }
             Role::Callbacks => {
                 let tls = gateway.callbacks_tls.clone();
@@ -402,14 +394,8 @@ pub async fn run(
                         }
                     })
                 };
-                tokio::spawn(serve::<_, _, Body>(
-                    listener,
-                    tls,
-                    make,
-                    stopped(),
-                    grace,
-                    refused,
-                ))
+                let serving = Serving { tls, ..base };
+                tokio::spawn(serve::<_, _, Body>(listener, make, stopped(), serving))
             }
         });
     }

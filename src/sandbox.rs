@@ -405,6 +405,7 @@ impl Sandbox {
             addr: opts.listen,
             source,
         })?;
+        let opts_head_bodies = opts.head_bodies;
         let shared = Arc::new(Shared {
             state: Mutex::new(State {
                 quota: opts.daily_quota,
@@ -425,25 +426,21 @@ impl Sandbox {
                 .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             hyper::service::service_fn(move |req| {
                 let shared = shared.clone();
-                async move {
-                    let head = req.method() == Method::HEAD;
-                    let mut resp = handle(&shared, req).await;
-                    if head && !shared.opts.head_bodies {
-                        *resp.body_mut() = SandboxBody::Full(None);
-                    }
-                    Ok::<_, Infallible>(resp)
-                }
+                async move { Ok::<_, Infallible>(handle(&shared, req).await) }
             })
+        };
+        let serving = crate::server::Serving {
+            tls: Some(tls),
+            head_bodies: opts_head_bodies,
+            ..crate::server::Serving::plain(Duration::from_secs(1))
         };
         let task = tokio::spawn(crate::server::serve::<_, _, SandboxBody>(
             listener,
-            Some(tls),
             make,
             async {
                 let _ = stopped.await;
             },
-            Duration::from_secs(1),
-            None,
+            serving,
         ));
         Ok(Sandbox {
             addr,

@@ -82,16 +82,41 @@ const ACCEPT_BACKOFF: (Duration, Duration) = (Duration::from_millis(10), Duratio
 /// Called with the reason (see [`parse_refusal`]) when hyper's parser refuses a request.
 pub type OnRefused = Arc<dyn Fn(&'static str) + Send + Sync>;
 
-/// Serves `listener` until `shutdown` resolves, then drains for up to `grace`.
-/// `make_service` is called once per connection, after any TLS handshake; `refused`, if
-/// given, hears of every request hyper's parser refused.
+/// How [`serve`] runs a listener, beside its service.
+#[derive(Clone)]
+pub struct Serving {
+    /// TLS (and mTLS) for every connection; `None` serves plain HTTP (and h2c).
+    pub tls: Option<Arc<ArcSwap<ServerConfig>>>,
+    /// How long in-flight requests may finish after shutdown.
+    pub grace: Duration,
+    /// Hears of every request hyper's parser refused, with the reason of [`parse_refusal`].
+    pub refused: Option<OnRefused>,
+    /// Sends the service's body on answers to HEAD, as a faulty server does (the sandbox's
+    /// `head_bodies` fault). Otherwise no answer to HEAD carries a body on any protocol
+    /// (RFC 9110 section 9.3.2; hyper leaves it out on HTTP/1 only, and on HTTP/2 the peer
+    /// takes one as a protocol error). Its `Content-Length` stays.
+    pub head_bodies: bool,
+}
+
+impl Serving {
+    /// Plain HTTP, the given grace, nothing told of refusals, no bodies on HEAD.
+    pub fn plain(grace: Duration) -> Self {
+        Serving {
+            tls: None,
+            grace,
+            refused: None,
+            head_bodies: false,
+        }
+    }
+}
+
+/// Serves `listener` until `shutdown` resolves, then drains for up to `serving.grace`.
+/// `make_service` is called once per connection, after any TLS handshake.
 pub async fn serve<M, S, B>(
     listener: TcpListener,
-    tls: Option<Arc<ArcSwap<ServerConfig>>>,
     make_service: M,
     shutdown: impl Future<Output = ()>,
-    grace: Duration,
-    refused: Option<OnRefused>,
+    serving: Serving,
 ) where
     M: Fn(Peer) -> S + Clone + Send + 'static,
     S: Service<Request<Incoming>, Response = Response<B>> + Send + 'static,
@@ -118,6 +143,12 @@ pub async fn serve<M, S, B>(
         .keep_alive_interval(H2_KEEPALIVE)
         .keep_alive_timeout(H2_KEEPALIVE);
     let builder = Arc::new(builder);
+    let Serving {
+        tls,
+        grace,
+        refused,
+        head_bodies,
+    } = serving;
     let graceful = GracefulShutdown::new();
     let mut backoff = ACCEPT_BACKOFF.0;
     tokio::pin!(shutdown);
@@ -147,17 +178,18 @@ pub async fn serve<M, S, B>(
         tokio::spawn(async move {
             let result = match tls {
                 None => {
-                    let service = make_service(Peer::from_addr(addr));
+                    let service = HeadSafe::new(make_service(Peer::from_addr(addr)), head_bodies);
                     serve_io(&builder, watcher, EscapeTargets::new(stream), service).await
                 }
                 Some(acceptor) => {
                     let Some((io, cert_names)) = handshake(acceptor, stream).await else {
                         return;
                     };
-                    let service = make_service(Peer {
+                    let peer = Peer {
                         addr: Some(addr),
                         cert_names,
-                    });
+                    };
+                    let service = HeadSafe::new(make_service(peer), head_bodies);
                     serve_io(&builder, watcher, EscapeTargets::new(io), service).await
                 }
             };
@@ -238,6 +270,104 @@ where
                 .into_owned(),
         )
         .await
+}
+
+pin_project_lite::pin_project! {
+    /// A service's body, or nothing in its place on an answer to HEAD (the body is held,
+    /// never polled, and dropped with the answer).
+    pub struct Headless<B> {
+        #[pin]
+        body: B,
+        dropped: bool,
+    }
+}
+
+impl<B: http_body::Body> http_body::Body for Headless<B> {
+    type Data = B::Data;
+    type Error = B::Error;
+
+    fn poll_frame(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<B::Data>, B::Error>>> {
+        let this = self.project();
+        if *this.dropped {
+            return std::task::Poll::Ready(None);
+        }
+        this.body.poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.dropped || self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        if self.dropped {
+            return http_body::SizeHint::with_exact(0);
+        }
+        self.body.size_hint()
+    }
+}
+
+/// A service whose answers to HEAD go out without their body (see [`Serving::head_bodies`]).
+struct HeadSafe<S> {
+    inner: S,
+    keep_bodies: bool,
+}
+
+impl<S> HeadSafe<S> {
+    fn new(inner: S, keep_bodies: bool) -> Self {
+        HeadSafe { inner, keep_bodies }
+    }
+}
+
+impl<S, B> Service<Request<Incoming>> for HeadSafe<S>
+where
+    S: Service<Request<Incoming>, Response = Response<B>>,
+{
+    type Response = Response<Headless<B>>;
+    type Error = S::Error;
+    type Future = HeadSafeFuture<S::Future>;
+
+    fn call(&self, req: Request<Incoming>) -> Self::Future {
+        let head = req.method() == http::Method::HEAD && !self.keep_bodies;
+        HeadSafeFuture {
+            inner: self.inner.call(req),
+            head,
+        }
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// The answer of a [`HeadSafe`] service.
+    struct HeadSafeFuture<F> {
+        #[pin]
+        inner: F,
+        head: bool,
+    }
+}
+
+impl<F, B, E> Future for HeadSafeFuture<F>
+where
+    F: Future<Output = Result<Response<B>, E>>,
+{
+    type Output = Result<Response<Headless<B>>, E>;
+
+    fn poll(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Self::Output> {
+        let this = self.project();
+        let head = *this.head;
+        this.inner.poll(cx).map(|answer| {
+            answer.map(|resp| {
+                resp.map(|body| Headless {
+                    body,
+                    dropped: head,
+                })
+            })
+        })
+    }
 }
 
 type TlsIo = tokio_rustls::server::TlsStream<TcpStream>;

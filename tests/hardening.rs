@@ -203,6 +203,14 @@ async fn no_answer_to_head_carries_a_body_on_either_protocol() {
         assert_eq!(a.status, 400, "h2 {h2}");
         assert!(a.body.is_empty(), "h2 {h2}");
         assert_eq!(a.headers["x-cx-proxy-error"], "bad_request");
+        // The admin port's answers have bodies on GET, none on HEAD.
+        for path in ["/metrics", "/healthz", "/nowhere"] {
+            let a = send(&c, request(http::Method::HEAD, &env.admin_url(path), "")).await;
+            assert!(a.body.is_empty(), "h2 {h2} {path}: {:?}", a.body);
+            let g = send(&c, request(http::Method::GET, &env.admin_url(path), "")).await;
+            assert_eq!(a.status, g.status, "h2 {h2} {path}");
+            assert!(!g.body.is_empty(), "h2 {h2} {path}");
+        }
     }
     let metrics = get(&env.admin_url("/metrics")).await.text();
     assert!(!metrics.contains("upstream_errors_total{"), "{metrics}");

@@ -290,19 +290,8 @@ async fn with_redis_down_requests_keep_succeeding_and_sharing_resumes_when_it_re
     redis.restart();
     // Once the store answers again, the instances share: one fetch for a cluster-wide revoke.
     for p in &proxies {
-        let deadline = Instant::now() + Duration::from_secs(10);
-        loop {
-            let r = get(&format!("http://{}/readyz", p.admin_addr.unwrap())).await;
-            if r.json()["token_store"]["up"] == true {
-                break;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "the store never came back: {}",
-                r.text()
-            );
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
+        let admin = format!("http://{}", p.admin_addr.unwrap());
+        await_store_state(&admin, "up").await;
     }
     let before = sandbox.token_fetches(APP_KEY);
     sandbox.revoke_all();
@@ -448,17 +437,30 @@ async fn call_limits_hold_across_instances_and_each_instance_counts_alone_withou
     // Back: sharing resumes, and an instance's own window still holds what it passed
     // alone, so it does not pass another 4 on top of those within the minute.
     redis.signal("CONT");
-    let admin = format!("http://{}/readyz", proxies[0].admin_addr.unwrap());
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while get(&admin).await.json()["token_store"]["up"] != true {
-        assert!(Instant::now() < deadline, "the store never came back");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    await_store_state(&format!("http://{}", proxies[0].admin_addr.unwrap()), "up").await;
     let answers = spread(&proxies[..1], 5, "/api/apps/v1/alone").await;
     for a in &answers {
         assert_proxy_error(a, 429, "rate_limited");
     }
     assert_eq!(seen("/api/apps/v1/alone"), 12);
+}
+
+/// Waits up to 10 s for the `/readyz` of the admin port at `admin` (`http://host:port`) to
+/// show the token store in `state` (`up`, `refusing_writes`, `down`).
+async fn await_store_state(admin: &str, state: &str) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let r = get(&format!("{admin}/readyz")).await;
+        if r.json()["token_store"]["state"] == state {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the store never reached {state}: {}",
+            r.text()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }
 
 /// `CONFIG SET key value` on the test's redis-server.
@@ -498,19 +500,7 @@ async fn a_store_that_refuses_writes_is_degraded_and_a_token_seen_rejected_is_ne
 
     // Redis takes writes again; the readiness probe finds out.
     redis_config(&redis, "maxmemory", "0").await;
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let r = get(&format!("{admin}/readyz")).await;
-        if r.json()["token_store"]["state"] == "up" {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "never writable again: {}",
-            r.text()
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    await_store_state(&admin, "up").await;
     // The platform revokes every token. The store still holds the first one, which this
     // instance saw rejected: it is not adopted; a new one is fetched and shared.
     let fetches = sandbox.token_fetches(APP_KEY);

@@ -113,13 +113,11 @@ impl Receiver {
         let (stop, stopped) = oneshot::channel::<()>();
         let task = tokio::spawn(crate::server::serve::<_, _, Full<Bytes>>(
             listener,
-            None,
             make,
             async {
                 let _ = stopped.await;
             },
-            Duration::from_secs(1),
-            None,
+            crate::server::Serving::plain(Duration::from_secs(1)),
         ));
         Ok(Receiver {
             addr,
