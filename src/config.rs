@@ -173,7 +173,14 @@ pub struct UpstreamConfig {
     /// Extra trusted root, added to the system's.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub ca_file: Option<PathBuf>,
-    /// TCP connect timeout.
+    /// The HTTP CONNECT proxy the platform is reached through, if any.
+    #[serde(serialize_with = "egress", skip_serializing_if = "Option::is_none")]
+    pub proxy: Option<EgressProxy>,
+    /// How `proxy` was chosen, for `check` (`upstream.proxy`, the environment variable that
+    /// named it, or why the connection goes direct).
+    #[serde(skip)]
+    pub proxy_source: String,
+    /// TCP connect timeout (to the proxy, when there is one; the tunnel's setup counts too).
     #[serde(rename = "connect_timeout_ms", serialize_with = "millis")]
     pub connect_timeout: Duration,
     /// Whole upstream exchange.
@@ -181,6 +188,30 @@ pub struct UpstreamConfig {
     pub timeout: Duration,
     /// Upstream exchanges in flight at once (on HTTP/1.1, connections); more wait their turn.
     pub max_connections: usize,
+}
+
+/// An HTTP CONNECT proxy on the way to the platform (SPEC section 3 `upstream.proxy`): TLS
+/// to the platform runs inside the tunnel, so the proxy sees only the platform's host and
+/// port.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EgressProxy {
+    /// The proxy's host and port (a missing port is 1080, as curl takes it).
+    pub authority: Authority,
+    /// The user of the URL's userinfo, shown by `check`.
+    pub user: Option<String>,
+    /// `Proxy-Authorization` (Basic, RFC 9110 section 11.7.1 and RFC 7617) from the URL's
+    /// userinfo: a secret, marked sensitive.
+    pub authorization: Option<http::HeaderValue>,
+}
+
+impl Display for EgressProxy {
+    /// `http://[user:***@]host:port`: the password never shows.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.user {
+            Some(user) => write!(f, "http://{user}:***@{}", self.authority),
+            None => write!(f, "http://{}", self.authority),
+        }
+    }
 }
 
 /// How the token travels on forwarded calls (`inject`, with `param` or `header` and
@@ -610,6 +641,10 @@ impl Config {
                 out.push_str(&line(format!("callback[{i}].key: {source}")));
             }
         }
+        out.push_str(&line(format!(
+            "upstream.proxy: {}",
+            self.upstream.proxy_source
+        )));
         match toml::to_string(self) {
             Ok(text) => out.push_str(&text),
             Err(e) => out.push_str(&format!("# cannot be shown as TOML: {e}\n")),
@@ -677,6 +712,13 @@ fn millis<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
 
 fn opt_millis<S: Serializer>(d: &Option<Duration>, s: S) -> Result<S::Ok, S::Error> {
     s.serialize_u64(d.map_or(0, |d| d.as_millis() as u64))
+}
+
+fn egress<S: Serializer>(p: &Option<EgressProxy>, s: S) -> Result<S::Ok, S::Error> {
+    match p {
+        Some(p) => s.collect_str(p),
+        None => s.serialize_none(),
+    }
 }
 
 fn masked<S: Serializer>(v: &ParamValue, s: S) -> Result<S::Ok, S::Error> {

@@ -39,7 +39,7 @@ use tokio::net::TcpStream;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_rustls::TlsConnector;
 
-use crate::config::UpstreamConfig;
+use crate::config::{EgressProxy, UpstreamConfig};
 use crate::error::{chain, ErrorKind, ProxyError, StartupError};
 use crate::tls;
 
@@ -100,6 +100,8 @@ pub struct Upstream {
     base_path: String,
     timeout: Duration,
     connect_timeout: Duration,
+    /// The HTTP CONNECT proxy on the way, if any (`upstream.proxy`, `HTTPS_PROXY`).
+    proxy: Option<EgressProxy>,
     /// One permit per upstream exchange in flight (`max_connections`).
     slots: Arc<Semaphore>,
     pool: Arc<Pool>,
@@ -214,6 +216,7 @@ impl Upstream {
             base_path: cfg.base_path.clone(),
             timeout: cfg.timeout,
             connect_timeout: cfg.connect_timeout,
+            proxy: cfg.proxy.clone(),
             slots: Arc::new(Semaphore::new(cfg.max_connections)),
             pool: Arc::default(),
         })
@@ -335,23 +338,43 @@ impl Upstream {
         }
     }
 
-    /// Opens a TCP + TLS connection and starts hyper on it (h2 if the server picked it).
+    /// Opens a TCP + TLS connection (through the egress proxy's tunnel when there is one)
+    /// and starts hyper on it (h2 if the server picked it).
     async fn connect(&self) -> Result<Conn, UpstreamError> {
         let fail = |what: String| {
             UpstreamError::Unreachable(format!("cannot connect to the upstream: {what}"))
         };
-        let tcp = tokio::time::timeout(
-            self.connect_timeout,
-            TcpStream::connect((self.host.as_str(), self.port)),
-        )
-        .await
-        .map_err(|_| {
-            fail(format!(
-                "no TCP connection within {} ms",
-                self.connect_timeout.as_millis()
-            ))
-        })?
-        .map_err(|e| fail(e.to_string()))?;
+        let tcp = match &self.proxy {
+            None => tokio::time::timeout(
+                self.connect_timeout,
+                TcpStream::connect((self.host.as_str(), self.port)),
+            )
+            .await
+            .map_err(|_| {
+                fail(format!(
+                    "no TCP connection within {} ms",
+                    self.connect_timeout.as_millis()
+                ))
+            })?
+            .map_err(|e| fail(e.to_string()))?,
+            Some(proxy) => {
+                let through = |what: String| {
+                    UpstreamError::Unreachable(format!(
+                        "cannot connect to the upstream through the proxy {}: {what}",
+                        proxy.authority
+                    ))
+                };
+                tokio::time::timeout(self.connect_timeout, self.tunnel(proxy))
+                    .await
+                    .map_err(|_| {
+                        through(format!(
+                            "no tunnel within {} ms",
+                            self.connect_timeout.as_millis()
+                        ))
+                    })?
+                    .map_err(through)?
+            }
+        };
         let _ = tcp.set_nodelay(true);
         let _ = socket2::SockRef::from(&tcp)
             .set_tcp_keepalive(&socket2::TcpKeepalive::new().with_time(TCP_KEEPALIVE));
@@ -381,6 +404,74 @@ impl Upstream {
             drive(conn);
             Ok(Conn::H1(sender))
         }
+    }
+}
+
+impl Upstream {
+    /// A TCP connection to the platform through `proxy`: `CONNECT host:port` (RFC 9110
+    /// section 9.3.6) sent and answered through hyper, then the bare socket back for TLS.
+    /// `Err` says what went wrong, in words (the proxy's status and reason when it refused).
+    async fn tunnel(&self, proxy: &EgressProxy) -> Result<TcpStream, String> {
+        let tcp = TcpStream::connect((
+            proxy
+                .authority
+                .host()
+                .trim_start_matches('[')
+                .trim_end_matches(']'),
+            proxy.authority.port_u16().unwrap_or(1080),
+        ))
+        .await
+        .map_err(|e| format!("cannot reach the proxy: {e}"))?;
+        let _ = tcp.set_nodelay(true);
+        // Title case (`Proxy-Authorization`), as curl sends it: some proxies (tinyproxy
+        // among them) look header names up case-sensitively.
+        let (mut sender, conn) = http1::Builder::new()
+            .title_case_headers(true)
+            .handshake::<_, Body>(TokioIo::new(tcp))
+            .await
+            .map_err(|e| chain(&e))?;
+        let conn = tokio::spawn(conn.with_upgrades());
+        let target = if self.host.contains(':') {
+            format!("[{}]:{}", self.host, self.port)
+        } else {
+            format!("{}:{}", self.host, self.port)
+        };
+        let mut req = Request::connect(target.as_str())
+            .header(HOST, target.as_str())
+            .body(Body::Empty)
+            .map_err(|e| format!("cannot build CONNECT {target}: {e}"))?;
+        if let Some(auth) = &proxy.authorization {
+            req.headers_mut()
+                .insert(http::header::PROXY_AUTHORIZATION, auth.clone());
+        }
+        let resp = sender
+            .send_request(req)
+            .await
+            .map_err(|e| format!("the proxy did not answer CONNECT {target}: {}", chain(&e)))?;
+        let status = resp.status();
+        if !status.is_success() {
+            conn.abort();
+            let hint = match status.as_u16() {
+                // 407 by RFC 9110; some proxies (tinyproxy) answer wrong ones with 401.
+                401 | 407 => " (it wants other credentials: the user and password of upstream.proxy or HTTPS_PROXY)",
+                _ => "",
+            };
+            return Err(format!(
+                "the proxy refused CONNECT {target} with {status}{hint}"
+            ));
+        }
+        let upgraded = hyper::upgrade::on(resp)
+            .await
+            .map_err(|e| format!("the tunnel did not open: {}", chain(&e)))?;
+        let parts = upgraded
+            .downcast::<TokioIo<TcpStream>>()
+            .map_err(|_| "the tunnel did not open: not a TCP stream".to_owned())?;
+        // TLS starts with the client's hello: a proxy that already sent bytes is not a
+        // tunnel to a TLS server.
+        if !parts.read_buf.is_empty() {
+            return Err("the proxy sent data into the tunnel before TLS began".into());
+        }
+        Ok(parts.io.into_inner())
     }
 }
 

@@ -79,6 +79,7 @@ pub(super) struct Admin {
 pub(super) struct Upstream {
     pub url: String,
     pub ca_file: Option<String>,
+    pub proxy: Option<String>,
     pub connect_timeout_ms: Int<1, 600_000>,
     pub timeout_ms: Int<1, 3_600_000>,
     pub max_connections: Int<1, 100_000>,
@@ -89,6 +90,7 @@ impl Default for Upstream {
         Upstream {
             url: super::DEFAULT_UPSTREAM.into(),
             ca_file: None,
+            proxy: None,
             connect_timeout_ms: Int(3000),
             timeout_ms: Int(30_000),
             max_connections: Int(256),

@@ -15,8 +15,8 @@ use toml::Table;
 use super::file::{self, File, Scalar, UpstreamOnly};
 use super::{
     AdminConfig, AppConfig, CallbackRoute, CallbacksConfig, ClientConfig, Config, ConfigError,
-    Credentials, Inject, LimitRule, LimitsConfig, Loaded, ParamValue, SecretReader, SecretSource,
-    ServerConfig, Shape, StoreConfig, System, TlsFiles, TokenConfig, UpstreamConfig,
+    Credentials, EgressProxy, Inject, LimitRule, LimitsConfig, Loaded, ParamValue, SecretReader,
+    SecretSource, ServerConfig, Shape, StoreConfig, System, TlsFiles, TokenConfig, UpstreamConfig,
 };
 use crate::platform::{self, code, AppKind};
 use crate::secret::Secret;
@@ -392,16 +392,93 @@ impl<'a> Check<'a> {
             Ok(parts) => parts,
             Err(what) => return self.fail("upstream.url", format!("{:?} {what}", u.url)),
         };
+        let (proxy, proxy_source) = self.egress(u.proxy, &authority);
         Some(UpstreamConfig {
             url: u.url,
             scheme,
             authority,
             base_path,
             ca_file,
+            proxy,
+            proxy_source,
             connect_timeout: Duration::from_millis(u.connect_timeout_ms.get()),
             timeout: Duration::from_millis(u.timeout_ms.get()),
             max_connections: u.max_connections.get(),
         })
+    }
+
+    /// The egress proxy for the platform at `platform` and how it was chosen: `upstream.proxy`
+    /// when the key is there (`""`: direct), else `https_proxy` / `HTTPS_PROXY` / `all_proxy`
+    /// / `ALL_PROXY` unless `no_proxy` / `NO_PROXY` names the host, as curl reads them.
+    fn egress(
+        &mut self,
+        configured: Option<String>,
+        platform: &Authority,
+    ) -> (Option<EgressProxy>, String) {
+        let first = |names: &[&'static str]| {
+            names.iter().find_map(|&n| {
+                self.secrets
+                    .var(n)
+                    .filter(|v| !v.is_empty())
+                    .map(|v| (n, v))
+            })
+        };
+        let (key, url) = match configured {
+            Some(url) if url.is_empty() => {
+                return (None, "none (upstream.proxy = \"\": direct)".into())
+            }
+            Some(url) => ("upstream.proxy", url),
+            None => match first(&["https_proxy", "HTTPS_PROXY", "all_proxy", "ALL_PROXY"]) {
+                None => {
+                    return (
+                        None,
+                        "none (direct; no upstream.proxy, no HTTPS_PROXY)".into(),
+                    )
+                }
+                Some((name, url)) => {
+                    let no = first(&["no_proxy", "NO_PROXY"]);
+                    let dst: http::Uri = match format!("https://{platform}/").parse() {
+                        Ok(u) => u,
+                        Err(_) => return (None, "none".into()),
+                    };
+                    let matcher = hyper_util::client::proxy::matcher::Matcher::builder()
+                        .https(url.clone())
+                        .no(no.as_ref().map_or(String::new(), |(_, v)| v.clone()))
+                        .build();
+                    // curl's `*` (every host) covers addresses too, unlike the matcher's.
+                    let every = no
+                        .as_ref()
+                        .is_some_and(|(_, v)| v.split(',').any(|h| h.trim() == "*"));
+                    if every || matcher.intercept(&dst).is_none() {
+                        if let Some((no_name, _)) = no {
+                            let host = platform.host();
+                            return (None, format!("none ({host} is in {no_name}: direct)"));
+                        }
+                    }
+                    (name, url)
+                }
+            },
+        };
+        match parse_egress(&url) {
+            Ok(p) => {
+                let source = if key == "upstream.proxy" {
+                    "upstream.proxy".to_owned()
+                } else {
+                    format!("from {key}")
+                };
+                (Some(p), source)
+            }
+            Err(what) => {
+                // The URL may hold a password: only its scheme and host are repeated.
+                let key = if key == "upstream.proxy" {
+                    key.to_owned()
+                } else {
+                    format!("upstream.proxy (from {key})")
+                };
+                self.err(&key, what);
+                (None, String::new())
+            }
+        }
     }
 
     fn token(&mut self, t: file::Token) -> Option<TokenConfig> {
@@ -1014,6 +1091,60 @@ fn usable_port(uri: &Uri) -> bool {
         Some((_, port)) if !port.ends_with(']') => port.parse::<u16>().is_ok_and(|p| p > 0),
         _ => true,
     }
+}
+
+/// An egress proxy URL (`http://[user[:password]@]host[:port]`, the scheme optional and
+/// the userinfo percent-decoded as curl takes them, through hyper-util's proxy matcher; the
+/// port 1080 when missing, curl's default); `Err` says what is wrong without repeating the
+/// URL, which may hold a password.
+fn parse_egress(url: &str) -> Result<EgressProxy, String> {
+    const SHAPE: &str = "http://[user:password@]host:port";
+    let dst = http::Uri::from_static("https://platform.invalid/");
+    let intercept = hyper_util::client::proxy::matcher::Matcher::builder()
+        .https(url)
+        .build()
+        .intercept(&dst)
+        .ok_or_else(|| format!("is not a usable proxy URL ({SHAPE})"))?;
+    let uri = intercept.uri();
+    if uri.scheme() != Some(&Scheme::HTTP) {
+        let scheme = uri.scheme_str().unwrap_or("?");
+        return Err(format!(
+            "{scheme}:// proxies are not supported: give an HTTP proxy that speaks CONNECT ({SHAPE})"
+        ));
+    }
+    let authority = uri
+        .authority()
+        .ok_or_else(|| format!("has no host ({SHAPE})"))?;
+    let authority: Authority = match authority.port() {
+        Some(_) => authority.clone(),
+        None => format!("{authority}:1080")
+            .parse()
+            .map_err(|_| format!("has no usable host ({SHAPE})"))?,
+    };
+    if authority.host().is_empty() || authority.port_u16() == Some(0) {
+        return Err(format!("has no usable host and port ({SHAPE})"));
+    }
+    let authorization = intercept.basic_auth().cloned().map(|mut v| {
+        v.set_sensitive(true);
+        v
+    });
+    // The user is shown by `check`; the password never is.
+    let user = authorization
+        .as_ref()
+        .and(url.split_once("://").map_or(Some(url), |(_, r)| Some(r)))
+        .and_then(|rest| rest.split(['/', '?', '#']).next())
+        .and_then(|auth| auth.rsplit_once('@'))
+        .map(|(info, _)| {
+            let user = info.split_once(':').map_or(info, |(u, _)| u);
+            percent_encoding::percent_decode_str(user)
+                .decode_utf8_lossy()
+                .into_owned()
+        });
+    Ok(EgressProxy {
+        authority,
+        user,
+        authorization,
+    })
 }
 
 /// Splits an upstream URL into scheme, authority and base path; `Err` says what is wrong.
