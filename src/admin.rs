@@ -8,6 +8,7 @@
 //! | `POST /tokens/{app}/refresh` | fetches a new token now; answers its expiry, never the token |
 //! | `GET /callbacks` | each callback route's queue: pending, dead letters, oldest age |
 //! | `POST /callbacks/{name}/redeliver` | puts the route's dead letters back in its queue |
+//! | `POST /reload` | reads the config file again, as `SIGHUP` does; 200, or 422 with the problems |
 //!
 //! It obeys its own `admin.allow` (loopback by default), not `server.allow`: forcing
 //! refreshes spends the platform quota, and a remote Prometheus need not be allowed to
@@ -19,8 +20,7 @@ use hyper::body::Incoming;
 use serde_json::json;
 
 use crate::error::{ErrorKind, ProxyError};
-use crate::proxy::Proxy;
-use crate::relay::Relay;
+use crate::gateway::Gateway;
 use crate::server::Peer;
 use crate::upstream::Body;
 
@@ -41,12 +41,9 @@ fn named<'p>(path: &'p str, prefix: &str, suffix: &str) -> Option<&'p str> {
 }
 
 /// Answers one admin request.
-pub async fn handle(
-    proxy: &Proxy,
-    relay: Option<&Relay>,
-    peer: &Peer,
-    req: Request<Incoming>,
-) -> Response<Body> {
+pub async fn handle(gateway: &Gateway, peer: &Peer, req: Request<Incoming>) -> Response<Body> {
+    let proxy = &*gateway.proxy();
+    let relay = gateway.relay().map(|r| &**r);
     let allowed = proxy.config().admin.as_ref().is_some_and(|a| {
         peer.ip()
             .is_some_and(|ip| a.allow.iter().any(|net| net.contains(&ip)))
@@ -141,6 +138,26 @@ pub async fn handle(
                 Err(e) => ProxyError::from(&e).into_response(),
             }
         }
+        // The same reload as SIGHUP (SPEC section 3), for platforms without signals.
+        (&Method::POST, "/reload") => match gateway.reload().await {
+            Ok(()) => {
+                tracing::info!("POST /reload: configuration reloaded");
+                let file = gateway.proxy().config().source.clone();
+                json(StatusCode::OK, &json!({"reloaded": true, "file": file}))
+            }
+            Err(problems) => {
+                for p in &problems {
+                    tracing::error!("{p}");
+                }
+                tracing::error!(
+                    "POST /reload: configuration refused; the running one stays in force"
+                );
+                json(
+                    StatusCode::UNPROCESSABLE_ENTITY,
+                    &json!({"reloaded": false, "problems": problems}),
+                )
+            }
+        },
         (&Method::GET, "/callbacks") => match relay {
             Some(r) => match r.status().await {
                 Ok(v) => json(StatusCode::OK, &v),
@@ -164,7 +181,7 @@ pub async fn handle(
         }
         _ => json(
             StatusCode::NOT_FOUND,
-            &json!({"err_code": ErrorKind::NoRoute.code(), "err_msg": "admin endpoints: /healthz /readyz /metrics /callbacks POST /tokens/{app}/refresh POST /callbacks/{name}/redeliver"}),
+            &json!({"err_code": ErrorKind::NoRoute.code(), "err_msg": "admin endpoints: /healthz /readyz /metrics /callbacks POST /tokens/{app}/refresh POST /callbacks/{name}/redeliver POST /reload"}),
         ),
     }
 }

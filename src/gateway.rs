@@ -354,12 +354,7 @@ pub async fn run(
                     let g = g.clone();
                     hyper::service::service_fn(move |req| {
                         let (g, peer) = (g.clone(), peer.clone());
-                        async move {
-                            let relay = g.relay().map(|r| &**r);
-                            Ok::<_, Infallible>(
-                                crate::admin::handle(&g.proxy(), relay, &peer, req).await,
-                            )
-                        }
+                        async move { Ok::<_, Infallible>(crate::admin::handle(&g, &peer, req).await) }
                     })
                 };
                 tokio::spawn(serve::<_, _, Body>(listener, make, stopped(), base))

@@ -494,6 +494,77 @@ async fn sighup_adds_an_app_and_refuses_a_broken_file_while_a_connection_stays_o
 }
 
 #[tokio::test]
+async fn post_reload_on_the_admin_port_applies_a_changed_file_and_refuses_a_broken_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let sandbox = sandbox(
+        dir.path(),
+        SandboxOptions {
+            apps: vec![
+                cx_proxy::sandbox::SandboxApp::demo(),
+                "added-app:2:added-secret".parse().unwrap(),
+            ],
+            ..Default::default()
+        },
+    )
+    .await;
+    std::fs::write(dir.path().join("added_secret"), "added-secret").unwrap();
+    let path = dir.path().join("proxy.toml");
+    let admin = unused_addr();
+    let base_text = config_text(
+        &sandbox,
+        dir.path(),
+        &format!("[admin]\nlisten = \"{admin}\"\n{}", default_app(dir.path())),
+    );
+    std::fs::write(&path, &base_text).unwrap();
+    let mut p = Proc::spawn(
+        Command::new(bin())
+            .args(["--log-format", "json", "run", "-c"])
+            .arg(&path),
+    );
+    let addr = p.wait_for("the listening line", listening).await;
+    let reload = || async {
+        send(
+            &client(false),
+            request(http::Method::POST, &format!("http://{admin}/reload"), ""),
+        )
+        .await
+    };
+    assert_eq!(get(&format!("http://{addr}/api/a")).await.status, 200);
+    assert_eq!(sandbox.recorded().pop().unwrap().token_app.as_deref(), Some(APP_KEY));
+
+    // A changed file: applied, said in the answer and the log.
+    let added = format!(
+        "\n[[app]]\nname = \"added\"\napp_key = \"added-app\"\ncorp_id = 2\ncorp_secret_file = \"{}/added_secret\"\nprefix = \"/added\"\n",
+        dir.path().display()
+    );
+    std::fs::write(&path, format!("{base_text}{added}")).unwrap();
+    let a = reload().await;
+    assert_eq!(a.status, 200, "{}", a.text());
+    assert_eq!(a.json()["reloaded"], true);
+    assert_eq!(get(&format!("http://{addr}/added/api/b")).await.status, 200);
+    assert_eq!(sandbox.recorded().pop().unwrap().token_app.as_deref(), Some("added-app"));
+
+    // A broken file: 422 with each problem as file: key: what is wrong; the running config
+    // stays.
+    std::fs::write(&path, format!("{base_text}{added}\n[server]\nlisten_typo = 1\n")).unwrap();
+    let a = reload().await;
+    assert_eq!(a.status, 422, "{}", a.text());
+    assert_eq!(a.json()["reloaded"], false);
+    let problems = a.json()["problems"].to_string();
+    assert!(problems.contains(&format!("{}: ", path.display())), "{problems}");
+    assert!(!problems.contains("added-secret"), "{problems}");
+    assert_eq!(get(&format!("http://{addr}/added/api/c")).await.status, 200);
+    assert_eq!(sandbox.recorded().pop().unwrap().token_app.as_deref(), Some("added-app"));
+    p.wait_for("the refusal in the log", |_, err| {
+        err.contains("POST /reload: configuration refused").then_some(())
+    })
+    .await;
+
+    p.sigterm();
+    assert_eq!(p.wait().await.code(), Some(0));
+}
+
+#[tokio::test]
 async fn corp_secret_exchanges_once_writes_a_private_file_and_never_prints_the_secret() {
     use std::os::unix::fs::PermissionsExt as _;
     let dir = tempfile::tempdir().unwrap();
