@@ -23,22 +23,26 @@ use crate::sandbox::{ParamApp, Reissue, Sandbox, SandboxApp, SandboxCorp, Sandbo
 /// Exit code for a configuration the proxy cannot run with (`EX_USAGE`).
 pub const EXIT_CONFIG: u8 = 64;
 
+/// `--version`: the crate's version, the git commit and the build date (`build.rs`).
+pub const VERSION: &str = concat!(
+    env!("CARGO_PKG_VERSION"),
+    " (commit ",
+    env!("CX_BUILD_COMMIT"),
+    ", built ",
+    env!("CX_BUILD_DATE"),
+    ")"
+);
+
 /// `cx-proxy`: an authenticating reverse proxy for the Cheng-Xun open platform.
 #[derive(Debug, Parser)]
-#[command(name = "cx-proxy", version, about, long_about = None)]
+#[command(name = "cx-proxy", version = VERSION, about, long_about = None)]
 pub struct Cli {
     /// What to do (default: run).
     #[command(subcommand)]
     pub command: Option<Command>,
-    /// Config file.
-    #[arg(
-        short,
-        long,
-        global = true,
-        env = "CX_PROXY_CONFIG",
-        default_value = "proxy.toml"
-    )]
-    pub config: PathBuf,
+    /// The config file of `cx-proxy` without a command (as `run`).
+    #[command(flatten)]
+    pub config: ConfigArg,
     /// Log line format.
     #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
@@ -47,13 +51,33 @@ pub struct Cli {
     pub log_level: Option<String>,
 }
 
+/// `-c/--config PATH`, on the commands that read a config file.
+#[derive(Debug, Clone, Default, Args)]
+pub struct ConfigArg {
+    /// Config file [env: CX_PROXY_CONFIG] [default: proxy.toml].
+    #[arg(short, long, value_name = "PATH")]
+    pub config: Option<PathBuf>,
+}
+
+impl ConfigArg {
+    /// The path given here, else the one given before the command, else `$CX_PROXY_CONFIG`,
+    /// else `proxy.toml`.
+    fn resolve(&self, outer: &ConfigArg) -> PathBuf {
+        self.config
+            .clone()
+            .or_else(|| outer.config.clone())
+            .or_else(|| std::env::var_os("CX_PROXY_CONFIG").map(PathBuf::from))
+            .unwrap_or_else(|| PathBuf::from("proxy.toml"))
+    }
+}
+
 /// The commands.
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Run the proxy (the default).
-    Run,
+    Run(ConfigArg),
     /// Validate the config and every secret source; print the effective config, secrets as ***.
-    Check,
+    Check(ConfigArg),
     /// Run the offline Cheng-Xun emulator over HTTPS.
     Sandbox(SandboxArgs),
     /// Run the sandbox and the proxy wired together on loopback, and print curl lines to try.
@@ -61,11 +85,21 @@ pub enum Command {
     /// Exchange an organisation's 24-hour temp_corp_secret for its permanent corp_secret, once,
     /// and write it to a new file (mode 0600); the secret is never printed.
     CorpSecret(CorpSecretArgs),
+    /// Print a shell completion script (bash, zsh, fish, powershell, elvish) on stdout.
+    Completions {
+        /// The shell.
+        shell: clap_complete::Shell,
+    },
+    /// Print the man page (roff) on stdout: `cx-proxy manpage | man -l -`.
+    Manpage,
 }
 
 /// `cx-proxy corp-secret`.
 #[derive(Debug, Args)]
 pub struct CorpSecretArgs {
+    /// The config file whose `[upstream]` is used.
+    #[command(flatten)]
+    pub config: ConfigArg,
     /// The organisation's corp_id.
     #[arg(long)]
     pub corp_id: String,
@@ -150,11 +184,13 @@ pub fn main(cli: Cli) -> ExitCode {
         eprintln!("cx-proxy: {e}");
         return ExitCode::from(EXIT_CONFIG);
     }
-    match cli.command.unwrap_or(Command::Run) {
-        Command::Check => check(&cli.config),
-        Command::Run => {
+    let outer = cli.config;
+    match cli.command.unwrap_or(Command::Run(ConfigArg::default())) {
+        Command::Check(c) => check(&c.resolve(&outer)),
+        Command::Run(c) => {
+            let path = c.resolve(&outer);
             // The config decides the runtime (server.workers), so it is read first.
-            let Some(loaded) = load_or_report(&cli.config) else {
+            let Some(loaded) = load_or_report(&path) else {
                 return ExitCode::from(EXIT_CONFIG);
             };
             let problems = check_tls(&loaded.config);
@@ -166,12 +202,33 @@ pub fn main(cli: Cli) -> ExitCode {
             }
             with_runtime(
                 loaded.config.server.workers,
-                run_command(loaded.config, &cli.config),
+                run_command(loaded.config, &path),
             )
         }
         Command::Sandbox(args) => with_runtime(0, sandbox(args)),
         Command::Demo(args) => with_runtime(0, demo(args)),
-        Command::CorpSecret(args) => with_runtime(1, corp_secret(&cli.config, args)),
+        Command::CorpSecret(args) => {
+            let path = args.config.resolve(&outer);
+            with_runtime(1, corp_secret(&path, args))
+        }
+        Command::Completions { shell } => {
+            let mut cmd = <Cli as clap::CommandFactory>::command();
+            clap_complete::generate(shell, &mut cmd, "cx-proxy", &mut std::io::stdout());
+            ExitCode::SUCCESS
+        }
+        Command::Manpage => {
+            let cmd = <Cli as clap::CommandFactory>::command();
+            let mut out = Vec::new();
+            if let Err(e) = clap_mangen::Man::new(cmd).render(&mut out) {
+                eprintln!("cx-proxy: cannot render the man page: {e}");
+                return ExitCode::FAILURE;
+            }
+            use std::io::Write as _;
+            match std::io::stdout().write_all(&out) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(_) => ExitCode::FAILURE,
+            }
+        }
     }
 }
 
@@ -275,6 +332,19 @@ fn check(path: &Path) -> ExitCode {
     ExitCode::SUCCESS
 }
 
+/// SIGTERM or SIGINT (Ctrl-C elsewhere).
+#[cfg(not(unix))]
+async fn shutdown_signal() {
+    if tokio::signal::ctrl_c().await.is_ok() {
+        tracing::info!("Ctrl-C: stopping");
+    } else {
+        tracing::error!("cannot listen for Ctrl-C; stop the process another way");
+        std::future::pending::<()>().await;
+    }
+}
+
+/// SIGTERM or SIGINT (Ctrl-C elsewhere).
+#[cfg(unix)]
 async fn shutdown_signal() {
     use tokio::signal::unix::{signal, SignalKind};
     let (Ok(mut term), Ok(mut int)) = (
@@ -325,7 +395,12 @@ async fn run_proxy(config: Config, path: &Path) -> Result<(), StartupError> {
     run(gateway, listeners, shutdown_signal()).await
 }
 
+/// No SIGHUP outside Unix: `POST /reload` on the admin port reloads.
+#[cfg(not(unix))]
+async fn reload_on_sighup(_gateway: Arc<Gateway>) {}
+
 /// SIGHUP: read the config file again; a refused file leaves the running config in force.
+#[cfg(unix)]
 async fn reload_on_sighup(gateway: Arc<Gateway>) {
     use tokio::signal::unix::{signal, SignalKind};
     let Ok(mut hup) = signal(SignalKind::hangup()) else {
@@ -485,14 +560,8 @@ async fn demo_inner(args: DemoArgs) -> Result<(), StartupError> {
         std::env::temp_dir().join(format!("cx-proxy-demo-{}", std::process::id()))
     });
     // The folder holds the demo's secrets: its owner's only.
-    {
-        use std::os::unix::fs::DirBuilderExt as _;
-        std::fs::DirBuilder::new()
-            .recursive(true)
-            .mode(0o700)
-            .create(&dir)
-            .map_err(|e| StartupError::Other(format!("{}: {e}", dir.display())))?;
-    }
+    crate::private::create_dir(&dir)
+        .map_err(|e| StartupError::Other(format!("{}: {e}", dir.display())))?;
     let sandbox = Sandbox::start(SandboxOptions {
         listen: args.sandbox_listen,
         state_dir: Some(dir.clone()),
@@ -504,17 +573,15 @@ async fn demo_inner(args: DemoArgs) -> Result<(), StartupError> {
     .await?;
     let write = |name: &str, text: &str| {
         use std::io::Write as _;
-        use std::os::unix::fs::OpenOptionsExt as _;
         let path = dir.join(name);
-        std::fs::OpenOptions::new()
+        crate::private::file_options()
             .write(true)
             .create(true)
             .truncate(true)
-            .mode(0o600)
             .open(&path)
             .and_then(|mut f| {
                 // A reused folder's file keeps its old mode unless told.
-                f.set_permissions(std::os::unix::fs::PermissionsExt::from_mode(0o600))?;
+                crate::private::restrict(&f)?;
                 f.write_all(text.as_bytes())
             })
             .map_err(|e| StartupError::Other(format!("{}: {e}", path.display())))
@@ -717,10 +784,8 @@ async fn corp_secret_inner(config: &Path, args: &CorpSecretArgs) -> Result<(), S
 
 /// Creates a new file readable by its owner only (never an existing one).
 fn create_private(path: &Path) -> std::io::Result<std::fs::File> {
-    use std::os::unix::fs::OpenOptionsExt as _;
-    std::fs::OpenOptions::new()
+    crate::private::file_options()
         .write(true)
         .create_new(true)
-        .mode(0o600)
         .open(path)
 }

@@ -63,6 +63,7 @@ pub mod limits;
 pub mod logging;
 pub mod metrics;
 pub mod platform;
+pub mod private;
 pub mod proxy;
 pub mod relay;
 pub mod sandbox;

@@ -190,6 +190,115 @@ fn check_prints_the_effective_config_with_secrets_masked() {
 }
 
 #[test]
+fn version_completions_man_page_and_where_config_flags_go() {
+    let run = |args: &[&str]| {
+        let out = Command::new(bin())
+            .args(args)
+            .env_remove("CX_PROXY_CONFIG")
+            .output()
+            .unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    // --version: the version, the commit (this test runs in a git checkout) and the date.
+    let (code, out, _) = run(&["--version"]);
+    assert_eq!(code, Some(0));
+    let commit = Command::new("git")
+        .args(["rev-parse", "--short=12", "HEAD"])
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
+        .unwrap_or_default();
+    assert!(
+        out.starts_with(&format!("cx-proxy {} (commit ", env!("CARGO_PKG_VERSION"))),
+        "{out}"
+    );
+    if !commit.is_empty() {
+        assert!(out.contains(&commit), "{out} lacks {commit}");
+    }
+    let date = out
+        .split("built ")
+        .nth(1)
+        .unwrap_or("")
+        .trim_end()
+        .trim_end_matches(')');
+    assert!(
+        date.len() == 10 && date.as_bytes()[4] == b'-' && date.as_bytes()[7] == b'-',
+        "{out}"
+    );
+
+    // Completion scripts that their shells accept.
+    let (code, script, _) = run(&["completions", "bash"]);
+    assert_eq!(code, Some(0));
+    assert!(script.contains("corp-secret"), "{script}");
+    let mut bash = Command::new("bash")
+        .arg("-n")
+        .stdin(std::process::Stdio::piped())
+        .spawn()
+        .expect("bash");
+    std::io::Write::write_all(&mut bash.stdin.take().unwrap(), script.as_bytes()).unwrap();
+    assert!(bash.wait().unwrap().success(), "bash -n refused the script");
+    for shell in ["zsh", "fish", "powershell"] {
+        let (code, script, _) = run(&["completions", shell]);
+        assert_eq!(code, Some(0), "{shell}");
+        assert!(script.contains("cx-proxy"), "{shell}");
+    }
+    let (code, _, err) = run(&["completions", "tcsh"]);
+    assert_eq!(code, Some(2), "{err}");
+
+    // The man page renders without warnings (groff; `.ci/run` installs it).
+    let (code, page, _) = run(&["manpage"]);
+    assert_eq!(code, Some(0));
+    assert!(page.contains(".TH cx-proxy 1"), "{page}");
+    assert!(
+        page.contains("corp\\-secret") || page.contains("corp-secret"),
+        "{page}"
+    );
+    let groff = Command::new("groff")
+        .args(["-man", "-Tutf8", "-ww", "-z"])
+        .stdin(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn();
+    if groff.is_err() {
+        assert!(
+            std::env::var_os("CI").is_none() && std::env::var_os("CX_REQUIRE_REDIS").is_none(),
+            "groff is required under CI but not installed (apt-get install groff-base)"
+        );
+        eprintln!("SKIPPED: groff is not installed; the man page was not rendered");
+    }
+    if let Ok(mut groff) = groff {
+        std::io::Write::write_all(&mut groff.stdin.take().unwrap(), page.as_bytes()).unwrap();
+        let out = groff.wait_with_output().unwrap();
+        assert!(out.status.success());
+        assert_eq!(String::from_utf8_lossy(&out.stderr), "", "groff warnings");
+    }
+
+    // demo and sandbox read no config file, so they take no -c; the commands that do take
+    // it before or after their name.
+    for cmd in ["demo", "sandbox"] {
+        let (code, help, _) = run(&[cmd, "--help"]);
+        assert_eq!(code, Some(0));
+        assert!(!help.contains("--config"), "{cmd}: {help}");
+        let (code, _, err) = run(&[cmd, "-c", "x.toml"]);
+        assert_eq!(code, Some(2), "{cmd}: {err}");
+    }
+    for args in [
+        &["check", "-c", "nowhere.toml"][..],
+        &["-c", "nowhere.toml", "check"],
+    ] {
+        let (code, _, err) = run(args);
+        assert_eq!(code, Some(1), "{args:?}: {err}");
+        assert!(
+            err.contains("nowhere.toml: cannot read the file"),
+            "{args:?}: {err}"
+        );
+    }
+}
+
+#[test]
 fn the_shipped_proxy_toml_is_valid() {
     let out = Command::new(bin())
         .args([
@@ -530,7 +639,10 @@ async fn post_reload_on_the_admin_port_applies_a_changed_file_and_refuses_a_brok
         .await
     };
     assert_eq!(get(&format!("http://{addr}/api/a")).await.status, 200);
-    assert_eq!(sandbox.recorded().pop().unwrap().token_app.as_deref(), Some(APP_KEY));
+    assert_eq!(
+        sandbox.recorded().pop().unwrap().token_app.as_deref(),
+        Some(APP_KEY)
+    );
 
     // A changed file: applied, said in the answer and the log.
     let added = format!(
@@ -542,21 +654,35 @@ async fn post_reload_on_the_admin_port_applies_a_changed_file_and_refuses_a_brok
     assert_eq!(a.status, 200, "{}", a.text());
     assert_eq!(a.json()["reloaded"], true);
     assert_eq!(get(&format!("http://{addr}/added/api/b")).await.status, 200);
-    assert_eq!(sandbox.recorded().pop().unwrap().token_app.as_deref(), Some("added-app"));
+    assert_eq!(
+        sandbox.recorded().pop().unwrap().token_app.as_deref(),
+        Some("added-app")
+    );
 
     // A broken file: 422 with each problem as file: key: what is wrong; the running config
     // stays.
-    std::fs::write(&path, format!("{base_text}{added}\n[server]\nlisten_typo = 1\n")).unwrap();
+    std::fs::write(
+        &path,
+        format!("{base_text}{added}\n[server]\nlisten_typo = 1\n"),
+    )
+    .unwrap();
     let a = reload().await;
     assert_eq!(a.status, 422, "{}", a.text());
     assert_eq!(a.json()["reloaded"], false);
     let problems = a.json()["problems"].to_string();
-    assert!(problems.contains(&format!("{}: ", path.display())), "{problems}");
+    assert!(
+        problems.contains(&format!("{}: ", path.display())),
+        "{problems}"
+    );
     assert!(!problems.contains("added-secret"), "{problems}");
     assert_eq!(get(&format!("http://{addr}/added/api/c")).await.status, 200);
-    assert_eq!(sandbox.recorded().pop().unwrap().token_app.as_deref(), Some("added-app"));
+    assert_eq!(
+        sandbox.recorded().pop().unwrap().token_app.as_deref(),
+        Some("added-app")
+    );
     p.wait_for("the refusal in the log", |_, err| {
-        err.contains("POST /reload: configuration refused").then_some(())
+        err.contains("POST /reload: configuration refused")
+            .then_some(())
     })
     .await;
 

@@ -241,14 +241,10 @@ impl Queue {
 fn connect(path: &Path) -> rusqlite::Result<Connection> {
     // The file holds the callbacks' contacts data: its owner's only. SQLite gives the WAL
     // and shared-memory files the database file's mode.
-    {
-        use std::os::unix::fs::OpenOptionsExt as _;
-        let _ = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .mode(0o600)
-            .open(path);
-    }
+    let _ = crate::private::file_options()
+        .create(true)
+        .append(true)
+        .open(path);
     let conn = Connection::open(path)?;
     conn.busy_timeout(Duration::from_secs(5))?;
     conn.pragma_update(None, "journal_mode", "WAL")?;

@@ -1,0 +1,55 @@
+//! Stamps the build with its git commit and date, for `--version` and
+//! `cx_proxy_build_info` (SPEC section 2): `CX_BUILD_COMMIT` (12 hex digits, or `unknown`
+//! outside a git checkout) and `CX_BUILD_DATE` (`YYYY-MM-DD`, UTC; `SOURCE_DATE_EPOCH` when
+//! set, for reproducible builds).
+
+use std::process::Command;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+fn git(args: &[&str]) -> Option<String> {
+    let out = Command::new("git").args(args).output().ok()?;
+    out.status
+        .success()
+        .then(|| String::from_utf8_lossy(&out.stdout).trim().to_owned())
+        .filter(|s| !s.is_empty())
+}
+
+/// The civil date of a day count since 1970-01-01 (Howard Hinnant's `civil_from_days`).
+fn civil(days: i64) -> (i64, u32, u32) {
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = (doy - (153 * mp + 2) / 5 + 1) as u32;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    (year, month, day)
+}
+
+fn main() {
+    let commit = git(&["rev-parse", "--short=12", "HEAD"]).unwrap_or_else(|| "unknown".into());
+    let secs = std::env::var("SOURCE_DATE_EPOCH")
+        .ok()
+        .and_then(|s| s.trim().parse::<i64>().ok())
+        .unwrap_or_else(|| {
+            SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs() as i64)
+        });
+    let (y, m, d) = civil(secs.div_euclid(86_400));
+    println!("cargo:rustc-env=CX_BUILD_COMMIT={commit}");
+    println!("cargo:rustc-env=CX_BUILD_DATE={y:04}-{m:02}-{d:02}");
+    println!("cargo:rerun-if-env-changed=SOURCE_DATE_EPOCH");
+    println!("cargo:rerun-if-changed=build.rs");
+    // A new commit or checkout stamps anew; outside git nothing is watched.
+    if let Some(dir) = git(&["rev-parse", "--git-dir"]) {
+        for path in ["HEAD", "refs", "packed-refs"] {
+            let p = std::path::Path::new(&dir).join(path);
+            if p.exists() {
+                println!("cargo:rerun-if-changed={}", p.display());
+            }
+        }
+    }
+}
