@@ -415,6 +415,34 @@ async fn raw_bytes_in_a_target_are_forwarded_escaped_and_what_the_parser_refuses
     .await;
     assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
     assert!(answer.contains("HTTP/1.1 400"), "{answer}");
+    // A body that looks like a request line with raw bytes, then a request: the body is
+    // forwarded as sent, and nothing in it is taken for a request (no smuggling).
+    let body: &[u8] = b"GET /\xd5\xd5\xd5\xd5\xd5\xd5\xd5\xd5 HTTP/1.1\r\nDELETE /api/apps/v1/to-do/SMUGGLED HTTP/1.1\r\nHost: x\r\nX: aaaaaaaaaaaaaaaa\r\n\r\n";
+    for framing in [
+        format!("content-LENGTH: {}", body.len()),
+        format!("Content-Length: {}", body.len()),
+    ] {
+        let mut req = format!(
+            "POST /api/apps/v1/robot/echo HTTP/1.1\r\nHost: x\r\n{framing}\r\nConnection: close\r\n\r\n"
+        )
+        .into_bytes();
+        req.extend_from_slice(body);
+        let answer = raw_exchange(env.proxy.addr, &req).await;
+        assert_eq!(answer.matches("HTTP/1.1 ").count(), 1, "{answer}");
+    }
+    let seen = env.sandbox.recorded();
+    assert!(
+        !seen.iter().any(|r| r.path.contains("SMUGGLED")),
+        "{seen:?}"
+    );
+    let echoed: Vec<_> = seen
+        .iter()
+        .filter(|r| r.path == "/api/apps/v1/robot/echo")
+        .collect();
+    assert_eq!(echoed.len(), 2, "{seen:?}");
+    for r in echoed {
+        assert_eq!(r.body_sha256, sha256(body), "the body was altered");
+    }
     let metrics = get(&env.admin_url("/metrics")).await.text();
     for line in [
         "cx_proxy_http_parse_errors_total{reason=\"method\"} 1",

@@ -7,10 +7,14 @@
 //! line and then refuses the target when building its `Uri`, with a bare 400. Escaping them
 //! where they arrive keeps hyper the only HTTP parser: [`EscapeTargets`] never interprets a
 //! request, it only finds where request lines start. It knows that for certain at the
-//! start of the connection and after a head that no body follows; a head followed by
-//! anything but a method and a space (a body, HTTP/2's frames after its preface) ends its
-//! work on that connection, and from then on bytes pass untouched (a raw target on a later
-//! request after a body gets hyper's 400, which is logged and counted).
+//! start of the connection and after a head that has no body: one without a
+//! `Content-Length` or `Transfer-Encoding` field (RFC 9112 section 6.3; only the field
+//! names are looked at, case-insensitively, at line starts, never their values). A head
+//! that has one (or may: a line cut off by the end of a read that could still become one),
+//! or that is followed by anything but a method and a space (HTTP/2's frames after its
+//! preface), ends its work on that connection: from then on bytes pass untouched, so a body
+//! is never altered and never taken for a request (a raw target on a later request after a
+//! body gets hyper's 400, which is logged and counted).
 //!
 //! Which bytes: `0x80`-`0xFF` and every visible ASCII byte the `http` crate refuses in a
 //! path or query (a unit test asks it, byte by byte, so the two cannot drift apart). A
@@ -45,6 +49,18 @@ fn escapes(b: u8) -> bool {
     (b >= 0x7F) | (b == b'"') | (b == b'<') | (b == b'>') | (b == b'`')
 }
 
+/// The header fields that give a request a body (RFC 9112 section 6.3), lower case.
+const FRAMING: [&[u8]; 2] = [b"content-length", b"transfer-encoding"];
+
+/// Whether a header line starting with `start` names a framing field (`start` may hold more
+/// of the line), or, when `cut` (the line goes on past the bytes read), may still name one.
+fn frames(start: &[u8], cut: bool) -> bool {
+    FRAMING.iter().any(|name| {
+        let n = name.len().min(start.len());
+        start[..n].eq_ignore_ascii_case(&name[..n]) && (n == name.len() || cut)
+    })
+}
+
 /// Whether any byte of `line` is escaped (no early exit: vectorised).
 fn any_escaped(line: &[u8]) -> bool {
     line.iter().fold(0u8, |any, &b| any | u8::from(escapes(b))) != 0
@@ -73,6 +89,12 @@ pub struct EscapeTargets<I> {
     tail: u32,
     /// The sniffed start of what follows a head.
     sniffed: [u8; 8],
+    /// The head being read has (or may have) a body: no request line can be known after it.
+    framed: bool,
+    /// Byte at a time: bytes of the current header line seen, and which framing names
+    /// (bit 0, 1 of [`FRAMING`]) they still match.
+    line_pos: usize,
+    line_may_frame: u8,
     /// Escaped bytes not yet handed on, and how many of them were.
     pending: Vec<u8>,
     handed: usize,
@@ -86,6 +108,9 @@ impl<I> EscapeTargets<I> {
             state: State::Line(0),
             tail: 0,
             sniffed: [0; 8],
+            framed: false,
+            line_pos: 0,
+            line_may_frame: 0,
             pending: Vec::new(),
             handed: 0,
         }
@@ -103,7 +128,7 @@ impl<I> EscapeTargets<I> {
                 State::Head => match self.head_end(rest) {
                     Some(k) => {
                         i += k;
-                        self.state = State::Sniff(0);
+                        self.state = self.after_head();
                     }
                     None => {
                         self.remember(rest);
@@ -148,6 +173,7 @@ impl<I> EscapeTargets<I> {
                     };
                     self.state = State::Line(method.len());
                     self.tail = 0;
+                    self.framed = false;
                     i += method.len();
                 }
                 State::Sniff(_) => {
@@ -162,23 +188,82 @@ impl<I> EscapeTargets<I> {
     }
 
     /// Where in `rest` (read in [`State::Head`]) the head ends, just past its empty line
-    /// (`\r\n` or a bare `\n`), if it does.
-    fn head_end(&self, rest: &[u8]) -> Option<usize> {
+    /// (`\r\n` or a bare `\n`), if it does; notes in `framed` whether a line up to there
+    /// names a framing field or, cut off by the end of `rest`, may.
+    fn head_end(&mut self, rest: &[u8]) -> Option<usize> {
+        let tail = self.tail;
         // The byte `k` before position `p`, from `rest` or from the bytes seen before it.
         let before = |p: usize, k: usize| -> u8 {
             if p >= k {
                 rest[p - k]
             } else {
-                (self.tail >> (8 * (k - p - 1))) as u8
+                (tail >> (8 * (k - p - 1))) as u8
             }
         };
-        memchr::memchr_iter(b'\n', rest)
-            .find(|&p| match before(p, 1) {
-                b'\n' => true,
-                b'\r' => before(p, 2) == b'\n',
-                _ => false,
+        let mut framed = false;
+        let mut check = |start: usize| {
+            let line = &rest[start..];
+            let cut = memchr::memchr(b'\n', &line[..line.len().min(17)]).is_none();
+            framed |= frames(line, cut);
+        };
+        // A line starting this read (the last one ended the read before).
+        if tail as u8 == b'\n' && !rest.is_empty() {
+            check(0);
+        }
+        let end = memchr::memchr_iter(b'\n', rest)
+            .find(|&p| {
+                let empty = match before(p, 1) {
+                    b'\n' => true,
+                    b'\r' => before(p, 2) == b'\n',
+                    _ => false,
+                };
+                if !empty && p + 1 < rest.len() {
+                    check(p + 1);
+                }
+                empty
             })
-            .map(|p| p + 1)
+            .map(|p| p + 1);
+        self.framed |= framed;
+        end
+    }
+
+    /// The state after a head: the next request line, unless the head has a body.
+    fn after_head(&self) -> State {
+        if self.framed {
+            State::Through
+        } else {
+            State::Sniff(0)
+        }
+    }
+
+    /// Byte at a time in a head: follows the current line's match with [`FRAMING`].
+    fn follow_line(&mut self, b: u8) {
+        if b == b'\n' {
+            self.line_pos = 0;
+            self.line_may_frame = 0b11;
+            return;
+        }
+        for (bit, name) in FRAMING.iter().enumerate() {
+            let mask = 1 << bit;
+            if self.line_may_frame & mask == 0 {
+                continue;
+            }
+            if name.get(self.line_pos) != Some(&b.to_ascii_lowercase()) {
+                self.line_may_frame &= !mask;
+            } else if self.line_pos + 1 == name.len() {
+                self.framed = true;
+                self.line_may_frame = 0;
+            }
+        }
+        self.line_pos += 1;
+    }
+
+    /// At the end of a read handled byte at a time: a header line cut off there that may
+    /// still name a framing field counts as one (the next read is scanned a line at a time).
+    fn end_of_read(&mut self) {
+        if self.state == State::Head && self.line_pos > 0 && self.line_may_frame != 0 {
+            self.framed = true;
+        }
     }
 
     /// Keeps the last bytes of `seen` in `tail`.
@@ -196,6 +281,7 @@ impl<I> EscapeTargets<I> {
                 self.tail = (self.tail << 8) | u32::from(b);
                 if b == b'\n' {
                     self.state = State::Head;
+                    self.follow_line(b);
                     // A request line ending the head (`GET / HTTP/1.0\r\n\r\n`).
                     return false;
                 }
@@ -206,7 +292,9 @@ impl<I> EscapeTargets<I> {
                 self.tail = (self.tail << 8) | u32::from(b);
                 // An empty line: `\n\r\n` or `\n\n`, as `head_end` finds it.
                 if self.tail & 0xFF_FFFF == 0x0A_0D0A || self.tail & 0xFFFF == 0x0A0A {
-                    self.state = State::Sniff(0);
+                    self.state = self.after_head();
+                } else {
+                    self.follow_line(b);
                 }
                 false
             }
@@ -220,6 +308,7 @@ impl<I> EscapeTargets<I> {
                 if METHODS.contains(&seen) {
                     self.state = State::Line(n + 1);
                     self.tail = 0;
+                    self.framed = false;
                 } else if METHODS.iter().any(|m| m.starts_with(seen)) {
                     self.state = State::Sniff(n + 1);
                 } else {
@@ -266,6 +355,7 @@ impl<I: AsyncRead + Unpin> AsyncRead for EscapeTargets<I> {
                 this.pending.push(b);
             }
         }
+        this.end_of_read();
         let n = buf.remaining().min(this.pending.len());
         buf.put_slice(&this.pending[..n]);
         this.handed = n;
@@ -348,6 +438,63 @@ mod tests {
         // HTTP/2's preface and frames pass untouched.
         let h2 = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\x00\x00\x12\x04\xff\xfe";
         assert_eq!(through(h2).await, h2.to_vec());
+    }
+
+    /// Reads `input` through the adapter `size` bytes at a time.
+    async fn in_reads_of(input: &[u8], size: usize) -> Vec<u8> {
+        let mut r = EscapeTargets::new(input);
+        let mut out = Vec::new();
+        let mut chunk = vec![0u8; size];
+        loop {
+            let n = r.read(&mut chunk).await.unwrap();
+            if n == 0 {
+                return out;
+            }
+            out.extend_from_slice(&chunk[..n]);
+        }
+    }
+
+    #[tokio::test]
+    async fn a_body_is_never_altered_nor_taken_for_a_request_line() {
+        // A body that looks like a request line with raw bytes, then a smuggled request:
+        // escaping it would lengthen the body and make its tail a second request.
+        let body = b"GET /\xd5\xd5\xd5 HTTP/1.1\r\nDELETE /api/apps/v1/to-do/S HTTP/1.1\r\nHost: x\r\n\r\n";
+        for (framing, suffix) in [
+            (format!("Content-Length: {}", body.len()), &b""[..]),
+            (format!("cOnTeNt-LeNgTh: {}", body.len()), b""),
+            ("Transfer-Encoding: chunked".to_owned(), b""),
+            (format!("X-A: 1\r\ncontent-length:{}", body.len()), b""),
+        ] {
+            let mut input = format!("POST /a?q=\u{0} HTTP/1.1\r\nHost: x\r\n{framing}\r\n\r\n")
+                .replace('\u{0}', "1")
+                .into_bytes();
+            input.extend_from_slice(body);
+            input.extend_from_slice(suffix);
+            for size in [1, 2, 3, 5, 7, 8, 13, 64, 4096] {
+                assert_eq!(
+                    in_reads_of(&input, size).await,
+                    input,
+                    "{framing}, reads of {size}"
+                );
+            }
+            // The same with a raw byte in the request line: escaped there, nowhere else.
+            let raw = [&b"POST /a?q=\xe5"[..], &input[b"POST /a?q=1".len()..]].concat();
+            let mut want = b"POST /a?q=%E5".to_vec();
+            want.extend_from_slice(&input[b"POST /a?q=1".len()..]);
+            for size in [1, 2, 3, 5, 7, 8, 13, 64, 4096] {
+                assert_eq!(
+                    in_reads_of(&raw, size).await,
+                    want,
+                    "{framing} raw, reads of {size}"
+                );
+            }
+        }
+        // Without a framing field the next request line is known: escaped, whatever the
+        // reads (a header merely starting like one counts as one: `Content-Type` does not).
+        let input = b"GET /a HTTP/1.1\r\nContent-Type: x\r\nTransfer: y\r\n\r\nGET /b?\xe5 HTTP/1.1\r\n\r\n";
+        let want =
+            b"GET /a HTTP/1.1\r\nContent-Type: x\r\nTransfer: y\r\n\r\nGET /b?%E5 HTTP/1.1\r\n\r\n";
+        assert_eq!(in_reads_of(input, 4096).await, want);
     }
 
     #[test]
