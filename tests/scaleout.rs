@@ -481,7 +481,13 @@ async fn a_store_that_refuses_writes_is_degraded_and_a_token_seen_rejected_is_ne
     let Some(redis) = Redis::start() else {
         return;
     };
-    let (sandbox, proxies, _dir) = cluster(&redis, 2, "", SandboxOptions::default()).await;
+    let (sandbox, proxies, _dir) = cluster(
+        &redis,
+        2,
+        "[token]\nmax_fetches_per_minute = 30",
+        SandboxOptions::default(),
+    )
+    .await;
     all_ok(&spread(&proxies, 10, "/api/a").await);
     let admin = format!("http://{}", proxies[0].admin_addr.unwrap());
 
@@ -497,6 +503,15 @@ async fn a_store_that_refuses_writes_is_degraded_and_a_token_seen_rejected_is_ne
     assert_eq!(store["up"], false);
     let metrics = get(&format!("{admin}/metrics")).await.text();
     assert!(metrics.contains("cx_proxy_token_store_up 0"), "{metrics}");
+    // Revocation after revocation while the store still offers the first token: every one
+    // this instance saw rejected stays refused, however many (the fetch cap is raised so
+    // twelve fetches fit in the minute).
+    for round in 0..12 {
+        sandbox.revoke_all();
+        let a = get(&format!("http://{}/api/r{round}", proxies[0].addr)).await;
+        assert_eq!(a.status, 200, "round {round}: {}", a.text());
+        assert_eq!(a.json()["err_code"], 0, "round {round}: {}", a.text());
+    }
 
     // Redis takes writes again; the readiness probe finds out.
     redis_config(&redis, "maxmemory", "0").await;

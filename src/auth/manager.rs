@@ -29,10 +29,12 @@ use crate::upstream::Upstream;
 
 /// Size of the fetch-cap window.
 const WINDOW: Duration = Duration::from_secs(60);
-/// Rejected tokens remembered per app. A store that could not be written while tokens
-/// turned over can hold one several generations old; a handful covers any outage in
-/// which the platform revoked tokens (a revocation a minute would be extraordinary).
-const REJECTED_KEPT: usize = 8;
+/// Most rejected tokens remembered per app. Each is kept until it expires (a store that
+/// could not be written while tokens turned over can hold one several generations old, and
+/// two instances on a platform that revokes the previous token on every fetch reject each
+/// other's); the fetch cap bounds how many a lifetime can see (6 a minute for 2 hours is
+/// 720), so this bound is only a guard.
+const REJECTED_KEPT: usize = 1024;
 
 /// How often an instance waiting on another's fetch looks at the shared store.
 const STORE_POLL: Duration = Duration::from_millis(50);
@@ -65,9 +67,8 @@ struct AppTokens {
     had_token: AtomicBool,
     /// Wakes the refresher early (forced refresh, shutdown).
     wake: Notify,
-    /// The last token the platform rejected: never adopted again.
-    /// Tokens this instance saw rejected, newest last (at most `REJECTED_KEPT`): none of
-    /// them is adopted again, whatever the shared store holds.
+    /// Tokens this instance saw rejected and not yet expired, newest last (at most
+    /// `REJECTED_KEPT`): none of them is adopted again, whatever the shared store holds.
     rejected: Mutex<std::collections::VecDeque<Arc<Token>>>,
     /// Key prefix in the shared store.
     store_key: String,
@@ -233,7 +234,9 @@ impl TokenManager {
     pub async fn reject(&self, idx: usize, token: &Arc<Token>) {
         let app = &self.apps[idx];
         {
+            let now = self.cache.clock().now();
             let mut rejected = lock(&app.rejected);
+            rejected.retain(|r| r.expires_at > now);
             if !rejected.iter().any(|r| r.secret() == token.secret()) {
                 if rejected.len() == REJECTED_KEPT {
                     rejected.pop_front();
