@@ -67,6 +67,25 @@ async fn encoded_slashes_and_backslashes_in_a_path_are_refused() {
             "{path}: {v}"
         );
     }
+    // Dot segments with a parameter, which Tomcat, Jetty and Spring read as `..`.
+    for path in [
+        "/api/apps/v1/robot/..;/to-do",
+        "/api/apps/v1/robot/%2e%2e;/to-do",
+        "/api/apps/v1/robot/x/..;jsessionid=1/..;/to-do",
+        "/api/apps/v1/robot/.;x/chats",
+    ] {
+        let a = get(&env.url(path)).await;
+        let v = assert_proxy_error(&a, 400, "bad_request");
+        assert!(
+            v["err_msg"].as_str().unwrap().contains("dot segment"),
+            "{path}: {v}"
+        );
+    }
+    // A parameter elsewhere is the client's business.
+    assert_eq!(
+        get(&env.url("/api/apps/v1/robot/chats;jsessionid=1")).await.status,
+        200
+    );
     // A raw backslash (no client library sends one; a legacy one may).
     let answer = raw_exchange(
         env.proxy.addr,

@@ -230,15 +230,23 @@ fn hides_secret(value: &str, extra: &str) -> bool {
 }
 
 /// Why a path may not be forwarded, if it may not: an encoded slash or backslash (`%2F`,
-/// `%5C`) or a raw backslash, which a server that decodes before resolving dot segments
-/// could read as a way out of an app prefix or a client's grant (SPEC section 4.2).
+/// `%5C`), a raw backslash, or a dot segment with a parameter (`..;x`, `%2e%2e;`), which
+/// a server that decodes or strips before resolving dot segments (Tomcat, Jetty and Spring
+/// drop `;` parameters) could read as a way out of an app prefix or a client's grant
+/// (SPEC section 4.2).
 pub fn path_problem(path: &str) -> Option<&'static str> {
     let b = path.as_bytes();
-    // One scan for the two bytes that can start a problem; the usual path has neither.
-    let at = b.iter().position(|&c| c == b'%' || c == b'\\')?;
+    // One scan for the bytes that can start a problem; the usual path has none.
+    let at = b.iter().position(|&c| c == b'%' || c == b'\\' || c == b';')?;
     let rest = &b[at..];
     if rest.contains(&b'\\') {
         return Some("the path holds a backslash (\\), which a server may read as a slash");
+    }
+    if rest.contains(&b';') && path.split('/').any(dot_with_parameter) {
+        return Some(
+            "the path holds a dot segment with a parameter (..;), which a server that drops \
+             ;parameters reads as a way up",
+        );
     }
     let encoded = rest.windows(3).any(|w| {
         w[0] == b'%'
@@ -248,6 +256,16 @@ pub fn path_problem(path: &str) -> Option<&'static str> {
         "the path holds an encoded slash or backslash (%2F, %5C), which a server that decodes \
          it could read as a way out of a path",
     )
+}
+
+/// Whether a path segment is `.` or `..` (any of them `%2e`) followed by `;` and a
+/// parameter.
+fn dot_with_parameter(segment: &str) -> bool {
+    let Some((name, _)) = segment.split_once(';') else {
+        return false;
+    };
+    let decoded = percent_decode_str(name).collect::<Vec<u8>>();
+    decoded == b"." || decoded == b".."
 }
 
 /// Whether the query has a `;`-separated piece naming `param` (after percent-decoding): a
