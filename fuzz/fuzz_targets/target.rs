@@ -51,7 +51,8 @@ fuzz_target!(|data: &[u8]| {
     assert!(target.ends_with("access_token=T"));
     // The query as logged never shows a token-like value (the path is shown as it is).
     let shown = cx_proxy::proxy::Redacted::new(path, query, "access_token").to_string();
-    assert!(!shown[path.len()..].contains("access_token=T"), "{shown}");
+    let query_shown = shown.split_once('?').map_or("", |(_, q)| q);
+    assert!(!query_shown.contains("access_token=T"), "{shown}");
     let normalized = cx_proxy::proxy::normalize_path(path);
     assert!(!normalized.contains("/../"), "{normalized}");
     let _ = cx_proxy::proxy::path_problem(path);

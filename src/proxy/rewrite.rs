@@ -296,33 +296,75 @@ impl<'a> Redacted<'a> {
     }
 }
 
-impl fmt::Display for Redacted<'_> {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.path)?;
-        let Some(query) = self.query else {
-            return Ok(());
-        };
-        // `;` separates too: some servers split on it, so a secret behind one is a secret.
-        let mut rest = query;
-        let mut sep = "?";
+impl Redacted<'_> {
+    /// Writes `text` split at `seps` (kept), each piece through [`Redacted::piece`].
+    fn pieces(&self, f: &mut fmt::Formatter<'_>, text: &str, seps: &[char]) -> fmt::Result {
+        let mut rest = text;
         loop {
-            let end = rest.find(['&', ';']).unwrap_or(rest.len());
-            let pair = &rest[..end];
-            f.write_str(sep)?;
-            match pair.split_once('=') {
-                // A token-like name inside the value (`1,access_token=…`): another separator
-                // some server may split on.
-                Some((k, v)) if sensitive_key(k, self.param) || hides_secret(v, self.param) => {
-                    write!(f, "{k}=***")?
-                }
-                _ => f.write_str(pair)?,
-            }
+            let end = rest.find(seps).unwrap_or(rest.len());
+            self.piece(f, &rest[..end])?;
             if end == rest.len() {
                 return Ok(());
             }
-            sep = &rest[end..=end];
+            f.write_str(&rest[end..=end])?;
             rest = &rest[end + 1..];
         }
+    }
+
+    /// Writes one `name=value` piece, its value as `***` when the name is sensitive or the
+    /// value (decoded) holds a sensitive `name=` behind any separator (`1,access_token=…`,
+    /// `1%3Baccess_token%3D…`); a piece whose `=` is itself encoded
+    /// (`corp_secret%3D…`) is judged decoded and, if sensitive, shown as `***` whole.
+    fn piece(&self, f: &mut fmt::Formatter<'_>, pair: &str) -> fmt::Result {
+        let decoded = |t: &str| -> String {
+            if t.contains('%') {
+                percent_decode_str(t).decode_utf8_lossy().into_owned()
+            } else {
+                t.to_owned()
+            }
+        };
+        match pair.split_once('=') {
+            Some((k, v))
+                if sensitive_key(k, self.param)
+                    || (v.contains(['=', '%']) && hides_secret(&decoded(v), self.param)) =>
+            {
+                write!(f, "{k}=***")
+            }
+            None if pair.contains('%') && hides_secret(&decoded(pair), self.param) => {
+                f.write_str("***")
+            }
+            _ => f.write_str(pair),
+        }
+    }
+}
+
+impl fmt::Display for Redacted<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // Path parameters (`/c1;access_token=…`) are masked as query pairs are.
+        match self.path.find(';') {
+            None => f.write_str(self.path)?,
+            Some(at) => {
+                f.write_str(&self.path[..at])?;
+                for (i, part) in self.path[at..].split('/').enumerate() {
+                    if i > 0 {
+                        f.write_str("/")?;
+                    }
+                    match part.split_once(';') {
+                        Some((name, params)) => {
+                            write!(f, "{name};")?;
+                            self.pieces(f, params, &[';'])?;
+                        }
+                        None => f.write_str(part)?,
+                    }
+                }
+            }
+        }
+        let Some(query) = self.query else {
+            return Ok(());
+        };
+        f.write_str("?")?;
+        // `;` separates too: some servers split on it, so a secret behind one is a secret.
+        self.pieces(f, query, &['&', ';'])
     }
 }
 
@@ -454,6 +496,20 @@ mod tests {
             "access_token",
         );
         assert_eq!(r.to_string(), "/p?group_id=***&b=***&c=x=y");
+        // Encoded separators and `=` hide nothing either; nor does a path parameter.
+        let r = Redacted::new(
+            "/c1;access_token=EVILPATH;v=1/d;x=2",
+            Some("a=1&corp_secret%3DS1&b=1%3Baccess_token%3DEVIL&%3baccess_token%3dE2&c=%41"),
+            "access_token",
+        );
+        let shown = r.to_string();
+        assert_eq!(
+            shown,
+            "/c1;access_token=***;v=1/d;x=2?a=1&***&b=***&***&c=%41"
+        );
+        for secret in ["S1", "EVIL", "E2"] {
+            assert!(!shown.contains(secret), "{shown}");
+        }
     }
 
     #[test]
