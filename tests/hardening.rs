@@ -83,7 +83,9 @@ async fn encoded_slashes_and_backslashes_in_a_path_are_refused() {
     }
     // A parameter elsewhere is the client's business.
     assert_eq!(
-        get(&env.url("/api/apps/v1/robot/chats;jsessionid=1")).await.status,
+        get(&env.url("/api/apps/v1/robot/chats;jsessionid=1"))
+            .await
+            .status,
         200
     );
     // A raw backslash (no client library sends one; a legacy one may).
@@ -189,6 +191,39 @@ fn config_mistakes_check_used_to_let_through_are_refused() {
     assert!(e.contains("p.toml: client[0].apps: grants no app"), "{e}");
     let e = load("[[app]]\nname = \"b\"\napp_key = \"k\"\ncorp_id = 1\ncorp_secret = \"t\"\nprefix = \"/b\"\n");
     assert!(e.contains("same credentials"), "{e}");
+    // The same credentials spelled another way: the token path with a trailing slash, or
+    // as token_params in another order.
+    let e = load("[[app]]\nname = \"b\"\napp_key = \"k\"\ncorp_id = 1\ncorp_secret = \"t\"\nprefix = \"/b\"\ntoken_path = \"/api/apps/v1/access-tokens/\"\n");
+    assert!(e.contains("same credentials"), "{e}");
+    let e = load("[[app]]\nname = \"b\"\nprefix = \"/b\"\ntoken_path = \"/api/apps/v1/access-tokens\"\n[app.token_params]\ncorp_id = \"1\"\ncorp_secret = \"t\"\napp_key = \"k\"\n");
+    assert!(e.contains("same credentials"), "{e}");
+    // A client with no path, listeners nobody may reach.
+    let e =
+        load("[[client]]\nname = \"c\"\nnetworks = [\"127.0.0.1\"]\napps = [\"a\"]\npaths = []\n");
+    assert!(e.contains("p.toml: client[0].paths: grants no path"), "{e}");
+    for key in ["server", "admin"] {
+        let e = load(&format!("[{key}]\nlisten = \"127.0.0.1:0\"\nallow = []\n"));
+        assert!(e.contains(&format!("p.toml: {key}.allow: is empty")), "{e}");
+    }
+}
+
+#[test]
+fn an_ipv4_mapped_network_in_an_allow_list_means_the_ipv4_one() {
+    let config = cx_proxy::config::Config::from_toml(
+        "[admin]\nlisten = \"127.0.0.1:0\"\nallow = [\"::ffff:127.0.0.1/128\", \"::ffff:10.0.0.0/104\"]\n[[app]]\nname = \"a\"\napp_key = \"k\"\ncorp_id = 1\ncorp_secret = \"s\"\n",
+        "p.toml",
+        None,
+    )
+    .unwrap()
+    .config;
+    let allow: Vec<String> = config
+        .admin
+        .unwrap()
+        .allow
+        .iter()
+        .map(|n| n.to_string())
+        .collect();
+    assert_eq!(allow, ["127.0.0.1/32", "10.0.0.0/8"]);
 }
 
 #[tokio::test]

@@ -39,7 +39,7 @@ pub(super) fn config(
         None => None,
         Some(a) => {
             let allow = match &a.allow {
-                Some(raw) => c.networks("admin.allow", raw),
+                Some(raw) => c.allow_list("admin.allow", raw),
                 None => LOOPBACK.iter().filter_map(|n| n.parse().ok()).collect(),
             };
             match a.listen {
@@ -228,12 +228,36 @@ impl<'a> Check<'a> {
         Some(p)
     }
 
+    /// A listener's `allow`: networks, at least one (an empty list would refuse everyone).
+    fn allow_list(&mut self, key: &str, raw: &[String]) -> Vec<IpNet> {
+        if raw.is_empty() && !self.refused_at(key) {
+            self.err(
+                key,
+                "is empty: nobody could connect; list the networks allowed (0.0.0.0/0 and ::/0 for all)",
+            );
+        }
+        self.networks(key, raw)
+    }
+
     fn networks(&mut self, key: &str, raw: &[String]) -> Vec<IpNet> {
         let mut out = Vec::with_capacity(raw.len());
         for (i, n) in raw.iter().enumerate() {
             // A bare address means that one host.
             let net = n.parse().or_else(|_| n.parse::<IpAddr>().map(IpNet::from));
             match net {
+                // Clients are compared as IPv4 when they come IPv4-mapped (`::ffff:a.b.c.d`),
+                // so a mapped network is taken as the IPv4 one it holds.
+                Ok(IpNet::V6(v6))
+                    if v6.prefix_len() >= 96 && v6.addr().to_ipv4_mapped().is_some() =>
+                {
+                    let v4 = v6.addr().to_ipv4_mapped().map(|a| {
+                        ipnet::Ipv4Net::new(a, v6.prefix_len() - 96).map(|n| IpNet::V4(n.trunc()))
+                    });
+                    match v4 {
+                        Some(Ok(net)) => out.push(net),
+                        _ => out.push(IpNet::V6(v6)),
+                    }
+                }
                 Ok(net) => out.push(net),
                 Err(_) => self.err(
                     &format!("{key}[{i}]"),
@@ -378,7 +402,7 @@ impl<'a> Check<'a> {
         ServerConfig {
             listen: s.listen.0,
             tls,
-            allow: self.networks("server.allow", &s.allow),
+            allow: self.allow_list("server.allow", &s.allow),
             max_body_bytes: s.max_body_bytes.get(),
             shutdown_grace: Duration::from_secs(s.shutdown_grace_s.get()),
             max_concurrent_requests: s.max_concurrent_requests.get(),
@@ -640,16 +664,11 @@ impl<'a> Check<'a> {
                     .to_owned(),
                 AppKind::CorpService => platform::CORP_TOKEN_PATH.to_owned(),
             });
-            let secret_names = |c: &Credentials| -> Vec<String> {
-                c.secret_params()
-                    .iter()
-                    .map(|(k, _)| (*k).to_owned())
-                    .collect()
-            };
+            // The same request in any order of its parameters, at any spelling of its path a
+            // lenient server would serve (a trailing `/`, letter case), whatever its secret.
             let twin = apps.iter().find(|o| {
-                o.token_path == token_path
-                    && o.credentials.naming() == credentials.naming()
-                    && secret_names(&o.credentials) == secret_names(&credentials)
+                platform::same_path(&o.token_path, &token_path)
+                    && same_identity(&o.credentials, &credentials)
             });
             if let Some(other) = twin {
                 let what = format!(
@@ -841,7 +860,7 @@ impl<'a> Check<'a> {
             Some(CallbacksConfig {
                 listen,
                 tls,
-                allow: self.networks("callbacks.allow", &t.allow),
+                allow: self.allow_list("callbacks.allow", &t.allow),
                 queue,
                 max_skew: Duration::from_secs(t.max_skew_s.get()),
                 max_body_bytes: t.max_body_bytes.get(),
@@ -1059,6 +1078,12 @@ impl<'a> Check<'a> {
                     );
                 }
             }
+            if c.paths.as_ref().is_some_and(Vec::is_empty) {
+                self.err(
+                    &format!("{at}.paths"),
+                    "grants no path: list path prefixes, or leave paths out for every path",
+                );
+            }
             for (j, p) in c.paths.iter().flatten().enumerate() {
                 if !p.starts_with('/') {
                     self.err(
@@ -1079,6 +1104,31 @@ impl<'a> Check<'a> {
         }
         out
     }
+}
+
+/// Whether two token requests name the same app at the platform: the same parameter names,
+/// and the same values but for secrets (read from a secret source, or named like one), whose
+/// value does not change whose token a fetch replaces.
+fn same_identity(a: &Credentials, b: &Credentials) -> bool {
+    fn params(c: &Credentials) -> Vec<(&str, Option<&str>)> {
+        let mut p: Vec<(&str, Option<&str>)> = c
+            .params
+            .iter()
+            .map(|(k, v)| match v {
+                ParamValue::Plain(v) if !k.to_ascii_lowercase().contains("secret") => {
+                    (k.as_str(), Some(v.as_str()))
+                }
+                _ => (k.as_str(), None),
+            })
+            .collect();
+        p.sort();
+        p
+    }
+    let (a, b) = (params(a), params(b));
+    a.len() == b.len()
+        && a.iter().zip(&b).all(|((ka, va), (kb, vb))| {
+            ka == kb && (va.is_none() || vb.is_none() || va == vb)
+        })
 }
 
 /// Whether a URL's port, if it has one, is one a connection can go to (1 to 65535).

@@ -237,7 +237,9 @@ fn hides_secret(value: &str, extra: &str) -> bool {
 pub fn path_problem(path: &str) -> Option<&'static str> {
     let b = path.as_bytes();
     // One scan for the bytes that can start a problem; the usual path has none.
-    let at = b.iter().position(|&c| c == b'%' || c == b'\\' || c == b';')?;
+    let at = b
+        .iter()
+        .position(|&c| c == b'%' || c == b'\\' || c == b';')?;
     let rest = &b[at..];
     if rest.contains(&b'\\') {
         return Some("the path holds a backslash (\\), which a server may read as a slash");
