@@ -74,6 +74,7 @@ pub async fn handle(gateway: &Gateway, peer: &Peer, req: Request<Incoming>) -> R
             };
             // A store that is down does not make the proxy unready (it fetches locally), but
             // the operator sees it.
+            let last_error = proxy.tokens().store().and_then(|s| s.last_error());
             let store = proxy.tokens().store_state().map(|state| {
                 use crate::auth::store::StoreState;
                 let detail = match state {
@@ -86,7 +87,12 @@ pub async fn handle(gateway: &Gateway, peer: &Peer, req: Request<Incoming>) -> R
                         "unreachable: fetching tokens and counting call limits per instance"
                     }
                 };
-                json!({"up": state == StoreState::Up, "state": state.name(), "detail": detail})
+                let mut v =
+                    json!({"up": state == StoreState::Up, "state": state.name(), "detail": detail});
+                if state != StoreState::Up {
+                    v["error"] = json!(last_error);
+                }
+                v
             });
             // The callback queue, when the relay runs: unreadable makes the gateway unready
             // (callbacks would get 503).

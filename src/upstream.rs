@@ -69,9 +69,11 @@ pub enum UpstreamError {
     /// Connect, TLS or protocol failure.
     #[error("{0}")]
     Unreachable(String),
-    /// A reused connection closed after the request was written and before any answer
-    /// (the upstream had closed it while idle): safe to send again only if the method is.
-    #[error("the upstream closed a reused connection before answering (it had likely closed it while idle)")]
+    /// A reused connection closed after the request was written and before a complete
+    /// answer head (the upstream had closed it while idle; hyper cannot tell whether part of
+    /// a head had come): safe to send again only if the method is idempotent (RFC 9110
+    /// section 9.2.2).
+    #[error("the upstream closed a reused connection before a complete answer head (it had likely closed it while idle)")]
     Dropped,
 }
 

@@ -501,6 +501,12 @@ async fn a_store_that_refuses_writes_is_degraded_and_a_token_seen_rejected_is_ne
     let store = &ready.json()["token_store"];
     assert_eq!(store["state"], "refusing_writes", "{}", ready.text());
     assert_eq!(store["up"], false);
+    // The server's own words: out of memory.
+    assert!(
+        store["error"].as_str().unwrap_or("").contains("OOM"),
+        "{}",
+        ready.text()
+    );
     let metrics = get(&format!("{admin}/metrics")).await.text();
     assert!(metrics.contains("cx_proxy_token_store_up 0"), "{metrics}");
     // Revocation after revocation while the store still offers the first token: every one

@@ -198,6 +198,8 @@ pub struct TokenStore {
     refusing_writes: AtomicBool,
     /// Set once the first call has been made (so "down" is not logged before trying).
     tried: AtomicBool,
+    /// What the last failed call said (for `/readyz`).
+    last_error: std::sync::Mutex<Option<String>>,
     /// When a connect last failed (ms since the epoch; 0: never). For
     /// `RETRY_AFTER_FAILURE` after it nobody connects again, and counted calls do not use
     /// the store until a background probe finds it back.
@@ -234,6 +236,7 @@ impl TokenStore {
             up: AtomicBool::new(false),
             refusing_writes: AtomicBool::new(false),
             tried: AtomicBool::new(false),
+            last_error: std::sync::Mutex::new(None),
             failed_at_ms: AtomicU64::new(0),
             probing: AtomicBool::new(false),
             probed_at_ms: AtomicU64::new(0),
@@ -342,7 +345,7 @@ impl TokenStore {
                             e.kind(),
                             redis::ErrorKind::Server(_) | redis::ErrorKind::Extension
                         );
-                        Err(StoreError(format!("{:?}", e.kind())))
+                        Err(StoreError(redis_error_text(&e)))
                     }
                     Err(_) => Err(StoreError("call timed out".into())),
                 },
@@ -356,6 +359,11 @@ impl TokenStore {
                 break;
             }
         }
+        if let Err(e) = &result {
+            if let Ok(mut last) = self.last_error.lock() {
+                *last = Some(e.0.clone());
+            }
+        }
         let reachable = result.is_ok() || answered;
         if reachable != self.reachable() || !self.tried.load(Ordering::Relaxed) {
             self.mark(reachable, result.as_ref().err().map(|e| e.0.as_str()));
@@ -364,6 +372,12 @@ impl TokenStore {
             self.refusing(answered, result.as_ref().err().map(|e| e.0.as_str()));
         }
         result
+    }
+
+    /// What the last failed call said (the server's error code and message, a timeout,
+    /// a refused connection), if one failed.
+    pub fn last_error(&self) -> Option<String> {
+        self.last_error.lock().ok().and_then(|e| e.clone())
     }
 
     /// Records whether the store refuses writes (it answers reads, so it is reachable, but
@@ -586,4 +600,16 @@ impl TokenStore {
             })
             .await;
     }
+}
+
+/// What a Redis error says, for logs and `/readyz`: the server's code and message
+/// (`OOM command not allowed when used memory > 'maxmemory'`, `NOPERM …`, `READONLY …`),
+/// cut at 160 characters, else the client's kind. Neither holds a key's value.
+fn redis_error_text(e: &redis::RedisError) -> String {
+    let text = match (e.code(), e.detail()) {
+        (Some(code), Some(detail)) => format!("{code} {detail}"),
+        (Some(code), None) => code.to_owned(),
+        _ => format!("{:?}: {e}", e.kind()),
+    };
+    text.chars().take(160).collect()
 }

@@ -1126,9 +1126,9 @@ fn same_identity(a: &Credentials, b: &Credentials) -> bool {
     }
     let (a, b) = (params(a), params(b));
     a.len() == b.len()
-        && a.iter().zip(&b).all(|((ka, va), (kb, vb))| {
-            ka == kb && (va.is_none() || vb.is_none() || va == vb)
-        })
+        && a.iter()
+            .zip(&b)
+            .all(|((ka, va), (kb, vb))| ka == kb && (va.is_none() || vb.is_none() || va == vb))
 }
 
 /// Whether a URL's port, if it has one, is one a connection can go to (1 to 65535).
