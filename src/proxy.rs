@@ -436,6 +436,15 @@ impl Proxy {
             .iter()
             .find(|p| crate::platform::same_path(routed.path(&parts), p))
         {
+            // A server that splits on `;` would read parameters the proxy never judged (a
+            // secret behind `corp_id=1;`): the proxy answers or forwards only what it read.
+            if parts.uri.query().is_some_and(|q| q.contains(';')) {
+                return Err(ProxyError::new(
+                    ErrorKind::BadRequest,
+                    "a token request's query holds a ';': a server that splits on it would \
+                     read parameters the proxy did not; separate them with '&'",
+                ));
+            }
             return self
                 .token_request(endpoint, &routed, &mut parts, body, access)
                 .await;

@@ -125,6 +125,27 @@ async fn a_client_token_behind_a_semicolon_is_refused() {
         .recorded()
         .iter()
         .all(|r| !r.query.contains("EVIL")));
+    // A token request with a `;` among its parameters: neither answered nor forwarded.
+    let fetches = env.sandbox.token_fetches(APP_KEY);
+    for method in [http::Method::GET, http::Method::POST, http::Method::HEAD] {
+        let a = send(
+            &client(false),
+            request(
+                method.clone(),
+                &env.url("/api/apps/v1/access-tokens?app_key=demo-app&corp_id=10001;corp_secret=demo-secret"),
+                "",
+            ),
+        )
+        .await;
+        assert_eq!(a.status, 400, "{method}");
+        assert_eq!(a.headers["x-cx-proxy-error"], "bad_request", "{method}");
+    }
+    assert_eq!(env.sandbox.token_fetches(APP_KEY), fetches);
+    assert!(env
+        .sandbox
+        .recorded()
+        .iter()
+        .all(|r| !r.path.contains("access-tokens")));
     // (The access log masks a token-like name behind any separator: the unit test
     // `rewrite::tests::logs_see_no_secret_values`.)
 }
