@@ -50,6 +50,7 @@ pub async fn handle(gateway: &Gateway, peer: &Peer, req: Request<Incoming>) -> R
     });
     if !allowed {
         let who = peer.ip().map_or("unknown".into(), |ip| ip.to_string());
+        tracing::info!(peer = %who, path = req.uri().path(), "admin request refused: not in admin.allow");
         return ProxyError::new(
             ErrorKind::Forbidden,
             format!("client address {who} is not in admin.allow"),

@@ -105,7 +105,9 @@ impl<I> EscapeTargets<I> {
     pub fn new(inner: I) -> Self {
         EscapeTargets {
             inner,
-            state: State::Line(0),
+            // A request line is known by its method: the bytes of an unknown one, raw
+            // or not, are hyper's to judge.
+            state: State::Sniff(0),
             tail: 0,
             sniffed: [0; 8],
             framed: false,
@@ -159,6 +161,8 @@ impl<I> EscapeTargets<I> {
                         }
                     }
                 }
+                // Empty lines before a request line are ignored (RFC 9112 section 2.2).
+                State::Sniff(0) if rest[0] == b'\r' || rest[0] == b'\n' => i += 1,
                 // The common case, a whole method and its space at hand: one comparison
                 // per method, not a byte-at-a-time sniff (the longest, `OPTIONS `, is 8).
                 State::Sniff(0) if rest.len() >= 8 => {
@@ -298,6 +302,7 @@ impl<I> EscapeTargets<I> {
                 }
                 false
             }
+            State::Sniff(0) if b == b'\r' || b == b'\n' => false,
             State::Sniff(n) => {
                 let Some(slot) = self.sniffed.get_mut(n) else {
                     self.state = State::Through;
@@ -435,6 +440,16 @@ mod tests {
             input.extend_from_slice(after);
             assert_eq!(through(&input).await, input);
         }
+        // An unknown method is hyper's to judge, raw bytes and all; empty lines before a
+        // request line are skipped, as hyper skips them.
+        assert_eq!(
+            through(b"G\xd5T /\xe5 HTTP/1.1\r\n\r\n").await,
+            b"G\xd5T /\xe5 HTTP/1.1\r\n\r\n"
+        );
+        assert_eq!(
+            through(b"\r\n\r\nGET /\xe5 HTTP/1.1\r\n\r\n").await,
+            b"\r\n\r\nGET /%E5 HTTP/1.1\r\n\r\n"
+        );
         // HTTP/2's preface and frames pass untouched.
         let h2 = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\x00\x00\x12\x04\xff\xfe";
         assert_eq!(through(h2).await, h2.to_vec());
