@@ -1,6 +1,6 @@
 //! Stamps the build with its git commit and date, for `--version` and
-//! `cx_proxy_build_info` (SPEC section 2): `CX_BUILD_COMMIT` (12 hex digits, or `unknown`
-//! outside a git checkout) and `CX_BUILD_DATE` (`YYYY-MM-DD`, UTC; `SOURCE_DATE_EPOCH` when
+//! `cx_proxy_build_info` (SPEC section 2): `CX_BUILD_COMMIT` (12 hex digits from git, the
+//! variable of that name when set, else `unknown`) and `CX_BUILD_DATE` (`YYYY-MM-DD`, UTC; `SOURCE_DATE_EPOCH` when
 //! set, for reproducible builds).
 
 use std::process::Command;
@@ -29,7 +29,12 @@ fn civil(days: i64) -> (i64, u32, u32) {
 }
 
 fn main() {
-    let commit = git(&["rev-parse", "--short=12", "HEAD"]).unwrap_or_else(|| "unknown".into());
+    // A build without the repository (a container build context) is told the commit.
+    let commit = std::env::var("CX_BUILD_COMMIT")
+        .ok()
+        .filter(|c| !c.is_empty())
+        .or_else(|| git(&["rev-parse", "--short=12", "HEAD"]))
+        .unwrap_or_else(|| "unknown".into());
     let secs = std::env::var("SOURCE_DATE_EPOCH")
         .ok()
         .and_then(|s| s.trim().parse::<i64>().ok())
@@ -42,6 +47,7 @@ fn main() {
     println!("cargo:rustc-env=CX_BUILD_COMMIT={commit}");
     println!("cargo:rustc-env=CX_BUILD_DATE={y:04}-{m:02}-{d:02}");
     println!("cargo:rerun-if-env-changed=SOURCE_DATE_EPOCH");
+    println!("cargo:rerun-if-env-changed=CX_BUILD_COMMIT");
     println!("cargo:rerun-if-changed=build.rs");
     // A new commit or checkout stamps anew; outside git nothing is watched.
     if let Some(dir) = git(&["rev-parse", "--git-dir"]) {
