@@ -207,7 +207,11 @@ impl<I> EscapeTargets<I> {
         let mut framed = false;
         let mut check = |start: usize| {
             let line = &rest[start..];
-            let cut = memchr::memchr(b'\n', &line[..line.len().min(17)]).is_none();
+            // Most lines (Host, User-Agent, Accept) are told apart by their first letter.
+            if !matches!(line.first(), Some(b'c' | b'C' | b't' | b'T')) {
+                return;
+            }
+            let cut = line.len() < 17 && !line.contains(&b'\n');
             framed |= frames(line, cut);
         };
         // A line starting this read (the last one ended the read before).
