@@ -197,8 +197,10 @@ pub struct UpstreamConfig {
 pub struct EgressProxy {
     /// The proxy's host and port (a missing port is 1080, as curl takes it).
     pub authority: Authority,
-    /// The user of the URL's userinfo, shown by `check`.
+    /// The user of the URL's userinfo as written (percent-encoded), shown by `check`.
     pub user: Option<String>,
+    /// Whether the userinfo has a password (shown as `***`).
+    pub password: bool,
     /// `Proxy-Authorization` (Basic, RFC 9110 section 11.7.1 and RFC 7617) from the URL's
     /// userinfo: a secret, marked sensitive.
     pub authorization: Option<http::HeaderValue>,
@@ -208,7 +210,8 @@ impl Display for EgressProxy {
     /// `http://[user:***@]host:port`: the password never shows.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match &self.user {
-            Some(user) => write!(f, "http://{user}:***@{}", self.authority),
+            Some(user) if self.password => write!(f, "http://{user}:***@{}", self.authority),
+            Some(user) => write!(f, "http://{user}@{}", self.authority),
             None => write!(f, "http://{}", self.authority),
         }
     }

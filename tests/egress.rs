@@ -161,10 +161,7 @@ async fn calls_and_token_fetches_go_through_the_configured_proxy_with_its_creden
         )),
         "{shown}"
     );
-    assert!(
-        shown.contains("# upstream.proxy: upstream.proxy"),
-        "{shown}"
-    );
+    assert!(shown.contains("# upstream.proxy: from the file"), "{shown}");
     assert!(!shown.contains(PASSWORD), "{shown}");
     proxy.shutdown().await.unwrap();
 
@@ -313,6 +310,20 @@ fn proxy_urls_that_cannot_work_are_refused_by_check() {
         "{e}"
     );
     assert!(!e.contains("hidden"), "{e}");
+    // A raw '@' in the password: refused, no piece of it repeated (it would have been sent
+    // as the proxy's address, and shown in errors).
+    let e = load("\"http://alice:Sup3r@S3cret.pw@127.0.0.1:3128\"", &[]);
+    assert!(e.contains("raw '@': write it as %40"), "{e}");
+    assert!(!e.contains("S3cret") && !e.contains("Sup3r"), "{e}");
+    let e = load(
+        "",
+        &[("HTTPS_PROXY", "http://svc:Winter@2026!@127.0.0.1:3128")],
+    );
+    assert!(
+        e.contains("upstream.proxy (from HTTPS_PROXY): the user or password holds a raw '@'"),
+        "{e}"
+    );
+    assert!(!e.contains("Winter") && !e.contains("2026!"), "{e}");
     // No port: curl's 1080.
     assert_eq!(load("\"http://127.0.0.1\"", &[]), "");
 }

@@ -486,7 +486,14 @@ impl<'a> Check<'a> {
         match parse_egress(&url) {
             Ok(p) => {
                 let source = if key == "upstream.proxy" {
-                    "upstream.proxy".to_owned()
+                    if p.password {
+                        self.warn(
+                            "upstream.proxy",
+                            "a password written in the config file; prefer HTTPS_PROXY in the \
+                             service's environment (e.g. /etc/cx-proxy/env, mode 0600)",
+                        );
+                    }
+                    "from the file".to_owned()
                 } else {
                     format!("from {key}")
                 };
@@ -1149,6 +1156,19 @@ fn usable_port(uri: &Uri) -> bool {
 /// URL, which may hold a password.
 fn parse_egress(url: &str) -> Result<EgressProxy, String> {
     const SHAPE: &str = "http://[user:password@]host:port";
+    // The URL's authority as written: a raw `@` in the user or password would be split at
+    // the first `@`, sending part of the password as the proxy's address (and showing it).
+    let rest = url.split_once("://").map_or(url, |(_, r)| r);
+    let written = rest.split(['/', '?', '#']).next().unwrap_or("");
+    let userinfo = match written.matches('@').count() {
+        0 => None,
+        1 => written.split_once('@').map(|(info, _)| info),
+        _ => {
+            return Err(format!(
+                "the user or password holds a raw '@': write it as %40 ({SHAPE})"
+            ))
+        }
+    };
     let dst = http::Uri::from_static("https://platform.invalid/");
     let intercept = hyper_util::client::proxy::matcher::Matcher::builder()
         .https(url)
@@ -1169,7 +1189,7 @@ fn parse_egress(url: &str) -> Result<EgressProxy, String> {
         Some(_) => authority.clone(),
         None => format!("{authority}:1080")
             .parse()
-            .map_err(|_| format!("has no usable host ({SHAPE})"))?,
+            .map_err(|_| format!("has no usable host and port ({SHAPE})"))?,
     };
     if authority.host().is_empty() || authority.port_u16() == Some(0) {
         return Err(format!("has no usable host and port ({SHAPE})"));
@@ -1178,21 +1198,13 @@ fn parse_egress(url: &str) -> Result<EgressProxy, String> {
         v.set_sensitive(true);
         v
     });
-    // The user is shown by `check`; the password never is.
-    let user = authorization
-        .as_ref()
-        .and(url.split_once("://").map_or(Some(url), |(_, r)| Some(r)))
-        .and_then(|rest| rest.split(['/', '?', '#']).next())
-        .and_then(|auth| auth.rsplit_once('@'))
-        .map(|(info, _)| {
-            let user = info.split_once(':').map_or(info, |(u, _)| u);
-            percent_encoding::percent_decode_str(user)
-                .decode_utf8_lossy()
-                .into_owned()
-        });
+    // The user is shown by `check` as written; the password never is.
+    let user = userinfo.map(|info| info.split_once(':').map_or(info, |(u, _)| u).to_owned());
+    let password = userinfo.is_some_and(|info| info.contains(':'));
     Ok(EgressProxy {
         authority,
         user,
+        password,
         authorization,
     })
 }
