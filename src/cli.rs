@@ -489,7 +489,7 @@ fn demo_config(listen: SocketAddr, sandbox_url: &str, dir: &Path, receiver: &str
         "# Written by `cx-proxy demo`: the proxy in front of the offline sandbox.\n\
          [server]\nlisten = {listen}\n\n\
          [admin]\nlisten = \"127.0.0.1:0\"\n\n\
-         [upstream]\nurl = {url}\nca_file = {ca}\n\n\
+         [upstream]\nurl = {url}\nca_file = {ca}\n# the sandbox is on loopback: never through HTTPS_PROXY\nproxy = \"\"\n\n\
          [callbacks]\nlisten = \"127.0.0.1:0\"\nallow = [\"127.0.0.1\", \"::1\"]\nqueue = {queue}\n\n\
          [[callback]]\nname = \"contacts\"\npath = \"/cx/callback\"\napp = \"demo\"\n\
          key_file = {key}\ndeliver_to = {receiver}\n\n\

@@ -421,10 +421,13 @@ async fn debug_logs_never_carry_the_secret_or_a_token_and_sigterm_drains() {
 #[tokio::test]
 async fn demo_prints_curl_lines_that_all_work_on_documented_paths() {
     let dir = tempfile::tempdir().unwrap();
+    // A corporate proxy in the user's environment (here one that is not there): the demo's
+    // loopback sandbox is reached directly all the same.
     let mut p = Proc::spawn(
         Command::new(bin())
             .args(["demo", "--listen", "127.0.0.1:0", "--state-dir"])
-            .arg(dir.path()),
+            .arg(dir.path())
+            .env("HTTPS_PROXY", format!("http://{}", unused_addr())),
     );
     let lines = p
         .wait_for("the curl lines", |out, _| {
