@@ -185,7 +185,16 @@ pub fn main(cli: Cli) -> ExitCode {
         return ExitCode::from(EXIT_CONFIG);
     }
     let outer = cli.config;
-    match cli.command.unwrap_or(Command::Run(ConfigArg::default())) {
+    let command = cli.command.unwrap_or(Command::Run(ConfigArg::default()));
+    let reads_config = matches!(
+        command,
+        Command::Run(_) | Command::Check(_) | Command::CorpSecret(_)
+    );
+    if outer.config.is_some() && !reads_config {
+        eprintln!("cx-proxy: -c/--config is not used by this command (it reads no config file)");
+        return ExitCode::from(2);
+    }
+    match command {
         Command::Check(c) => check(&c.resolve(&outer)),
         Command::Run(c) => {
             let path = c.resolve(&outer);
@@ -213,8 +222,12 @@ pub fn main(cli: Cli) -> ExitCode {
         }
         Command::Completions { shell } => {
             let mut cmd = <Cli as clap::CommandFactory>::command();
-            clap_complete::generate(shell, &mut cmd, "cx-proxy", &mut std::io::stdout());
-            ExitCode::SUCCESS
+            let mut out = Vec::new();
+            clap_complete::generate(shell, &mut cmd, "cx-proxy", &mut out);
+            if shell == clap_complete::Shell::Bash {
+                out = bash_completion_fix(&out);
+            }
+            print_bytes(&out)
         }
         Command::Manpage => {
             let cmd = <Cli as clap::CommandFactory>::command();
@@ -223,13 +236,32 @@ pub fn main(cli: Cli) -> ExitCode {
                 eprintln!("cx-proxy: cannot render the man page: {e}");
                 return ExitCode::FAILURE;
             }
-            use std::io::Write as _;
-            match std::io::stdout().write_all(&out) {
-                Ok(()) => ExitCode::SUCCESS,
-                Err(_) => ExitCode::FAILURE,
-            }
+            print_bytes(&out)
         }
     }
+}
+
+/// Writes `out` to stdout; a closed pipe (`| head`) ends the command quietly.
+fn print_bytes(out: &[u8]) -> ExitCode {
+    use std::io::Write as _;
+    match std::io::stdout().write_all(out) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("cx-proxy: cannot write to stdout: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// clap_complete's bash script for a name with a hyphen labels its subcommands'
+/// cases `cx__subcmd__proxy__subcmd__run` where it sets `cmd` to
+/// `cx__proxy__subcmd__run`, so nothing after the first word completes (clap-rs/clap#6421,
+/// open). Until it is fixed there, the labels are renamed to match.
+fn bash_completion_fix(script: &[u8]) -> Vec<u8> {
+    String::from_utf8_lossy(script)
+        .replace("cx__subcmd__proxy__", "cx__proxy__")
+        .into_bytes()
 }
 
 /// Runs `fut` on a runtime with `workers` threads (0: one per core; 1: single-threaded,

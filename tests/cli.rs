@@ -241,6 +241,20 @@ fn version_completions_man_page_and_where_config_flags_go() {
         .expect("bash");
     std::io::Write::write_all(&mut bash.stdin.take().unwrap(), script.as_bytes()).unwrap();
     assert!(bash.wait().unwrap().success(), "bash -n refused the script");
+    // And it completes past the first word (`cx-proxy run --<TAB>`, `completions <TAB>`).
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("cx-proxy.bash");
+    std::fs::write(&file, &script).unwrap();
+    let probe = format!(
+        "source '{}'\n\
+         COMP_WORDS=(cx-proxy run --); COMP_CWORD=2; _cx__proxy cx-proxy -- run; echo \"run: ${{COMPREPLY[*]}}\"\n\
+         COMP_WORDS=(cx-proxy completions ''); COMP_CWORD=2; _cx__proxy cx-proxy '' completions; echo \"shells: ${{COMPREPLY[*]}}\"\n",
+        file.display()
+    );
+    let out = Command::new("bash").arg("-c").arg(&probe).output().unwrap();
+    let out = String::from_utf8_lossy(&out.stdout);
+    assert!(out.contains("run: --config"), "{out}");
+    assert!(out.contains("zsh"), "{out}");
     for shell in ["zsh", "fish", "powershell"] {
         let (code, script, _) = run(&["completions", shell]);
         assert_eq!(code, Some(0), "{shell}");
@@ -283,6 +297,8 @@ fn version_completions_man_page_and_where_config_flags_go() {
         assert_eq!(code, Some(0));
         assert!(!help.contains("--config"), "{cmd}: {help}");
         let (code, _, err) = run(&[cmd, "-c", "x.toml"]);
+        assert_eq!(code, Some(2), "{cmd}: {err}");
+        let (code, _, err) = run(&["-c", "x.toml", cmd]);
         assert_eq!(code, Some(2), "{cmd}: {err}");
     }
     for args in [
