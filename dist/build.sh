@@ -54,10 +54,12 @@ bash -n "$OUT/cx-proxy.bash"
 cp "$BIN" "$OUT/cx-proxy-$TARGET-glibc$GLIBC"
 
 if command -v systemd-analyze >/dev/null 2>&1; then
-  echo "== systemd-analyze verify (the unit, pointed at this binary)"
+  echo "== systemd-analyze verify (the units, pointed at this binary)"
   sed "s|/usr/bin/cx-proxy|$PWD/$BIN|" dist/cx-proxy.service >"$work/cx-proxy.service"
   systemd-analyze verify --man=no "$work/cx-proxy.service"
   systemd-analyze security --offline=yes "$work/cx-proxy.service" 2>/dev/null | tail -1 || true
+  sed "s|/usr/local/bin/cx-proxy|$PWD/$BIN|" dist/cx-proxy.legacy.service >"$work/cx-proxy-legacy.service"
+  systemd-analyze verify --man=no "$work/cx-proxy-legacy.service"
 fi
 
 if [ -z "${SKIP_DEB:-}" ]; then

@@ -419,6 +419,7 @@ async fn run_proxy(config: Config, path: &Path) -> Result<(), StartupError> {
         admin = listeners.addr(Role::Admin).map(|a| a.to_string()),
         callbacks = listeners.addr(Role::Callbacks).map(|a| a.to_string()),
         upstream = %proxy.config().upstream.url,
+        egress = proxy.config().upstream.proxy.as_ref().map(|p| p.to_string()),
         apps = ?apps,
         "cx-proxy listening"
     );

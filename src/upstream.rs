@@ -343,8 +343,15 @@ impl Upstream {
     /// Opens a TCP + TLS connection (through the egress proxy's tunnel when there is one)
     /// and starts hyper on it (h2 if the server picked it).
     async fn connect(&self) -> Result<Conn, UpstreamError> {
+        // Every failure after the tunnel (TLS, h2) names the proxy too: a TLS-inspecting
+        // proxy shows up as a certificate the platform never sent.
+        let via = self
+            .proxy
+            .as_ref()
+            .map(|p| format!(" through the proxy {}", p.authority))
+            .unwrap_or_default();
         let fail = |what: String| {
-            UpstreamError::Unreachable(format!("cannot connect to the upstream: {what}"))
+            UpstreamError::Unreachable(format!("cannot connect to the upstream{via}: {what}"))
         };
         let tcp = match &self.proxy {
             None => tokio::time::timeout(
@@ -359,23 +366,15 @@ impl Upstream {
                 ))
             })?
             .map_err(|e| fail(e.to_string()))?,
-            Some(proxy) => {
-                let through = |what: String| {
-                    UpstreamError::Unreachable(format!(
-                        "cannot connect to the upstream through the proxy {}: {what}",
-                        proxy.authority
+            Some(proxy) => tokio::time::timeout(self.connect_timeout, self.tunnel(proxy))
+                .await
+                .map_err(|_| {
+                    fail(format!(
+                        "no tunnel within {} ms",
+                        self.connect_timeout.as_millis()
                     ))
-                };
-                tokio::time::timeout(self.connect_timeout, self.tunnel(proxy))
-                    .await
-                    .map_err(|_| {
-                        through(format!(
-                            "no tunnel within {} ms",
-                            self.connect_timeout.as_millis()
-                        ))
-                    })?
-                    .map_err(through)?
-            }
+                })?
+                .map_err(fail)?,
         };
         let _ = tcp.set_nodelay(true);
         let _ = socket2::SockRef::from(&tcp)
