@@ -46,7 +46,9 @@ fi
 echo "check without CX_CORP_SECRET: $(cat "$work/check.err")"
 
 echo "== man page and completions"
-"$BIN" manpage | gzip -9n >"$OUT/cx-proxy.1.gz"
+rm -rf "$OUT/man"
+"$BIN" manpage --dir "$OUT/man"
+gzip -9n "$OUT"/man/*.1
 "$BIN" completions bash >"$OUT/cx-proxy.bash"
 "$BIN" completions zsh >"$OUT/_cx-proxy"
 "$BIN" completions fish >"$OUT/cx-proxy.fish"

@@ -91,7 +91,11 @@ pub enum Command {
         shell: clap_complete::Shell,
     },
     /// Print the man page (roff) on stdout: `cx-proxy manpage | man -l -`.
-    Manpage,
+    Manpage {
+        /// Write every page (cx-proxy.1 and one per command: cx-proxy-run.1, ...) into DIR.
+        #[arg(long, value_name = "DIR")]
+        dir: Option<PathBuf>,
+    },
 }
 
 /// `cx-proxy corp-secret`.
@@ -229,16 +233,63 @@ pub fn main(cli: Cli) -> ExitCode {
             }
             print_bytes(&out)
         }
-        Command::Manpage => {
-            let cmd = <Cli as clap::CommandFactory>::command();
-            let mut out = Vec::new();
-            if let Err(e) = clap_mangen::Man::new(cmd).render(&mut out) {
-                eprintln!("cx-proxy: cannot render the man page: {e}");
-                return ExitCode::FAILURE;
+        Command::Manpage { dir } => match man_pages(dir.as_deref()) {
+            Ok(Some(page)) => print_bytes(&page),
+            Ok(None) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("cx-proxy: cannot write the man pages: {e}");
+                ExitCode::FAILURE
             }
-            print_bytes(&out)
-        }
+        },
     }
+}
+
+/// What the generated page lacks: environment, files, exit status, signals, and the
+/// commands' own pages.
+const MAN_EXTRA: &str = r#".SH ENVIRONMENT
+.TP
+\fBCX_PROXY_CONFIG\fR
+The config file when \fB-c\fR is not given (else \fI./proxy.toml\fR).
+.TP
+\fBhttps_proxy\fR, \fBHTTPS_PROXY\fR, \fBall_proxy\fR, \fBALL_PROXY\fR, \fBno_proxy\fR, \fBNO_PROXY\fR
+The HTTP CONNECT proxy to the platform, read as curl reads them, unless the config sets \fBupstream.proxy\fR.
+.TP
+\fBRUST_LOG\fR
+The log filter when \fB--log-level\fR is not given.
+.PP
+Secrets named by \fB*_env\fR keys in the config (\fBcorp_secret_env\fR ...) are read from the environment too.
+.SH FILES
+.TP
+\fI/etc/cx-proxy/proxy.toml\fR
+The config file of the packaged service; \fBcx-proxy check\fR prints what it means, secrets as ***.
+.TP
+\fI/etc/cx-proxy/env\fR
+Environment of the packaged service (secrets, \fBHTTPS_PROXY\fR), mode 0600.
+.TP
+\fI/var/lib/cx-proxy\fR
+The service's state folder (the callback queue).
+.SH EXIT STATUS
+0 after a clean stop or a usable config (\fBcheck\fR); 1 when \fBcheck\fR finds problems or the proxy cannot start; 2 for a command-line mistake; 64 when \fBrun\fR refuses the config.
+.SH SIGNALS
+SIGTERM and SIGINT stop accepting and let in-flight requests finish for up to \fBshutdown_grace_s\fR. SIGHUP (or \fBPOST /reload\fR on the admin port) reads the config again; a refused file leaves the running one in force.
+.SH SEE ALSO
+\fBcx-proxy-run\fR(1), \fBcx-proxy-check\fR(1), \fBcx-proxy-sandbox\fR(1), \fBcx-proxy-demo\fR(1), \fBcx-proxy-corp-secret\fR(1), \fBcx-proxy-completions\fR(1), \fBcx-proxy-manpage\fR(1)
+"#;
+
+/// The main man page with [`MAN_EXTRA`]; with `dir`, it and one page per command are
+/// written there instead (`None` returned).
+fn man_pages(dir: Option<&Path>) -> std::io::Result<Option<Vec<u8>>> {
+    let cmd = <Cli as clap::CommandFactory>::command();
+    let mut page = Vec::new();
+    clap_mangen::Man::new(cmd.clone()).render(&mut page)?;
+    page.extend_from_slice(MAN_EXTRA.as_bytes());
+    let Some(dir) = dir else {
+        return Ok(Some(page));
+    };
+    std::fs::create_dir_all(dir)?;
+    clap_mangen::generate_to(cmd, dir)?;
+    std::fs::write(dir.join("cx-proxy.1"), page)?;
+    Ok(None)
 }
 
 /// Writes `out` to stdout; a closed pipe (`| head`) ends the command quietly.

@@ -288,7 +288,34 @@ fn version_completions_man_page_and_where_config_flags_go() {
         let out = groff.wait_with_output().unwrap();
         assert!(out.status.success());
         assert_eq!(String::from_utf8_lossy(&out.stderr), "", "groff warnings");
+        // Every command's own page, as the .deb installs them.
+        let dir = tempfile::tempdir().unwrap();
+        let (code, _, err) = run(&["manpage", "--dir", dir.path().to_str().unwrap()]);
+        assert_eq!(code, Some(0), "{err}");
+        for name in [
+            "cx-proxy",
+            "cx-proxy-run",
+            "cx-proxy-check",
+            "cx-proxy-corp-secret",
+        ] {
+            let path = dir.path().join(format!("{name}.1"));
+            let out = Command::new("groff")
+                .args(["-man", "-Tutf8", "-ww", "-z"])
+                .arg(&path)
+                .output()
+                .unwrap();
+            assert!(out.status.success(), "{name}");
+            assert_eq!(
+                String::from_utf8_lossy(&out.stderr),
+                "",
+                "{name}: groff warnings"
+            );
+        }
     }
+    assert!(
+        page.contains(".SH ENVIRONMENT") && page.contains("CX_PROXY_CONFIG"),
+        "{page}"
+    );
 
     // demo and sandbox read no config file, so they take no -c; the commands that do take
     // it before or after their name.
