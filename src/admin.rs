@@ -14,13 +14,17 @@
 //! refreshes spends the platform quota, and a remote Prometheus need not be allowed to
 //! proxy calls.
 
+use std::future::Future;
+use std::pin::Pin;
+
 use http::header::{HeaderValue, CONTENT_TYPE};
 use http::{Method, Request, Response, StatusCode};
 use hyper::body::Incoming;
 use serde_json::json;
 
 use crate::error::{ErrorKind, ProxyError};
-use crate::gateway::Gateway;
+use crate::proxy::Proxy;
+use crate::relay::Relay;
 use crate::server::Peer;
 use crate::upstream::Body;
 
@@ -40,10 +44,21 @@ fn named<'p>(path: &'p str, prefix: &str, suffix: &str) -> Option<&'p str> {
         .filter(|n| !n.is_empty())
 }
 
+/// What `POST /reload` runs: the gateway's reload (as SIGHUP), which lives above this
+/// module; `Err` holds the problems as `file: key: what is wrong`.
+pub trait Reloader: Send + Sync {
+    /// Reads the config file again and applies it.
+    fn reload(&self) -> Pin<Box<dyn Future<Output = Result<(), Vec<String>>> + Send + '_>>;
+}
+
 /// Answers one admin request.
-pub async fn handle(gateway: &Gateway, peer: &Peer, req: Request<Incoming>) -> Response<Body> {
-    let proxy = &*gateway.proxy();
-    let relay = gateway.relay().map(|r| &**r);
+pub async fn handle(
+    proxy: &Proxy,
+    relay: Option<&Relay>,
+    reloader: &dyn Reloader,
+    peer: &Peer,
+    req: Request<Incoming>,
+) -> Response<Body> {
     let allowed = proxy.config().admin.as_ref().is_some_and(|a| {
         peer.ip()
             .is_some_and(|ip| a.allow.iter().any(|net| net.contains(&ip)))
@@ -146,10 +161,10 @@ pub async fn handle(gateway: &Gateway, peer: &Peer, req: Request<Incoming>) -> R
             }
         }
         // The same reload as SIGHUP (SPEC section 3), for platforms without signals.
-        (&Method::POST, "/reload") => match gateway.reload().await {
+        (&Method::POST, "/reload") => match reloader.reload().await {
             Ok(()) => {
                 tracing::info!("POST /reload: configuration reloaded");
-                let file = gateway.proxy().config().source.clone();
+                let file = proxy.config().source.clone();
                 json(StatusCode::OK, &json!({"reloaded": true, "file": file}))
             }
             Err(problems) => {

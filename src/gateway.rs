@@ -197,6 +197,14 @@ fn reload_tls(
     }
 }
 
+impl crate::admin::Reloader for Gateway {
+    fn reload(
+        &self,
+    ) -> std::pin::Pin<Box<dyn Future<Output = Result<(), Vec<String>>> + Send + '_>> {
+        Box::pin(Gateway::reload(self))
+    }
+}
+
 /// What a listener serves.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Role {
@@ -354,7 +362,12 @@ pub async fn run(
                     let g = g.clone();
                     hyper::service::service_fn(move |req| {
                         let (g, peer) = (g.clone(), peer.clone());
-                        async move { Ok::<_, Infallible>(crate::admin::handle(&g, &peer, req).await) }
+                        async move {
+                            let relay = g.relay().map(|r| &**r);
+                            Ok::<_, Infallible>(
+                                crate::admin::handle(&g.proxy(), relay, &*g, &peer, req).await,
+                            )
+                        }
                     })
                 };
                 tokio::spawn(serve::<_, _, Body>(listener, make, stopped(), base))
