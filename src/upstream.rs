@@ -431,7 +431,10 @@ impl Upstream {
             .handshake::<_, Body>(TokioIo::new(tcp))
             .await
             .map_err(|e| chain(&e))?;
-        let conn = tokio::spawn(conn.with_upgrades());
+        // The connection's task ends when it hands the socket over. If this future is
+        // dropped first (connect_timeout, a refusal), hyper closes the connection once the
+        // sender is gone; the guard makes sure the task never outlives this future anyway.
+        let _conn = AbortOnDrop(tokio::spawn(conn.with_upgrades()));
         let target = if self.host.contains(':') {
             format!("[{}]:{}", self.host, self.port)
         } else {
@@ -451,7 +454,6 @@ impl Upstream {
             .map_err(|e| format!("the proxy did not answer CONNECT {target}: {}", chain(&e)))?;
         let status = resp.status();
         if !status.is_success() {
-            conn.abort();
             let hint = match status.as_u16() {
                 // 407 by RFC 9110; some proxies (tinyproxy) answer wrong ones with 401.
                 401 | 407 => " (it wants other credentials: the user and password of upstream.proxy or HTTPS_PROXY)",
@@ -473,6 +475,15 @@ impl Upstream {
             return Err("the proxy sent data into the tunnel before TLS began".into());
         }
         Ok(parts.io.into_inner())
+    }
+}
+
+/// Aborts a task when dropped.
+struct AbortOnDrop<T>(tokio::task::JoinHandle<T>);
+
+impl<T> Drop for AbortOnDrop<T> {
+    fn drop(&mut self) {
+        self.0.abort();
     }
 }
 

@@ -327,3 +327,32 @@ fn proxy_urls_that_cannot_work_are_refused_by_check() {
     // No port: curl's 1080.
     assert_eq!(load("\"http://127.0.0.1\"", &[]), "");
 }
+
+#[tokio::test]
+async fn a_silent_proxy_is_given_up_at_connect_timeout_and_its_connection_closed() {
+    use tokio::io::AsyncReadExt;
+    // A "proxy" that accepts and reads the CONNECT, then never answers.
+    let silent = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let at = silent.local_addr().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let sb = sandbox(dir.path(), Default::default()).await;
+    let setting = format!("proxy = \"http://{at}\"\nconnect_timeout_ms = 300");
+    let (proxy, _) = start(&sb, dir.path(), &setting, &[]).await;
+    let (mut conn, _) = silent.accept().await.unwrap();
+    let mut head = [0u8; 512];
+    let n = conn.read(&mut head).await.unwrap();
+    assert!(head[..n].starts_with(b"CONNECT "), "{:?}", &head[..n]);
+    let a = get(&format!("http://{}/api/apps/v1/robot/chats", proxy.addr)).await;
+    let body = assert_proxy_error(&a, 502, "upstream_unreachable");
+    assert!(
+        body["err_msg"]
+            .as_str()
+            .unwrap()
+            .contains("no tunnel within 300 ms"),
+        "{body}"
+    );
+    // The abandoned tunnel's socket is closed, not left waiting on the proxy.
+    let closed = tokio::time::timeout(Duration::from_secs(5), conn.read(&mut head)).await;
+    assert!(matches!(closed, Ok(Ok(0)) | Ok(Err(_))), "{closed:?}");
+    proxy.shutdown().await.unwrap();
+}
