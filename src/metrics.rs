@@ -72,7 +72,11 @@ pub struct Metrics {
     upstream_errors: IntCounterVec,
     http_refused: IntCounterVec,
     by_client: IntCounterVec,
-    redis_up: Gauge,
+    /// `token_store_up`, registered when a store is first reported on (only a configured
+    /// store is).
+    redis_up: std::sync::OnceLock<Gauge>,
+    /// The process collector's standard, unprefixed names (`process_cpu_seconds_total`…).
+    process: Registry,
     rate_limited: IntCounterVec,
     window_calls: prometheus::IntGaugeVec,
 }
@@ -187,13 +191,26 @@ impl Metrics {
             "Requests by identified client",
             &["client"],
         );
-        let redis_up = add(
+        // cx_proxy_build_info{version,commit} 1: which build answers (build.rs stamps it).
+        let build_info = add(
             &registry,
-            Gauge::with_opts(Opts::new(
-                "token_store_up",
-                "1 while the shared token store is reachable (0 when none is configured or it is down)",
-            )),
+            prometheus::IntGaugeVec::new(
+                Opts::new(
+                    "build_info",
+                    "The running build: version and git commit (always 1)",
+                ),
+                &["version", "commit"],
+            ),
         );
+        build_info
+            .with_label_values(&[env!("CARGO_PKG_VERSION"), env!("CX_BUILD_COMMIT")])
+            .set(1);
+        let process = Registry::new();
+        #[cfg(target_os = "linux")]
+        {
+            let collector = prometheus::process_collector::ProcessCollector::for_self();
+            let _ = process.register(Box::new(collector));
+        }
         // Make the per-app series visible from the start, at zero.
         for app in apps {
             token_seconds_left.with_label_values(&[app]).set(0.0);
@@ -213,7 +230,8 @@ impl Metrics {
             upstream_errors,
             http_refused,
             by_client,
-            redis_up,
+            redis_up: std::sync::OnceLock::new(),
+            process,
             rate_limited,
             window_calls,
         }
@@ -313,13 +331,25 @@ impl Metrics {
 
     /// Sets whether the shared token store is reachable.
     pub fn set_store_up(&self, up: bool) {
-        self.redis_up.set(if up { 1.0 } else { 0.0 });
+        let gauge = self.redis_up.get_or_init(|| {
+            let gauge = Gauge::with_opts(Opts::new(
+                "token_store_up",
+                "1 while the shared token store is reachable and takes writes, 0 when it is \
+                 down or refuses writes (present only with a store configured)",
+            ))
+            .expect("static metric");
+            let _ = self.registry.register(Box::new(gauge.clone()));
+            gauge
+        });
+        gauge.set(if up { 1.0 } else { 0.0 });
     }
 
     /// The Prometheus text exposition.
     pub fn render(&self) -> String {
+        let mut families = self.registry.gather();
+        families.extend(self.process.gather());
         TextEncoder::new()
-            .encode_to_string(&self.registry.gather())
+            .encode_to_string(&families)
             .unwrap_or_else(|e| format!("# encoding failed: {e}\n"))
     }
 }

@@ -210,10 +210,13 @@ impl Proxy {
             Arc::new(Upstream::new(&config.upstream)?)
         };
         let names: Vec<&str> = config.apps.iter().map(|a| a.name.as_str()).collect();
+        // Kept for the same apps and the same presence of a token store (whose gauge is
+        // registered only when there is one).
         let metrics = if names
             .iter()
             .copied()
             .eq(old.config.apps.iter().map(|a| a.name.as_str()))
+            && config.token.store.is_some() == old.config.token.store.is_some()
         {
             old.metrics.clone()
         } else {

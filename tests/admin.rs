@@ -97,6 +97,22 @@ async fn metrics_and_forced_refresh_move_as_they_should() {
     let left = metric(&text, "cx_proxy_token_seconds_left{app=\"default\"}").unwrap();
     assert!(left > 7000.0 && left <= 7200.0, "{left}");
     assert!(metric(&text, "cx_proxy_upstream_seconds_count").unwrap() >= 5.0);
+    // Which build answers; the standard process metrics; no store gauge without a store.
+    let build = format!(
+        "cx_proxy_build_info{{commit=\"{}\",version=\"{}\"}}",
+        env!("CX_BUILD_COMMIT"),
+        env!("CARGO_PKG_VERSION")
+    );
+    assert_eq!(metric(&text, &build), Some(1.0), "{text}");
+    for name in [
+        "process_cpu_seconds_total",
+        "process_resident_memory_bytes",
+        "process_open_fds",
+        "process_start_time_seconds",
+    ] {
+        assert!(metric(&text, name).is_some(), "{name} missing:\n{text}");
+    }
+    assert!(!text.contains("token_store_up"), "{text}");
 
     // A forced refresh: a new token, its expiry reported, the token itself never shown.
     let before = env.sandbox.issued_tokens();

@@ -230,6 +230,8 @@ impl TokenStore {
         // The URL may carry a password: never echo it.
         let client = redis::Client::open(url.expose())
             .map_err(|_| StoreError("redis_url is not a usable Redis URL".into()))?;
+        // Down until the first call answers; the metric exists from the start.
+        metrics.set_store_up(false);
         Ok(TokenStore {
             client,
             conn: tokio::sync::Mutex::new(None),
