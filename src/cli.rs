@@ -640,14 +640,33 @@ async fn demo(args: DemoArgs) -> ExitCode {
 }
 
 async fn demo_inner(args: DemoArgs) -> Result<(), StartupError> {
+    // A folder of its own making is removed on exit (it holds the demo's secrets); one given
+    // with --state-dir is kept.
+    let made_here = args.state_dir.is_none();
     let dir = args.state_dir.unwrap_or_else(|| {
         std::env::temp_dir().join(format!("cx-proxy-demo-{}", std::process::id()))
     });
+    let result = demo_in(&dir, args.listen, args.sandbox_listen).await;
+    if made_here {
+        if let Err(e) = std::fs::remove_dir_all(&dir) {
+            eprintln!("cx-proxy demo: cannot remove {}: {e}", dir.display());
+        }
+    }
+    result
+}
+
+/// The demo, its files in `dir`.
+async fn demo_in(
+    dir: &Path,
+    listen: SocketAddr,
+    sandbox_listen: SocketAddr,
+) -> Result<(), StartupError> {
+    let dir = dir.to_path_buf();
     // The folder holds the demo's secrets: its owner's only.
     crate::private::create_dir(&dir)
         .map_err(|e| StartupError::Other(format!("{}: {e}", dir.display())))?;
     let sandbox = Sandbox::start(SandboxOptions {
-        listen: args.sandbox_listen,
+        listen: sandbox_listen,
         state_dir: Some(dir.clone()),
         // The demo is for trying calls again and again; `cx-proxy sandbox` keeps the
         // platform's documented limits (10 card templates an hour...).
@@ -677,7 +696,7 @@ async fn demo_inner(args: DemoArgs) -> Result<(), StartupError> {
     let receiver =
         crate::sandbox::receiver::Receiver::start(SocketAddr::from(([127, 0, 0, 1], 0))).await?;
     let text = demo_config(
-        args.listen,
+        listen,
         &sandbox.url(),
         &dir,
         &receiver.url("/contacts-events"),
@@ -696,6 +715,11 @@ async fn demo_inner(args: DemoArgs) -> Result<(), StartupError> {
         "cx-proxy demo: proxy at {base}, config {}",
         dir.join("proxy.toml").display()
     );
+    if let Some(admin) = proxy.admin_addr {
+        println!(
+            "cx-proxy demo: admin at http://{admin} (curl -s http://{admin}/readyz, /metrics)"
+        );
+    }
     println!(
         "The proxy fetches the token and injects it; the calls below carry no credentials. Try:"
     );

@@ -563,6 +563,42 @@ async fn demo_prints_curl_lines_that_all_work_on_documented_paths() {
 }
 
 #[tokio::test]
+async fn demo_shows_its_admin_port_keeps_its_folder_private_and_removes_it_on_exit() {
+    use std::os::unix::fs::PermissionsExt as _;
+    let tmp = tempfile::tempdir().unwrap();
+    let mut p = Proc::spawn(
+        Command::new(bin())
+            .args(["demo", "--listen", "127.0.0.1:0"])
+            .env("TMPDIR", tmp.path()),
+    );
+    let (dir, admin) = p
+        .wait_for("the demo's lines", |out, _| {
+            let dir = out
+                .lines()
+                .find_map(|l| l.split(", config ").nth(1))?
+                .trim()
+                .strip_suffix("/proxy.toml")?
+                .to_owned();
+            let admin = out
+                .lines()
+                .find_map(|l| l.strip_prefix("cx-proxy demo: admin at "))?
+                .split_whitespace()
+                .next()?
+                .to_owned();
+            Some((std::path::PathBuf::from(dir), admin))
+        })
+        .await;
+    assert!(dir.starts_with(tmp.path()), "{}", dir.display());
+    let mode = std::fs::metadata(&dir).unwrap().permissions().mode();
+    assert_eq!(mode & 0o777, 0o700, "{mode:o}");
+    let ready = get(&format!("{admin}/healthz")).await;
+    assert_eq!(ready.status, 200, "{}", ready.text());
+    p.sigterm();
+    assert_eq!(p.wait().await.code(), Some(0));
+    assert!(!dir.exists(), "{} is left behind", dir.display());
+}
+
+#[tokio::test]
 async fn sighup_adds_an_app_and_refuses_a_broken_file_while_a_connection_stays_open() {
     use bytes::Bytes;
     use http_body_util::Full;
