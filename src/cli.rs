@@ -185,7 +185,14 @@ pub struct DemoArgs {
 /// Runs a parsed command line; returns the process exit code.
 pub fn main(cli: Cli) -> ExitCode {
     if let Err(e) = logging::init(cli.log_format, cli.log_level.as_deref()) {
-        eprintln!("cx-proxy: {e}");
+        // No logger to write it: a JSON line by hand when JSON was asked for.
+        match cli.log_format {
+            LogFormat::Json => eprintln!(
+                "{}",
+                serde_json::json!({"level": "ERROR", "target": "cx_proxy::cli", "message": format!("cx-proxy: {e}")})
+            ),
+            LogFormat::Text => eprintln!("cx-proxy: {e}"),
+        }
         return ExitCode::from(EXIT_CONFIG);
     }
     let outer = cli.config;
@@ -195,7 +202,9 @@ pub fn main(cli: Cli) -> ExitCode {
         Command::Run(_) | Command::Check(_) | Command::CorpSecret(_)
     );
     if outer.config.is_some() && !reads_config {
-        eprintln!("cx-proxy: -c/--config is not used by this command (it reads no config file)");
+        crate::logging::error(
+            "cx-proxy: -c/--config is not used by this command (it reads no config file)",
+        );
         return ExitCode::from(2);
     }
     match command {
@@ -209,7 +218,7 @@ pub fn main(cli: Cli) -> ExitCode {
             let problems = check_tls(&loaded.config);
             if !problems.is_empty() {
                 for p in problems {
-                    eprintln!("{p}");
+                    crate::logging::error(p);
                 }
                 return ExitCode::from(EXIT_CONFIG);
             }
@@ -237,7 +246,7 @@ pub fn main(cli: Cli) -> ExitCode {
             Ok(Some(page)) => print_bytes(&page),
             Ok(None) => ExitCode::SUCCESS,
             Err(e) => {
-                eprintln!("cx-proxy: cannot write the man pages: {e}");
+                crate::logging::error(format_args!("cx-proxy: cannot write the man pages: {e}"));
                 ExitCode::FAILURE
             }
         },
@@ -299,7 +308,7 @@ fn print_bytes(out: &[u8]) -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("cx-proxy: cannot write to stdout: {e}");
+            crate::logging::error(format_args!("cx-proxy: cannot write to stdout: {e}"));
             ExitCode::FAILURE
         }
     }
@@ -333,7 +342,7 @@ fn with_runtime(workers: usize, fut: impl std::future::Future<Output = ExitCode>
     match built {
         Ok(rt) => rt.block_on(fut),
         Err(e) => {
-            eprintln!("cx-proxy: cannot start the runtime: {e}");
+            crate::logging::error(format_args!("cx-proxy: cannot start the runtime: {e}"));
             ExitCode::FAILURE
         }
     }
@@ -343,13 +352,13 @@ fn load_or_report(path: &Path) -> Option<Loaded> {
     match Config::load(path) {
         Ok(loaded) => {
             for w in &loaded.warnings {
-                eprintln!("warning: {w}");
+                crate::logging::warn(w);
             }
             Some(loaded)
         }
         Err(e) => {
             for p in &e.problems {
-                eprintln!("{p}");
+                crate::logging::error(p);
             }
             None
         }
@@ -406,12 +415,12 @@ fn check(path: &Path) -> ExitCode {
     let problems = check_tls(&loaded.config);
     if !problems.is_empty() {
         for p in problems {
-            eprintln!("{p}");
+            crate::logging::error(p);
         }
         return ExitCode::FAILURE;
     }
     print!("{}", loaded.config.render());
-    eprintln!("{}: ok", loaded.config.source);
+    crate::logging::note(format_args!("{}: ok", loaded.config.source));
     ExitCode::SUCCESS
 }
 
@@ -450,7 +459,7 @@ async fn run_command(config: Config, path: &Path) -> ExitCode {
             ExitCode::SUCCESS
         }
         Err(e) => {
-            eprintln!("cx-proxy: {e}");
+            crate::logging::error(format_args!("cx-proxy: {e}"));
             ExitCode::FAILURE
         }
     }
@@ -508,10 +517,10 @@ async fn sandbox(args: SandboxArgs) -> ExitCode {
     let token_header = match http::HeaderName::from_bytes(args.token_header.as_bytes()) {
         Ok(h) => h,
         Err(_) => {
-            eprintln!(
+            crate::logging::error(format_args!(
                 "cx-proxy sandbox: --token-header {:?} is not a header name",
                 args.token_header
-            );
+            ));
             return ExitCode::from(EXIT_CONFIG);
         }
     };
@@ -550,7 +559,7 @@ async fn sandbox(args: SandboxArgs) -> ExitCode {
     let sandbox = match Sandbox::start(opts).await {
         Ok(s) => s,
         Err(e) => {
-            eprintln!("cx-proxy sandbox: {e}");
+            crate::logging::error(format_args!("cx-proxy sandbox: {e}"));
             return ExitCode::FAILURE;
         }
     };
@@ -633,7 +642,7 @@ async fn demo(args: DemoArgs) -> ExitCode {
     match demo_inner(args).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("cx-proxy demo: {e}");
+            crate::logging::error(format_args!("cx-proxy demo: {e}"));
             ExitCode::FAILURE
         }
     }
@@ -649,7 +658,10 @@ async fn demo_inner(args: DemoArgs) -> Result<(), StartupError> {
     let result = demo_in(&dir, args.listen, args.sandbox_listen).await;
     if made_here {
         if let Err(e) = std::fs::remove_dir_all(&dir) {
-            eprintln!("cx-proxy demo: cannot remove {}: {e}", dir.display());
+            crate::logging::error(format_args!(
+                "cx-proxy demo: cannot remove {}: {e}",
+                dir.display()
+            ));
         }
     }
     result
@@ -792,7 +804,7 @@ async fn corp_secret(config: &Path, args: CorpSecretArgs) -> ExitCode {
             ExitCode::SUCCESS
         }
         Err(e) => {
-            eprintln!("cx-proxy corp-secret: {e}");
+            crate::logging::error(format_args!("cx-proxy corp-secret: {e}"));
             ExitCode::FAILURE
         }
     }

@@ -1,7 +1,14 @@
 //! Log output: text or JSON lines on stderr, level from `--log-level`, else `RUST_LOG`, else
 //! `info`.
 
+use std::fmt::Display;
+use std::sync::atomic::{AtomicBool, Ordering};
+
 use tracing_subscriber::EnvFilter;
+
+/// Set once `--log-format json` is installed: the commands' own messages go out as log
+/// events too, so every line on stderr is JSON (SPEC section 2).
+static JSON: AtomicBool = AtomicBool::new(false);
 
 /// How log lines are written.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -27,5 +34,36 @@ pub fn init(format: LogFormat, level: Option<&str>) -> Result<(), String> {
         LogFormat::Text => builder.try_init(),
         LogFormat::Json => builder.json().flatten_event(true).try_init(),
     };
-    result.map_err(|e| format!("cannot install the logger: {e}"))
+    result.map_err(|e| format!("cannot install the logger: {e}"))?;
+    JSON.store(format == LogFormat::Json, Ordering::Relaxed);
+    Ok(())
+}
+
+/// A command's problem on stderr: as written (`file: key: what is wrong`) in text, an
+/// `ERROR` event in JSON.
+pub fn error(message: impl Display) {
+    if JSON.load(Ordering::Relaxed) {
+        tracing::error!(target: "cx_proxy::cli", "{message}");
+    } else {
+        eprintln!("{message}");
+    }
+}
+
+/// A command's warning on stderr: `warning: …` in text, a `WARN` event in JSON.
+pub fn warn(message: impl Display) {
+    if JSON.load(Ordering::Relaxed) {
+        tracing::warn!(target: "cx_proxy::cli", "{message}");
+    } else {
+        eprintln!("warning: {message}");
+    }
+}
+
+/// A command's note on stderr (`check`'s verdict): as written in text, an `INFO` event in
+/// JSON.
+pub fn note(message: impl Display) {
+    if JSON.load(Ordering::Relaxed) {
+        tracing::info!(target: "cx_proxy::cli", "{message}");
+    } else {
+        eprintln!("{message}");
+    }
 }

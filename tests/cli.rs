@@ -342,6 +342,51 @@ fn version_completions_man_page_and_where_config_flags_go() {
 }
 
 #[test]
+fn with_json_logs_every_stderr_line_of_a_failed_start_is_json() {
+    let dir = tempfile::tempdir().unwrap();
+    let broken = dir.path().join("broken.toml");
+    std::fs::write(
+        &broken,
+        "[server]\nlisten_typo = 1\n[[app]]\nname = \"a\"\ncorp_secret = \"inline\"\n",
+    )
+    .unwrap();
+    // A port already taken: a startup error after the config was accepted.
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let busy = dir.path().join("busy.toml");
+    std::fs::write(
+        &busy,
+        format!(
+            "[server]\nlisten = \"{}\"\n[[app]]\nname = \"a\"\napp_key = \"k\"\ncorp_id = 1\ncorp_secret = \"inline\"\n",
+            taken.local_addr().unwrap()
+        ),
+    )
+    .unwrap();
+    let cases: [(&[&str], &std::path::Path, i32); 4] = [
+        (&["run", "-c"], &broken, 64),
+        (&["check", "-c"], &broken, 1),
+        (&["run", "-c"], &busy, 1),
+        (&["--log-level", "x=[", "run", "-c"], &busy, 64),
+    ];
+    for (args, file, code) in cases {
+        let out = Command::new(bin())
+            .args(["--log-format", "json"])
+            .args(args)
+            .arg(file)
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(code), "{args:?}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!err.trim().is_empty(), "{args:?}: nothing said");
+        for line in err.lines() {
+            let v: serde_json::Value = serde_json::from_str(line)
+                .unwrap_or_else(|e| panic!("{args:?}: not JSON ({e}): {line}"));
+            assert!(v["level"].is_string() && v["message"].is_string(), "{line}");
+        }
+        assert!(!err.contains("inline"), "a secret in the log: {err}");
+    }
+}
+
+#[test]
 fn the_shipped_proxy_toml_is_valid() {
     let out = Command::new(bin())
         .args([
