@@ -371,12 +371,29 @@ impl Proxy {
     }
 
     /// Answers one request; never fails.
-    pub async fn handle(&self, peer: &Peer, req: Request<Incoming>) -> Response<Body> {
+    pub async fn handle(&self, peer: &Peer, mut req: Request<Incoming>) -> Response<Body> {
         let started = Instant::now();
         let method = req.method().clone();
+        // The request id (SPEC section 3): the client's, else a new one; sent upstream, sent
+        // back, and on the access-log line.
+        let request_id = match req.headers().get(&X_REQUEST_ID) {
+            Some(id) if usable_request_id(id) => id.clone(),
+            _ => {
+                let id = new_request_id();
+                req.headers_mut().insert(X_REQUEST_ID.clone(), id.clone());
+                id
+            }
+        };
         // The access log's fields are only gathered when it is on.
-        let logged = tracing::enabled!(target: "cx_proxy::access", tracing::Level::INFO)
-            .then(|| req.uri().clone());
+        let logged =
+            tracing::enabled!(target: "cx_proxy::access", tracing::Level::INFO).then(|| {
+                let agent = req
+                    .headers()
+                    .get(http::header::USER_AGENT)
+                    .and_then(|v| v.to_str().ok())
+                    .map(|v| v.chars().take(200).collect::<String>());
+                (req.uri().clone(), req.version(), agent)
+            });
         let mut access = Access::default();
         // The one rescue: every refusal on the way becomes the answer of SPEC section 5 here,
         // and its kind and cause go on the access-log line.
@@ -390,6 +407,9 @@ impl Proxy {
                 resp
             }
         };
+        let mut resp = resp;
+        resp.headers_mut()
+            .insert(X_REQUEST_ID.clone(), request_id.clone());
         // An answer to HEAD leaves its body behind in server::serve, whoever wrote it.
         let total = started.elapsed();
         let status = resp.status().as_u16();
@@ -399,7 +419,7 @@ impl Proxy {
             counter.inc();
         }
         let client = access.client.map(|i| self.config.clients[i].name.as_str());
-        if let Some(uri) = logged {
+        if let Some((uri, version, agent)) = logged {
             let bytes = resp
                 .headers()
                 .get(CONTENT_LENGTH)
@@ -407,11 +427,14 @@ impl Proxy {
                 .and_then(|v| v.parse::<u64>().ok());
             tracing::info!(
                 target: "cx_proxy::access",
+                request_id = request_id.to_str().unwrap_or("-"),
                 peer = %peer,
                 client = client.unwrap_or("-"),
                 app = access.app.map_or("-", |i| self.config.apps[i].name.as_str()),
                 method = %method,
                 path = %Redacted::new(uri.path(), uri.query(), &self.token_param),
+                protocol = ?version,
+                user_agent = agent.as_deref().unwrap_or("-"),
                 status,
                 bytes,
                 total_ms = total.as_secs_f64() * 1000.0,
@@ -1013,4 +1036,37 @@ impl Chunks {
             .or(self.first)
             .unwrap_or_default()
     }
+}
+
+/// `X-Request-Id`: the request's id, taken from the client or made here (SPEC section 3).
+pub static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+
+/// Whether a client's request id is kept: 1 to 128 visible ASCII characters (anything else
+/// is replaced, so a log line never carries control bytes or a huge value).
+fn usable_request_id(id: &HeaderValue) -> bool {
+    let b = id.as_bytes();
+    !b.is_empty() && b.len() <= 128 && b.iter().all(|c| (0x21..0x7F).contains(c))
+}
+
+/// A new request id: 16 hex digits, a per-process random half and a counter, unique for
+/// the process's life (not a secret, only a handle to find a request by).
+fn new_request_id() -> HeaderValue {
+    use std::sync::atomic::AtomicU64;
+    use std::sync::OnceLock;
+    static PREFIX: OnceLock<u32> = OnceLock::new();
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    let prefix = *PREFIX.get_or_init(|| {
+        let mut b = [0u8; 4];
+        let _ = ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut b);
+        u32::from_le_bytes(b)
+    });
+    let n = NEXT.fetch_add(1, Ordering::Relaxed);
+    let id = (u64::from(prefix) << 32) | (n & 0xFFFF_FFFF);
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let mut text = [0u8; 16];
+    for (i, slot) in text.iter_mut().enumerate() {
+        *slot = HEX[((id >> (60 - 4 * i)) & 15) as usize];
+    }
+    // 16 hex digits are always a valid header value.
+    HeaderValue::from_bytes(&text).unwrap_or_else(|_| HeaderValue::from_static("-"))
 }

@@ -608,6 +608,54 @@ async fn demo_prints_curl_lines_that_all_work_on_documented_paths() {
 }
 
 #[tokio::test]
+async fn the_access_log_line_of_a_failed_token_fetch_names_the_kind_the_code_and_the_request() {
+    let dir = tempfile::tempdir().unwrap();
+    let sandbox = sandbox(dir.path(), SandboxOptions::default()).await;
+    // The platform refuses every fetch with an error code it documents.
+    sandbox.fail_token_fetches(1000, 40001, "corp_secret mismatch");
+    let path = dir.path().join("proxy.toml");
+    std::fs::write(
+        &path,
+        config_text(&sandbox, dir.path(), &default_app(dir.path())),
+    )
+    .unwrap();
+    let mut p = Proc::spawn(
+        Command::new(bin())
+            .args(["--log-format", "json", "run", "-c"])
+            .arg(&path),
+    );
+    let addr = p.wait_for("the listening line", listening).await;
+    let a = get_with(
+        &format!("http://{addr}/api/apps/v1/robot/chats"),
+        &[
+            ("x-request-id", "req-502"),
+            ("user-agent", "Java/1.8.0_201"),
+        ],
+    )
+    .await;
+    assert_proxy_error(&a, 502, "token_unavailable");
+    assert_eq!(a.headers["x-request-id"], "req-502");
+    let line = p
+        .wait_for("the access-log line", |_, err| {
+            err.lines()
+                .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+                .find(|v| v["target"] == "cx_proxy::access" && v["request_id"] == "req-502")
+        })
+        .await;
+    assert_eq!(line["level"], "INFO", "{line}");
+    assert_eq!(line["status"], 502, "{line}");
+    assert_eq!(line["error"], "token_unavailable", "{line}");
+    assert!(
+        line["cause"].as_str().unwrap_or("").contains("40001"),
+        "{line}"
+    );
+    assert_eq!(line["protocol"], "HTTP/1.1", "{line}");
+    assert_eq!(line["user_agent"], "Java/1.8.0_201", "{line}");
+    p.sigterm();
+    assert_eq!(p.wait().await.code(), Some(0));
+}
+
+#[tokio::test]
 async fn demo_shows_its_admin_port_keeps_its_folder_private_and_removes_it_on_exit() {
     use std::os::unix::fs::PermissionsExt as _;
     let tmp = tempfile::tempdir().unwrap();

@@ -235,3 +235,34 @@ async fn unmatched_paths_get_no_route_and_big_declared_bodies_413() {
         "the oversized body was not forwarded"
     );
 }
+
+#[tokio::test]
+async fn a_request_id_goes_upstream_and_back_the_clients_or_a_new_one() {
+    let env = env().await;
+    env.ready().await;
+    // The client's own id.
+    let a = get_with(
+        &env.url("/api/apps/v1/robot/chats"),
+        &[("x-request-id", "legacy-42")],
+    )
+    .await;
+    assert_eq!(a.status, 200);
+    assert_eq!(a.headers["x-request-id"], "legacy-42");
+    let seen = env.sandbox.recorded().pop().unwrap();
+    assert_eq!(seen.headers["x-request-id"], "legacy-42");
+    // None, or one that is no usable id (too long): a new one, the same both ways.
+    for sent in [None, Some("x".repeat(300))] {
+        let headers: Vec<(&str, &str)> =
+            sent.iter().map(|s| ("x-request-id", s.as_str())).collect();
+        let a = get_with(&env.url("/api/apps/v1/robot/chats"), &headers).await;
+        let id = a.headers["x-request-id"].to_str().unwrap().to_owned();
+        assert_eq!(id.len(), 16, "{id}");
+        assert!(id.bytes().all(|b| b.is_ascii_hexdigit()), "{id}");
+        let seen = env.sandbox.recorded().pop().unwrap();
+        assert_eq!(seen.headers["x-request-id"], id.as_str());
+    }
+    // The proxy's own answers carry one too.
+    let a = get(&env.url("/api/apps/v1/robot%2Fx")).await;
+    assert_eq!(a.status, 400);
+    assert_eq!(a.headers["x-request-id"].len(), 16);
+}
