@@ -138,7 +138,7 @@ impl Metrics {
             &registry,
             GaugeVec::new(
                 Opts::new(
-                    "token_seconds_left",
+                    "token_remaining_lifetime_seconds",
                     "Seconds until the app's current token expires (0: none)",
                 ),
                 &["app"],

@@ -94,7 +94,11 @@ async fn metrics_and_forced_refresh_move_as_they_should() {
         Some(1.0),
         "{text}"
     );
-    let left = metric(&text, "cx_proxy_token_seconds_left{app=\"default\"}").unwrap();
+    let left = metric(
+        &text,
+        "cx_proxy_token_remaining_lifetime_seconds{app=\"default\"}",
+    )
+    .unwrap();
     assert!(left > 7000.0 && left <= 7200.0, "{left}");
     assert!(metric(&text, "cx_proxy_upstream_seconds_count").unwrap() >= 5.0);
     // Which build answers; the standard process metrics; no store gauge without a store.
@@ -113,6 +117,7 @@ async fn metrics_and_forced_refresh_move_as_they_should() {
         assert!(metric(&text, name).is_some(), "{name} missing:\n{text}");
     }
     assert!(!text.contains("token_store_up"), "{text}");
+    assert_promtool_clean(&text);
 
     // A forced refresh: a new token, its expiry reported, the token itself never shown.
     let before = env.sandbox.issued_tokens();

@@ -261,6 +261,7 @@ async fn forged_stale_foreign_and_replayed_callbacks_are_401_and_never_delivered
         );
     }
     assert!(!metrics.contains(KEY));
+    assert_promtool_clean(&metrics);
 }
 
 #[tokio::test]

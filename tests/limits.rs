@@ -50,6 +50,7 @@ async fn a_file_rule_of_three_a_minute_refuses_the_fourth_before_the_platform_se
         .sum();
     assert_eq!(seen, 3, "the fourth never reached the platform");
     let metrics = get(&env.admin_url("/metrics")).await.text();
+    assert_promtool_clean(&metrics);
     for line in [
         "cx_proxy_rate_limited_total{app=\"default\",rule=\"GET /api/apps/v1/things/{id}\"} 1",
         "cx_proxy_limit_window_calls{app=\"default\",limit=\"3\",rule=\"GET /api/apps/v1/things/{id}\"} 3",

@@ -491,3 +491,39 @@ pub async fn wait_ready(proxy: &ProxyHandle) {
         proxy.proxy.tokens().status().await
     );
 }
+
+/// `promtool check metrics` (Debian's prometheus package; `.ci/run` installs it) finds no
+/// problem in `text`. Without promtool this says so and passes, unless under CI.
+pub fn assert_promtool_clean(text: &str) {
+    use std::io::Write as _;
+    let child = std::process::Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn();
+    let Ok(mut child) = child else {
+        assert!(
+            std::env::var_os("CI").is_none() && std::env::var_os("CX_REQUIRE_REDIS").is_none(),
+            "promtool is required under CI but not installed (apt-get install prometheus)"
+        );
+        eprintln!("SKIPPED: promtool is not installed; the metrics were not linted");
+        return;
+    };
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(text.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    let said = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        out.status.success() && said.trim().is_empty(),
+        "promtool: {said}\n{text}"
+    );
+}
