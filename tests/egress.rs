@@ -324,6 +324,18 @@ fn proxy_urls_that_cannot_work_are_refused_by_check() {
         "{e}"
     );
     assert!(!e.contains("Winter") && !e.contains("2026!"), "{e}");
+    // An unusable proxy beside a NO_PROXY that does not name the host is still judged.
+    let e = load(
+        "",
+        &[
+            ("HTTPS_PROXY", "ftp://127.0.0.1:21"),
+            ("NO_PROXY", "example.com"),
+        ],
+    );
+    assert!(
+        e.contains("upstream.proxy (from HTTPS_PROXY): is not a usable proxy URL"),
+        "{e}"
+    );
     // No port: curl's 1080.
     assert_eq!(load("\"http://127.0.0.1\"", &[]), "");
 }

@@ -465,8 +465,10 @@ impl<'a> Check<'a> {
                         Ok(u) => u,
                         Err(_) => return (None, "none".into()),
                     };
+                    // Whether NO_PROXY names the host, asked with a proxy that surely parses
+                    // (the one given is judged below, with its own message).
                     let matcher = hyper_util::client::proxy::matcher::Matcher::builder()
-                        .https(url.clone())
+                        .https("http://proxy.invalid:1")
                         .no(no.as_ref().map_or(String::new(), |(_, v)| v.clone()))
                         .build();
                     // curl's `*` (every host) covers addresses too, unlike the matcher's.
