@@ -158,3 +158,43 @@ async fn metrics_and_forced_refresh_move_as_they_should() {
     .await;
     assert_proxy_error(&a, 404, "no_route");
 }
+
+#[test]
+fn the_shipped_alerting_rules_load_and_use_metrics_the_proxy_exports() {
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/dist/alerts.yml");
+    let rules = std::fs::read_to_string(path).unwrap();
+    // Every metric a rule reads is one the README lists (the README lists every metric).
+    let readme =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).unwrap();
+    let mut names = 0;
+    for (i, _) in rules.match_indices("cx_proxy_") {
+        let name: String = rules[i + "cx_proxy_".len()..]
+            .chars()
+            .take_while(|c| c.is_ascii_lowercase() || *c == '_')
+            .collect();
+        assert!(
+            readme.contains(&format!("`{name}")),
+            "{name} is not a listed metric"
+        );
+        names += 1;
+    }
+    assert!(names >= 8, "{names}");
+    match std::process::Command::new("promtool")
+        .args(["check", "rules", path])
+        .output()
+    {
+        Ok(out) => assert!(
+            out.status.success(),
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+        Err(_) => {
+            assert!(
+                std::env::var_os("CI").is_none() && std::env::var_os("CX_REQUIRE_REDIS").is_none(),
+                "promtool is required under CI but not installed (apt-get install prometheus)"
+            );
+            eprintln!("SKIPPED: promtool is not installed; the rules were not loaded");
+        }
+    }
+}
