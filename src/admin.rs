@@ -180,6 +180,47 @@ pub async fn handle(
                 )
             }
         },
+        (&Method::GET, "/status") => {
+            let tokens = proxy.tokens().status().await;
+            let apps: Vec<crate::status::AppView> = tokens
+                .into_iter()
+                .enumerate()
+                .map(|(i, t)| crate::status::AppView {
+                    series: proxy.metrics().traffic().series(i),
+                    name: t.app,
+                    ready: t.ready,
+                    seconds_left: t.seconds_left,
+                    last_error: t.reason,
+                })
+                .collect();
+            let queues = match relay {
+                Some(r) => Some(queue_views(r).await),
+                None => None,
+            };
+            let version = concat!(
+                env!("CARGO_PKG_VERSION"),
+                " (commit ",
+                env!("CX_BUILD_COMMIT"),
+                ")"
+            );
+            let mut resp = Response::new(Body::full(crate::status::page(
+                version,
+                &apps,
+                queues.as_deref(),
+            )));
+            resp.headers_mut().insert(
+                CONTENT_TYPE,
+                HeaderValue::from_static("text/html; charset=utf-8"),
+            );
+            // Nothing on the page may be loaded from elsewhere or run as script.
+            resp.headers_mut().insert(
+                http::header::CONTENT_SECURITY_POLICY,
+                HeaderValue::from_static(
+                    "default-src 'none'; style-src 'unsafe-inline'; img-src 'self'",
+                ),
+            );
+            resp
+        }
         (&Method::GET, "/callbacks") => match relay {
             Some(r) => match r.status().await {
                 Ok(v) => json(StatusCode::OK, &v),
@@ -203,7 +244,28 @@ pub async fn handle(
         }
         _ => json(
             StatusCode::NOT_FOUND,
-            &json!({"err_code": ErrorKind::NoRoute.code(), "err_msg": "admin endpoints: /healthz /readyz /metrics /callbacks POST /tokens/{app}/refresh POST /callbacks/{name}/redeliver POST /reload"}),
+            &json!({"err_code": ErrorKind::NoRoute.code(), "err_msg": "admin endpoints: /healthz /readyz /metrics /status /callbacks POST /tokens/{app}/refresh POST /callbacks/{name}/redeliver POST /reload"}),
         ),
     }
+}
+
+/// Each callback route's queue, from the relay's status (`GET /callbacks`).
+async fn queue_views(relay: &Relay) -> Vec<crate::status::QueueView> {
+    let Ok(v) = relay.status().await else {
+        return Vec::new();
+    };
+    v["routes"]
+        .as_array()
+        .map(|routes| {
+            routes
+                .iter()
+                .map(|r| crate::status::QueueView {
+                    route: r["name"].as_str().unwrap_or("-").to_owned(),
+                    pending: r["pending"].as_u64().unwrap_or(0),
+                    dead: r["dead"].as_u64().unwrap_or(0),
+                    oldest_pending_s: r["oldest_pending_s"].as_u64().unwrap_or(0),
+                })
+                .collect()
+        })
+        .unwrap_or_default()
 }

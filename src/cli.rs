@@ -729,7 +729,7 @@ async fn demo_in(
     );
     if let Some(admin) = proxy.admin_addr {
         println!(
-            "cx-proxy demo: admin at http://{admin} (curl -s http://{admin}/readyz, /metrics)"
+            "cx-proxy demo: admin at http://{admin} (status page: http://{admin}/status; curl -s http://{admin}/readyz, /metrics)"
         );
     }
     println!(

@@ -69,6 +69,7 @@ pub mod relay;
 pub mod sandbox;
 pub mod secret;
 pub mod server;
+pub mod status;
 pub mod tls;
 pub mod upstream;
 pub mod wire;

@@ -77,6 +77,8 @@ pub struct Metrics {
     redis_up: std::sync::OnceLock<Gauge>,
     /// The process collector's standard, unprefixed names (`process_cpu_seconds_total`…).
     process: Registry,
+    /// The status page's 15 minutes of traffic per app.
+    traffic: crate::status::Traffic,
     rate_limited: IntCounterVec,
     window_calls: prometheus::IntGaugeVec,
 }
@@ -232,6 +234,7 @@ impl Metrics {
             by_client,
             redis_up: std::sync::OnceLock::new(),
             process,
+            traffic: crate::status::Traffic::new(apps.len()),
             rate_limited,
             window_calls,
         }
@@ -246,6 +249,7 @@ impl Metrics {
         total: Duration,
         upstream: Option<Duration>,
     ) {
+        self.traffic.record(app, status >= 500);
         let app = app.filter(|&i| i < self.apps).unwrap_or(self.apps);
         let class = usize::from((status / 100).clamp(1, 5) - 1);
         let m = METHODS
@@ -327,6 +331,11 @@ impl Metrics {
     /// Sets the seconds-left gauge (done at scrape time).
     pub fn set_seconds_left(&self, app: &str, secs: f64) {
         self.token_seconds_left.with_label_values(&[app]).set(secs);
+    }
+
+    /// The status page's traffic buckets.
+    pub fn traffic(&self) -> &crate::status::Traffic {
+        &self.traffic
     }
 
     /// Sets whether the shared token store is reachable.

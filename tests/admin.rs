@@ -198,3 +198,115 @@ fn the_shipped_alerting_rules_load_and_use_metrics_the_proxy_exports() {
         }
     }
 }
+
+/// The page at `url` as headless Chromium renders it (its DOM, serialised), or `None` (with a
+/// note) when Chromium is not installed, which fails under CI.
+fn rendered_dom(url: &str) -> Option<String> {
+    let profile = tempfile::tempdir().unwrap();
+    let out = std::process::Command::new("chromium")
+        .args([
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-dev-shm-usage",
+            "--no-first-run",
+            "--virtual-time-budget=2000",
+        ])
+        .arg(format!("--user-data-dir={}", profile.path().display()))
+        .arg("--dump-dom")
+        .arg(url)
+        .output();
+    match out {
+        Ok(out) => {
+            assert!(
+                out.status.success(),
+                "chromium failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            Some(String::from_utf8_lossy(&out.stdout).into_owned())
+        }
+        Err(_) => {
+            assert!(
+                std::env::var_os("CI").is_none() && std::env::var_os("CX_REQUIRE_REDIS").is_none(),
+                "chromium is required under CI but not installed (apt-get install chromium)"
+            );
+            eprintln!("SKIPPED: chromium is not installed; the status page was not rendered");
+            None
+        }
+    }
+}
+
+#[tokio::test]
+async fn the_status_page_in_a_real_browser_names_every_app_its_token_and_a_chart_and_escapes_err_msg(
+) {
+    // Two apps: one served, one whose token fetches the platform refuses with an err_msg
+    // that holds markup.
+    let env = EnvBuilder::new()
+        .admin()
+        .sandbox(cx_proxy::sandbox::SandboxOptions {
+            apps: vec![
+                cx_proxy::sandbox::SandboxApp::demo(),
+                "other-app:2:other-secret".parse().unwrap(),
+            ],
+            ..Default::default()
+        })
+        .file("other_secret", "wrong-secret")
+        .apps(&format!(
+            "{}\n[[app]]\nname = \"other\"\napp_key = \"other-app\"\ncorp_id = 2\ncorp_secret_file = \"{{dir}}/other_secret\"\nprefix = \"/other\"\n",
+            "[[app]]\nname = \"default\"\napp_key = \"demo-app\"\ncorp_id = 10001\ncorp_secret_file = \"{dir}/corp_secret\"\nprefix = \"/\"\n"
+        ))
+        .start()
+        .await;
+    for _ in 0..50 {
+        if env.proxy.proxy.tokens().status().await[0].ready {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    env.sandbox.fail_token_fetches(
+        1000,
+        40001,
+        "<script>document.title='owned'</script>bad secret",
+    );
+    for _ in 0..4 {
+        let _ = get(&env.url("/api/apps/v1/robot/chats")).await;
+        let _ = get(&env.url("/other/api/apps/v1/robot/chats")).await;
+    }
+    let url = env.admin_url("/status");
+    let served = get(&url).await;
+    assert_eq!(served.status, 200);
+    assert!(served.headers["content-type"]
+        .to_str()
+        .unwrap()
+        .starts_with("text/html"));
+    assert!(!served.text().contains("wrong-secret") && !served.text().contains("demo-secret"));
+    let dom = match tokio::task::spawn_blocking(move || rendered_dom(&url))
+        .await
+        .unwrap()
+    {
+        Some(dom) => dom,
+        None => return,
+    };
+    // Every app named, in its own row, with its token state.
+    for (app, state) in [("default", "ready"), ("other", "no usable token")] {
+        let row = dom
+            .split(&format!("data-app=\"{app}\""))
+            .nth(1)
+            .and_then(|rest| rest.split("</tr>").next())
+            .unwrap_or_else(|| panic!("no row for {app}:\n{dom}"));
+        assert!(row.contains(state), "{app}: {row}");
+        // A chart drawn: an SVG with its two lines.
+        assert!(
+            row.contains("<svg") && row.matches("<polyline").count() == 2,
+            "{app}: {row}"
+        );
+    }
+    // The platform's err_msg is shown as text: escaped in the DOM, never a script element,
+    // never run (the title is the page's own).
+    assert!(
+        dom.contains("&lt;script&gt;document.title='owned'&lt;/script&gt;bad secret"),
+        "{dom}"
+    );
+    assert!(!dom.contains("<script"), "{dom}");
+    assert!(dom.contains("<title>cx-proxy status</title>"), "{dom}");
+}

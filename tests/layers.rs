@@ -4,7 +4,7 @@
 //! which are listed here so the list can only shrink.
 //!
 //! - leaves (know nothing of the proxy): wire, platform, error, config, secret, clock,
-//!   metrics, logging, private;
+//!   metrics, logging, private, status;
 //! - engine (the proxy itself): proxy, auth, upstream (with the body type), tls, server;
 //! - host (puts it together and around it): cli, gateway, admin, sandbox.
 
@@ -13,6 +13,7 @@ use std::path::Path;
 
 const LEAVES: &[&str] = &[
     "wire", "platform", "error", "config", "secret", "clock", "metrics", "logging", "private",
+    "status",
 ];
 const ENGINE: &[&str] = &[
     "proxy", "auth", "upstream", "tls", "server", "relay", "limits",
