@@ -203,9 +203,14 @@ pub async fn handle(
                 env!("CX_BUILD_COMMIT"),
                 ")"
             );
+            let extras = crate::status::Extras {
+                platform_errors: proxy.metrics().platform_error_counts(),
+                limits: proxy.metrics().window_use(),
+            };
             let mut resp = Response::new(Body::full(crate::status::page(
                 version,
                 &apps,
+                &extras,
                 queues.as_deref(),
             )));
             resp.headers_mut().insert(

@@ -333,6 +333,52 @@ impl Metrics {
         self.token_seconds_left.with_label_values(&[app]).set(secs);
     }
 
+    /// Platform error answers so far, as (app, code, count), for the status page.
+    pub fn platform_error_counts(&self) -> Vec<(String, String, u64)> {
+        let mut out = Vec::new();
+        for family in self.platform_errors.collect() {
+            for m in family.get_metric() {
+                let label = |name: &str| {
+                    m.get_label()
+                        .iter()
+                        .find(|l| l.name() == name)
+                        .map(|l| l.value().to_owned())
+                        .unwrap_or_default()
+                };
+                out.push((
+                    label("app"),
+                    label("code"),
+                    m.get_counter().get_value() as u64,
+                ));
+            }
+        }
+        out
+    }
+
+    /// Call-limit windows in use, as (app, rule, calls in the window, limit), for the
+    /// status page.
+    pub fn window_use(&self) -> Vec<(String, String, i64, String)> {
+        let mut out = Vec::new();
+        for family in self.window_calls.collect() {
+            for m in family.get_metric() {
+                let label = |name: &str| {
+                    m.get_label()
+                        .iter()
+                        .find(|l| l.name() == name)
+                        .map(|l| l.value().to_owned())
+                        .unwrap_or_default()
+                };
+                out.push((
+                    label("app"),
+                    label("rule"),
+                    m.get_gauge().get_value() as i64,
+                    label("limit"),
+                ));
+            }
+        }
+        out
+    }
+
     /// The status page's traffic buckets.
     pub fn traffic(&self) -> &crate::status::Traffic {
         &self.traffic

@@ -154,9 +154,25 @@ fn chart(series: &[(u32, u32)]) -> Markup {
     }
 }
 
-/// The page: every app with its token state, time left, last fetch error and traffic chart,
-/// then the callback queues when the relay runs. Refreshes itself every 10 s.
-pub fn page(version: &str, apps: &[AppView], queues: Option<&[QueueView]>) -> String {
+/// What else the page shows, from the metrics: platform error answers by app and code
+/// (since start), and the call-limit windows in use.
+#[derive(Debug, Clone, Default)]
+pub struct Extras {
+    /// (app, platform `err_code`, answers so far).
+    pub platform_errors: Vec<(String, String, u64)>,
+    /// (app, rule, calls in the current window, limit).
+    pub limits: Vec<(String, String, i64, String)>,
+}
+
+/// The page: every app with its token state, time left, last fetch error and traffic chart;
+/// the platform's error codes and the call-limit windows when there are any; the callback
+/// queues when the relay runs. Refreshes itself every 10 s.
+pub fn page(
+    version: &str,
+    apps: &[AppView],
+    extras: &Extras,
+    queues: Option<&[QueueView]>,
+) -> String {
     let style = PreEscaped(
         "body{font:14px system-ui,sans-serif;margin:1.5em;color:#111}\
          table{border-collapse:collapse}td,th{padding:.35em .8em;border-bottom:1px solid #ddd;\
@@ -189,6 +205,28 @@ pub fn page(version: &str, apps: &[AppView], queues: Option<&[QueueView]>) -> St
                                 td class="left" { (format!("{}m {:02}s", app.seconds_left / 60, app.seconds_left % 60)) }
                                 td class="err" { (app.last_error.as_deref().unwrap_or("")) }
                                 td { (chart(&app.series)) }
+                            }
+                        }
+                    }
+                }
+                @if !extras.platform_errors.is_empty() {
+                    h2 { "Platform error codes (since start)" }
+                    table id="platform-errors" {
+                        thead { tr { th { "App" } th { "err_code" } th { "Answers" } } }
+                        tbody {
+                            @for (app, code, n) in &extras.platform_errors {
+                                tr { td { (app) } td { (code) } td { (n) } }
+                            }
+                        }
+                    }
+                }
+                @if !extras.limits.is_empty() {
+                    h2 { "Call limits in use" }
+                    table id="limits" {
+                        thead { tr { th { "App" } th { "Rule" } th { "Calls in the window" } th { "Limit" } } }
+                        tbody {
+                            @for (app, rule, calls, limit) in &extras.limits {
+                                tr { td { (app) } td { (rule) } td { (calls) } td { (limit) } }
                             }
                         }
                     }
@@ -230,7 +268,12 @@ mod tests {
             last_error: Some("platform said <script>alert(1)</script>".into()),
             series,
         }];
-        let html = page("0.1.0", &apps, None);
+        let extras = Extras {
+            platform_errors: vec![("a<b".into(), "40001".into(), 2)],
+            limits: vec![],
+        };
+        let html = page("0.1.0", &apps, &extras, None);
+        assert!(html.contains("40001"), "{html}");
         assert!(
             html.contains("&lt;script&gt;alert(1)&lt;/script&gt;"),
             "{html}"
