@@ -335,48 +335,28 @@ impl Metrics {
 
     /// Platform error answers so far, as (app, code, count), for the status page.
     pub fn platform_error_counts(&self) -> Vec<(String, String, u64)> {
-        let mut out = Vec::new();
-        for family in self.platform_errors.collect() {
-            for m in family.get_metric() {
-                let label = |name: &str| {
-                    m.get_label()
-                        .iter()
-                        .find(|l| l.name() == name)
-                        .map(|l| l.value().to_owned())
-                        .unwrap_or_default()
-                };
-                out.push((
-                    label("app"),
-                    label("code"),
-                    m.get_counter().get_value() as u64,
-                ));
-            }
-        }
-        out
+        samples(&self.platform_errors)
+            .map(|m| {
+                let value = m.get_counter().get_value() as u64;
+                (label(&m, "app"), label(&m, "code"), value)
+            })
+            .collect()
     }
 
     /// Call-limit windows in use, as (app, rule, calls in the window, limit), for the
     /// status page.
     pub fn window_use(&self) -> Vec<(String, String, i64, String)> {
-        let mut out = Vec::new();
-        for family in self.window_calls.collect() {
-            for m in family.get_metric() {
-                let label = |name: &str| {
-                    m.get_label()
-                        .iter()
-                        .find(|l| l.name() == name)
-                        .map(|l| l.value().to_owned())
-                        .unwrap_or_default()
-                };
-                out.push((
-                    label("app"),
-                    label("rule"),
-                    m.get_gauge().get_value() as i64,
-                    label("limit"),
-                ));
-            }
-        }
-        out
+        samples(&self.window_calls)
+            .map(|m| {
+                let calls = m.get_gauge().get_value() as i64;
+                (
+                    label(&m, "app"),
+                    label(&m, "rule"),
+                    calls,
+                    label(&m, "limit"),
+                )
+            })
+            .collect()
     }
 
     /// The status page's traffic buckets.
@@ -407,6 +387,22 @@ impl Metrics {
             .encode_to_string(&families)
             .unwrap_or_else(|e| format!("# encoding failed: {e}\n"))
     }
+}
+
+/// Every sample a collector holds (one per label set).
+fn samples(c: &impl Collector) -> impl Iterator<Item = prometheus::proto::Metric> {
+    c.collect()
+        .into_iter()
+        .flat_map(|family| family.get_metric().to_vec())
+}
+
+/// A sample's value for label `name` (empty if it has none).
+fn label(m: &prometheus::proto::Metric, name: &str) -> String {
+    m.get_label()
+        .iter()
+        .find(|l| l.name() == name)
+        .map(|l| l.value().to_owned())
+        .unwrap_or_default()
 }
 
 /// The callback relay's metrics (SPEC section 6), in a registry of their own: the relay
