@@ -222,10 +222,9 @@ pub fn main(cli: Cli) -> ExitCode {
                 }
                 return ExitCode::from(EXIT_CONFIG);
             }
-            with_runtime(
-                loaded.config.server.workers,
-                run_command(loaded.config, &path),
-            )
+            // The proxy port is served by worker threads of their own (server.workers);
+            // this runtime keeps the rest: signals, token refreshes, admin, callbacks.
+            with_runtime(1, run_command(loaded.config, &path))
         }
         Command::Sandbox(args) => with_runtime(0, sandbox(args)),
         Command::Demo(args) => with_runtime(0, demo(args)),
@@ -467,7 +466,7 @@ async fn run_command(config: Config, path: &Path) -> ExitCode {
 
 async fn run_proxy(config: Config, path: &Path) -> Result<(), StartupError> {
     let proxy = Proxy::new(config)?;
-    let listeners = Listeners::bind(proxy.config()).await?;
+    let listeners = Listeners::bind_per_core(proxy.config()).await?;
     let apps: Vec<&str> = proxy
         .config()
         .apps
@@ -478,6 +477,7 @@ async fn run_proxy(config: Config, path: &Path) -> Result<(), StartupError> {
         listen = listeners.addr(Role::Proxy).map(|a| a.to_string()),
         admin = listeners.addr(Role::Admin).map(|a| a.to_string()),
         callbacks = listeners.addr(Role::Callbacks).map(|a| a.to_string()),
+        workers = listeners.workers(),
         upstream = %proxy.config().upstream.url,
         egress = proxy.config().upstream.proxy.as_ref().map(|p| p.to_string()),
         apps = ?apps,
@@ -823,7 +823,7 @@ async fn corp_secret_inner(config: &Path, args: &CorpSecretArgs) -> Result<(), S
     };
     let authorization = env(&args.corp_authorization_env, "--corp-authorization-env")?;
     let temp = env(&args.temp_secret_env, "--temp-secret-env")?;
-    let pool = crate::upstream::Upstream::new(&upstream).map_err(|e| e.to_string())?;
+    let pool = crate::upstream::Upstream::new(&upstream, 0).map_err(|e| e.to_string())?;
     // The file is made (new, 0600) before the exchange: the temporary secret works once, so
     // the permanent one must have somewhere to go before it is asked for.
     let mut file = create_private(&args.out).map_err(|e| match e.kind() {

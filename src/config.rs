@@ -128,8 +128,20 @@ pub struct ServerConfig {
     pub shutdown_grace: Duration,
     /// Requests in flight at once; more get 503 `overloaded`.
     pub max_concurrent_requests: usize,
-    /// Runtime worker threads: 0 = one per core, 1 = a single-threaded runtime.
+    /// Threads serving the proxy port, each with its own runtime and listener: 0 = one per
+    /// core (see [`ServerConfig::worker_threads`]).
     pub workers: usize,
+}
+
+impl ServerConfig {
+    /// How many threads serve the proxy port: `workers`, or with 0 one per core the process
+    /// may run on (1 when that cannot be read).
+    pub fn worker_threads(&self) -> usize {
+        match self.workers {
+            0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
+            n => n,
+        }
+    }
 }
 
 /// Inbound TLS material.

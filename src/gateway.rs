@@ -124,6 +124,9 @@ impl Gateway {
         if config.server.listen != old.config().server.listen {
             tracing::warn!("{file}: server.listen: a new address needs a restart; still listening on the old one");
         }
+        if config.server.workers != old.config().server.workers {
+            tracing::warn!("{file}: server.workers: another number of workers needs a restart");
+        }
         if config.admin.as_ref().map(|a| a.listen) != old.config().admin.as_ref().map(|a| a.listen)
         {
             tracing::warn!("{file}: admin.listen: a new admin address needs a restart");
@@ -227,17 +230,50 @@ impl Role {
     }
 }
 
-/// The bound sockets of a gateway, one per configured role, the proxy port first.
+/// The bound sockets of a gateway, one per configured role, the proxy port first; or, served
+/// per core, the proxy port's group of sockets, one per worker thread.
 #[derive(Debug)]
 pub struct Listeners {
     bound: Vec<(Role, TcpListener)>,
+    /// The proxy port's sockets when each worker thread serves its own (see
+    /// [`Listeners::bind_per_core`]); empty when the proxy port is in `bound`.
+    per_core: Vec<std::net::TcpListener>,
 }
 
 impl Listeners {
-    /// Binds every configured listener (port 0 picks a free port).
+    /// Binds every configured listener (port 0 picks a free port); all are served on the
+    /// runtime that calls [`run`] (tests, `demo`).
     pub async fn bind(config: &Config) -> Result<Self, StartupError> {
+        let mut bound = Vec::with_capacity(3);
+        let addr = config.server.listen;
+        let listener = TcpListener::bind(addr)
+            .await
+            .map_err(|source| StartupError::Bind { addr, source })?;
+        bound.push((Role::Proxy, listener));
+        bound.extend(Self::bind_others(config).await?);
+        Ok(Listeners {
+            bound,
+            per_core: Vec::new(),
+        })
+    }
+
+    /// Binds the proxy port once per serving worker (`server.workers`, see
+    /// [`crate::server::bind_group`]) and the other listeners once; [`run`] serves each of
+    /// the proxy port's sockets on a thread of its own with a single-threaded runtime (nginx's
+    /// worker model), and the rest on the calling runtime.
+    pub async fn bind_per_core(config: &Config) -> Result<Self, StartupError> {
+        let addr = config.server.listen;
+        let per_core = crate::server::bind_group(addr, config.server.worker_threads())
+            .map_err(|source| StartupError::Bind { addr, source })?;
+        Ok(Listeners {
+            bound: Self::bind_others(config).await?,
+            per_core,
+        })
+    }
+
+    /// The admin and callback listeners, when configured.
+    async fn bind_others(config: &Config) -> Result<Vec<(Role, TcpListener)>, StartupError> {
         let wanted = [
-            Some((Role::Proxy, config.server.listen)),
             config.admin.as_ref().map(|a| (Role::Admin, a.listen)),
             config
                 .callbacks
@@ -251,15 +287,25 @@ impl Listeners {
                 .map_err(|source| StartupError::Bind { addr, source })?;
             bound.push((role, listener));
         }
-        Ok(Listeners { bound })
+        Ok(bound)
     }
 
     /// Where the listener of `role` listens, if there is one.
     pub fn addr(&self, role: Role) -> Option<SocketAddr> {
+        if role == Role::Proxy {
+            if let Some(first) = self.per_core.first() {
+                return first.local_addr().ok();
+            }
+        }
         self.bound
             .iter()
             .find(|(r, _)| *r == role)
             .and_then(|(_, l)| l.local_addr().ok())
+    }
+
+    /// How many threads serve the proxy port (0: the runtime that calls [`run`]).
+    pub fn workers(&self) -> usize {
+        self.per_core.len()
     }
 }
 
@@ -301,6 +347,25 @@ impl Service<Request<Incoming>> for ProxyService {
     }
 }
 
+/// Makes the proxy port's service for each connection.
+fn proxy_service(
+    gateway: &Arc<Gateway>,
+    limit: &Arc<Semaphore>,
+) -> impl Fn(Peer) -> ProxyService + Clone + Send + 'static {
+    let (gateway, limit) = (gateway.clone(), limit.clone());
+    move |peer: Peer| ProxyService {
+        gateway: gateway.clone(),
+        peer,
+        limit: limit.clone(),
+    }
+}
+
+/// Counts the requests hyper's parser refused in the metrics of the config in force.
+fn refused_counter(gateway: &Arc<Gateway>) -> crate::server::OnRefused {
+    let gateway = gateway.clone();
+    Arc::new(move |reason| gateway.proxy().metrics().http_refused(reason))
+}
+
 /// Runs the gateway (proxy port, admin port, token refreshers) until `shutdown` resolves,
 /// then drains in-flight requests for up to `server.shutdown_grace_s`.
 pub async fn run(
@@ -331,28 +396,56 @@ pub async fn run(
     ));
     drop(first);
 
-    // One serving task per listener; each role brings its own service.
+    // The proxy port served per core: a thread and a single-threaded runtime per socket.
+    let mut workers = Vec::with_capacity(listeners.per_core.len());
+    for (i, socket) in listeners.per_core.into_iter().enumerate() {
+        let serving = Serving {
+            tls: gateway.tls(),
+            grace,
+            refused: Some(refused_counter(&gateway)),
+            head_bodies: false,
+        };
+        let make = proxy_service(&gateway, &limit);
+        let stop = stopped();
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(|e| StartupError::Other(format!("cannot start a worker's runtime: {e}")))?;
+        let worker = std::thread::Builder::new()
+            .name(format!("cx-proxy-worker-{}", i + 1))
+            .spawn(move || {
+                crate::upstream::set_worker(i + 1);
+                runtime.block_on(async move {
+                    match TcpListener::from_std(socket) {
+                        Ok(listener) => serve::<_, _, Body>(listener, make, stop, serving).await,
+                        Err(e) => tracing::error!(error = %e, "a worker cannot serve its socket"),
+                    }
+                });
+            })
+            .map_err(|e| StartupError::Other(format!("cannot start a worker thread: {e}")))?;
+        workers.push(worker);
+    }
+    let workers = tokio::task::spawn_blocking(move || {
+        for worker in workers {
+            if worker.join().is_err() {
+                tracing::error!("a worker thread panicked");
+            }
+        }
+    });
+
+    // One serving task per other listener; each role brings its own service.
     let mut serving = Vec::with_capacity(listeners.bound.len());
     for (role, listener) in listeners.bound {
         let g = gateway.clone();
-        // Requests hyper's parser refused, counted in the metrics of the config in force.
-        let counted = gateway.clone();
-        let refused: crate::server::OnRefused =
-            Arc::new(move |reason| counted.proxy().metrics().http_refused(reason));
         let base = Serving {
             tls: None,
             grace,
-            refused: Some(refused),
+            refused: Some(refused_counter(&gateway)),
             head_bodies: false,
         };
         serving.push(match role {
             Role::Proxy => {
-                let limit = limit.clone();
-                let make = move |peer: Peer| ProxyService {
-                    gateway: g.clone(),
-                    peer,
-                    limit: limit.clone(),
-                };
+                let make = proxy_service(&gateway, &limit);
                 let tls = gateway.tls();
                 let serving = Serving { tls, ..base };
                 tokio::spawn(serve::<_, _, Body>(listener, make, stopped(), serving))
@@ -410,6 +503,7 @@ pub async fn run(
     for task in serving {
         let _ = task.await;
     }
+    let _ = workers.await;
     gateway.proxy().tokens().stop();
     if let Some(relay) = gateway.relay() {
         relay.stop();

@@ -192,7 +192,10 @@ impl Proxy {
 
     /// Builds the shared state judging token expiry by `clock` (tests move it).
     pub fn with_clock(config: Config, clock: SharedClock) -> Result<Arc<Self>, StartupError> {
-        let upstream = Arc::new(Upstream::new(&config.upstream)?);
+        let upstream = Arc::new(Upstream::new(
+            &config.upstream,
+            config.server.worker_threads(),
+        )?);
         let names: Vec<&str> = config.apps.iter().map(|a| a.name.as_str()).collect();
         let metrics = Arc::new(Metrics::new(&names));
         Ok(Arc::new(Self::build(
@@ -207,7 +210,10 @@ impl Proxy {
         let upstream = if config.upstream == old.config.upstream {
             old.upstream.clone()
         } else {
-            Arc::new(Upstream::new(&config.upstream)?)
+            Arc::new(Upstream::new(
+                &config.upstream,
+                config.server.worker_threads(),
+            )?)
         };
         let names: Vec<&str> = config.apps.iter().map(|a| a.name.as_str()).collect();
         // Kept for the same apps and the same presence of a token store (whose gauge is

@@ -79,6 +79,74 @@ pub const H2_KEEPALIVE: Duration = Duration::from_secs(60);
 /// First and largest pause after a failed `accept` (e.g. out of file descriptors).
 const ACCEPT_BACKOFF: (Duration, Duration) = (Duration::from_millis(10), Duration::from_secs(1));
 
+/// Pending connections a listening socket may queue (tokio's own default).
+const LISTEN_BACKLOG: i32 = 1024;
+
+/// Binds `n` listening sockets to one address and port, one per serving worker, each to be
+/// served by its own runtime.
+///
+/// On Unix they share the port through `SO_REUSEPORT`, and the kernel spreads new
+/// connections across them (nginx's `reuseport`), so no two workers wake for the same
+/// connection. Elsewhere one socket is cloned. A port already in use, by any process,
+/// another cx-proxy included, is refused as a plain bind would refuse it: a plain socket is
+/// bound to it first and closed before the group is bound.
+///
+/// The sockets are non-blocking, ready for `tokio::net::TcpListener::from_std` on the
+/// runtime that serves each.
+pub fn bind_group(addr: SocketAddr, n: usize) -> std::io::Result<Vec<std::net::TcpListener>> {
+    use socket2::{Domain, Socket, Type};
+    let n = n.max(1);
+    let socket = || -> std::io::Result<Socket> {
+        let s = Socket::new(Domain::for_address(addr), Type::STREAM, None)?;
+        // As std and tokio do: a restart binds while old connections sit in TIME_WAIT.
+        #[cfg(unix)]
+        s.set_reuse_address(true)?;
+        Ok(s)
+    };
+    // The plain bind that refuses a port in use; with port 0 it also picks the port.
+    let probe = socket()?;
+    probe.bind(&addr.into())?;
+    let addr = probe
+        .local_addr()?
+        .as_socket()
+        .ok_or_else(|| std::io::Error::other("bound to a non-IP address"))?;
+    drop(probe);
+    let listen = |s: Socket| -> std::io::Result<std::net::TcpListener> {
+        s.listen(LISTEN_BACKLOG)?;
+        s.set_nonblocking(true)?;
+        Ok(s.into())
+    };
+    #[cfg(all(
+        unix,
+        not(any(target_os = "solaris", target_os = "illumos", target_os = "cygwin"))
+    ))]
+    {
+        (0..n)
+            .map(|_| {
+                let s = socket()?;
+                s.set_reuse_port(true)?;
+                s.bind(&addr.into())?;
+                listen(s)
+            })
+            .collect()
+    }
+    #[cfg(not(all(
+        unix,
+        not(any(target_os = "solaris", target_os = "illumos", target_os = "cygwin"))
+    )))]
+    {
+        let s = socket()?;
+        s.bind(&addr.into())?;
+        let first = listen(s)?;
+        let mut group = Vec::with_capacity(n);
+        for _ in 1..n {
+            group.push(first.try_clone()?);
+        }
+        group.push(first);
+        Ok(group)
+    }
+}
+
 /// Called with the reason (see [`parse_refusal`]) when hyper's parser refuses a request.
 pub type OnRefused = Arc<dyn Fn(&'static str) + Send + Sync>;
 
@@ -402,5 +470,49 @@ async fn handshake(
             tracing::debug!("TLS handshake timed out");
             None
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_group_shares_one_port_and_every_socket_accepts() {
+        let group = bind_group("127.0.0.1:0".parse().unwrap(), 3).unwrap();
+        assert_eq!(group.len(), 3);
+        let port = group[0].local_addr().unwrap().port();
+        assert!(group.iter().all(|s| s.local_addr().unwrap().port() == port));
+        // The kernel spreads connections by their address hash: with enough of them, each
+        // socket gets some (a bounded number of tries).
+        let mut seen = [false; 3];
+        let mut clients = Vec::new();
+        for _ in 0..200 {
+            clients.push(std::net::TcpStream::connect(("127.0.0.1", port)).unwrap());
+            for (i, s) in group.iter().enumerate() {
+                if s.accept().is_ok() {
+                    seen[i] = true;
+                }
+            }
+            if seen.iter().all(|&s| s) {
+                break;
+            }
+        }
+        assert_eq!(
+            seen, [true; 3],
+            "a socket of the group never got a connection"
+        );
+    }
+
+    #[test]
+    fn a_port_in_use_is_refused_even_by_a_group_like_ours() {
+        let plain = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let err = bind_group(plain.local_addr().unwrap(), 2).unwrap_err();
+        assert_eq!(err.kind(), std::io::ErrorKind::AddrInUse);
+        // A second cx-proxy on the same port would share it silently through
+        // SO_REUSEPORT; it is refused as a plain bind is.
+        let ours = bind_group("127.0.0.1:0".parse().unwrap(), 2).unwrap();
+        let err = bind_group(ours[0].local_addr().unwrap(), 2).unwrap_err();
+        assert_eq!(err.kind(), std::io::ErrorKind::AddrInUse);
     }
 }

@@ -19,11 +19,17 @@
 //! `max_connections` is a semaphore of exchanges in flight; a connection is only opened by an
 //! exchange holding a permit and finding no idle one, so open HTTP/1 connections never
 //! outnumber it either.
+//!
+//! Each serving worker (see `server.workers`) has a pool of its own, chosen by the thread an
+//! exchange runs on ([`set_worker`]): a connection is driven by the runtime that opened it,
+//! so a request never wakes another core to reach the platform. The `max_connections`
+//! ceiling is shared.
 
 mod body;
 
 pub use body::{Body, BodyTooLarge};
 
+use std::cell::Cell;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -106,7 +112,19 @@ pub struct Upstream {
     proxy: Option<EgressProxy>,
     /// One permit per upstream exchange in flight (`max_connections`).
     slots: Arc<Semaphore>,
-    pool: Arc<Pool>,
+    /// One pool per serving worker, plus one (index 0) for every other thread.
+    pools: Box<[Arc<Pool>]>,
+}
+
+thread_local! {
+    /// The serving worker this thread is (1-based), 0 for any other thread.
+    static WORKER: Cell<usize> = const { Cell::new(0) };
+}
+
+/// Marks the calling thread as serving worker `i` (1-based; 0: not a worker), so exchanges
+/// made on it use that worker's own pool of upstream connections.
+pub fn set_worker(i: usize) {
+    WORKER.with(|w| w.set(i));
 }
 
 /// Idle HTTP/1 senders and the shared HTTP/2 sender.
@@ -189,8 +207,9 @@ enum Conn {
 }
 
 impl Upstream {
-    /// Builds the pool (no connection is opened yet).
-    pub fn new(cfg: &UpstreamConfig) -> Result<Self, StartupError> {
+    /// Builds the pools, one per serving worker of `workers` plus one for other threads (no
+    /// connection is opened yet).
+    pub fn new(cfg: &UpstreamConfig, workers: usize) -> Result<Self, StartupError> {
         let roots = tls::upstream_roots(cfg.ca_file.as_deref())?;
         let mut config: ClientConfig = tls::client_config(roots)?;
         config.alpn_protocols = tls::ALPN.iter().map(|p| p.to_vec()).collect();
@@ -220,8 +239,15 @@ impl Upstream {
             connect_timeout: cfg.connect_timeout,
             proxy: cfg.proxy.clone(),
             slots: Arc::new(Semaphore::new(cfg.max_connections)),
-            pool: Arc::default(),
+            pools: (0..=workers).map(|_| Arc::default()).collect(),
         })
+    }
+
+    /// The calling thread's pool.
+    fn pool(&self) -> &Arc<Pool> {
+        let i = WORKER.with(Cell::get);
+        // A worker index past the pools (none is made that way) shares the first.
+        self.pools.get(i).unwrap_or(&self.pools[0])
     }
 
     /// The upstream's path prefix (empty unless `upstream.url` has a path).
@@ -256,9 +282,9 @@ impl Upstream {
         let permit = self.slots.clone().acquire_owned().await.ok();
         let mut stale = 0;
         loop {
-            let (conn, pooled) = match self.pool.take().map(Conn::H1) {
+            let (conn, pooled) = match self.pool().take().map(Conn::H1) {
                 Some(c) => (c, true),
-                None => match self.pool.shared_h2().map(Conn::H2) {
+                None => match self.pool().shared_h2().map(Conn::H2) {
                     Some(c) => (c, true),
                     // Boxed: connecting is rare and its future large.
                     None => Box::pin(self.connect_once()).await?,
@@ -279,7 +305,7 @@ impl Upstream {
                         Ok(resp) => {
                             let mut lease = Lease {
                                 permit,
-                                conn: Some((sender, self.pool.clone())),
+                                conn: Some((sender, self.pool().clone())),
                             };
                             // No body to read (HEAD, 204, 304, length 0): nobody will poll
                             // it, so the connection goes back now.
@@ -330,11 +356,11 @@ impl Upstream {
     /// A new connection, or, for an h2 upstream, the one another exchange just opened
     /// (`true`: shared, not opened here).
     async fn connect_once(&self) -> Result<(Conn, bool), UpstreamError> {
-        if !self.pool.h2_seen.load(Ordering::Relaxed) {
+        if !self.pool().h2_seen.load(Ordering::Relaxed) {
             return Ok((self.connect().await?, false));
         }
-        let _turn = self.pool.h2_connecting.lock().await;
-        match self.pool.shared_h2() {
+        let _turn = self.pool().h2_connecting.lock().await;
+        match self.pool().shared_h2() {
             Some(sender) => Ok((Conn::H2(sender), true)),
             None => Ok((self.connect().await?, false)),
         }
@@ -393,7 +419,7 @@ impl Upstream {
                 .await
                 .map_err(|e| fail(chain(&e)))?;
             drive(conn);
-            self.pool.set_h2(&sender);
+            self.pool().set_h2(&sender);
             Ok(Conn::H2(sender))
         } else {
             let (sender, conn) = http1::Builder::new()
