@@ -6,11 +6,13 @@
 #
 #   BENCH=/tmp/bench ./benches/callgrind.sh target/release/cx-proxy
 #
+# LOG_LEVEL=info measures with the access log on (default: warn, off). KEEP=FILE keeps the dump.
 # BENCH is a writable copy of ../shared/bench with its upstream started (`./start.sh upstream`).
 # Needs valgrind, wrk and curl. Stops only the proxy it started.
 set -euo pipefail
 BIN=${1:?usage: callgrind.sh PATH/TO/cx-proxy}
 BENCH=${BENCH:?set BENCH to the bench folder (its upstream running)}
+LOG_LEVEL=${LOG_LEVEL:-warn}
 WORK=$(mktemp -d)
 cat >"$WORK/bench.toml" <<TOML
 [server]
@@ -29,7 +31,7 @@ prefix = "/"
 TOML
 URL='http://127.0.0.1:18090/api/apps/v1/robot/groups?group_id=1'
 CX_BENCH_SECRET=x valgrind --tool=callgrind --callgrind-out-file="$WORK/cg.%p" \
-  "$BIN" --log-level warn run -c "$WORK/bench.toml" >"$WORK/proxy.log" 2>&1 &
+  "$BIN" --log-level "$LOG_LEVEL" run -c "$WORK/bench.toml" >"$WORK/proxy.log" 2>&1 &
 VPID=$!
 for _ in $(seq 1 100); do curl -sf "$URL" >/dev/null && break; sleep 0.3; done
 wrk -t1 -c8 -d3s "$URL" >/dev/null

@@ -421,6 +421,8 @@ pub async fn run(
                         Err(e) => tracing::error!(error = %e, "a worker cannot serve its socket"),
                     }
                 });
+                // Its last lines go out before the main thread logs the stop.
+                crate::logging::flush();
             })
             .map_err(|e| StartupError::Other(format!("cannot start a worker thread: {e}")))?;
         workers.push(worker);

@@ -1,14 +1,39 @@
 //! Log output: text or JSON lines on stderr, level from `--log-level`, else `RUST_LOG`, else
-//! `info`.
+//! `info`; and the buffer those lines go through.
+//!
+//! At the default level every proxied request writes an access-log line. Written straight to
+//! stderr that is one `write(2)` per request, in the request's path (measured on the bench:
+//! +2.6 to 7.7 µs of CPU per request). Instead each thread appends its lines to a buffer of
+//! its own, and a flusher thread writes the buffers out, in order, every
+//! [`FLUSH_EVERY`] or as soon as one holds [`FLUSH_AT`] bytes, so a request never waits for
+//! stderr. A thread whose buffer reaches [`BACKLOG`] (stderr is stuck: a full pipe, a
+//! stalled journald) writes it itself and so waits, rather than lose lines or grow without
+//! bound. [`flush`] writes everything now; the binary calls it before it exits, and the
+//! commands' own messages call it first, so nothing is lost or reordered on SIGTERM. A
+//! process killed with SIGKILL loses at most the last [`FLUSH_EVERY`] of lines.
+//!
+//! Hand-written rather than `tracing-appender`'s non-blocking writer: that one allocates a
+//! `Vec` per line and wakes its writer thread through a channel for each, and when its
+//! queue is full it drops lines by default.
 
 use std::fmt::Display;
+use std::io::Write as _;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Duration;
 
 use tracing_subscriber::EnvFilter;
+
+mod access;
+
+pub use access::AccessLine;
 
 /// Set once `--log-format json` is installed: the commands' own messages go out as log
 /// events too, so every line on stderr is JSON (SPEC section 2).
 static JSON: AtomicBool = AtomicBool::new(false);
+
+/// Set once [`init`] has installed this crate's logger (its buffer and layout in force).
+static INSTALLED: AtomicBool = AtomicBool::new(false);
 
 /// How log lines are written.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -27,7 +52,7 @@ pub fn init(format: LogFormat, level: Option<&str>) -> Result<(), String> {
     };
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
+        .with_writer(|| Buffered)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_target(true);
     let result = match format {
@@ -36,7 +61,170 @@ pub fn init(format: LogFormat, level: Option<&str>) -> Result<(), String> {
     };
     result.map_err(|e| format!("cannot install the logger: {e}"))?;
     JSON.store(format == LogFormat::Json, Ordering::Relaxed);
+    INSTALLED.store(true, Ordering::Relaxed);
+    start_flusher();
+    // A panic's message goes straight to stderr: the lines logged before it go first.
+    let report = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        flush();
+        report(info);
+    }));
     Ok(())
+}
+
+/// Longest a log line waits in its thread's buffer.
+pub const FLUSH_EVERY: Duration = Duration::from_millis(100);
+/// A buffer holding this many bytes is written out at once (by the flusher).
+pub const FLUSH_AT: usize = 32 * 1024;
+/// A buffer holding this many bytes is written by its own thread, which waits for stderr.
+pub const BACKLOG: usize = 1024 * 1024;
+
+/// One thread's lines not yet written.
+#[derive(Default)]
+struct Pending {
+    lines: Mutex<Vec<u8>>,
+    /// Held while the lines taken from `lines` are written, so two writes of one buffer
+    /// never pass each other.
+    writing: Mutex<()>,
+}
+
+impl Pending {
+    /// Writes what the buffer holds to stderr (`spare`: an empty buffer to leave in its place).
+    fn write_out(&self, spare: &mut Vec<u8>) {
+        let Ok(_turn) = self.writing.lock() else {
+            return;
+        };
+        {
+            let Ok(mut lines) = self.lines.lock() else {
+                return;
+            };
+            if lines.is_empty() {
+                return;
+            }
+            std::mem::swap(&mut *lines, spare);
+        }
+        // Nowhere to report a failed write to stderr.
+        let _ = std::io::stderr().lock().write_all(spare);
+        spare.clear();
+    }
+}
+
+/// Every thread's buffer, and the flusher.
+struct Buffers {
+    all: Mutex<Vec<Arc<Pending>>>,
+    flusher: OnceLock<std::thread::Thread>,
+    /// A buffer reached [`FLUSH_AT`] and the flusher has been woken for it.
+    woken: AtomicBool,
+}
+
+static BUFFERS: Buffers = Buffers {
+    all: Mutex::new(Vec::new()),
+    flusher: OnceLock::new(),
+    woken: AtomicBool::new(false),
+};
+
+thread_local! {
+    static PENDING: Arc<Pending> = {
+        let pending = Arc::<Pending>::default();
+        if let Ok(mut all) = BUFFERS.all.lock() {
+            all.push(pending.clone());
+        }
+        pending
+    };
+}
+
+/// Writes every thread's buffered log lines to stderr now.
+pub fn flush() {
+    let all: Vec<Arc<Pending>> = match BUFFERS.all.lock() {
+        Ok(mut all) => {
+            let snapshot = all.clone();
+            // Held by the list and the snapshot only: its thread has ended. Its lines are
+            // written below, one last time.
+            all.retain(|p| Arc::strong_count(p) > 2);
+            snapshot
+        }
+        Err(_) => return,
+    };
+    let mut spare = Vec::new();
+    for pending in all {
+        pending.write_out(&mut spare);
+    }
+}
+
+/// Starts the thread that writes the buffers out (once).
+fn start_flusher() {
+    if BUFFERS.flusher.get().is_some() {
+        return;
+    }
+    let spawned = std::thread::Builder::new()
+        .name("cx-proxy-log".into())
+        .spawn(|| loop {
+            std::thread::park_timeout(FLUSH_EVERY);
+            BUFFERS.woken.store(false, Ordering::Relaxed);
+            flush();
+        });
+    match spawned {
+        Ok(handle) => {
+            let _ = BUFFERS.flusher.set(handle.thread().clone());
+        }
+        // Lines still go out: each thread writes its own at BACKLOG, and at exit.
+        Err(e) => eprintln!("cx-proxy: cannot start the log writer thread: {e}"),
+    }
+}
+
+/// Writes one access-log line (its caller has checked that target `cx_proxy::access` is on
+/// at info): into the thread's buffer when this crate's logger is installed, else as a
+/// tracing event.
+pub fn access(line: &AccessLine<'_>) {
+    if !INSTALLED.load(Ordering::Relaxed) {
+        return line.event();
+    }
+    let json = JSON.load(Ordering::Relaxed);
+    append(|out| line.write(json, out));
+}
+
+/// Lets `write` append to the calling thread's buffer, then has it written out if it is
+/// long enough.
+fn append(write: impl FnOnce(&mut Vec<u8>)) {
+    let mut write = Some(write);
+    // A thread logging while it ends, after its buffer is gone, writes directly.
+    let buffered = PENDING.try_with(|pending| {
+        let held = match pending.lines.lock() {
+            Ok(mut lines) => {
+                if let Some(write) = write.take() {
+                    write(&mut lines);
+                }
+                lines.len()
+            }
+            Err(_) => return,
+        };
+        if held >= BACKLOG || BUFFERS.flusher.get().is_none() {
+            pending.write_out(&mut Vec::new());
+        } else if held >= FLUSH_AT && !BUFFERS.woken.swap(true, Ordering::Relaxed) {
+            if let Some(flusher) = BUFFERS.flusher.get() {
+                flusher.unpark();
+            }
+        }
+    });
+    if let (Err(_), Some(write)) = (buffered, write) {
+        let mut line = Vec::new();
+        write(&mut line);
+        let _ = std::io::stderr().lock().write_all(&line);
+    }
+}
+
+/// The writer of one log line: appends it to the thread's buffer.
+struct Buffered;
+
+impl std::io::Write for Buffered {
+    fn write(&mut self, line: &[u8]) -> std::io::Result<usize> {
+        append(|out| out.extend_from_slice(line));
+        Ok(line.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
 }
 
 /// A command's problem on stderr: as written (`file: key: what is wrong`) in text, an
@@ -45,6 +233,7 @@ pub fn error(message: impl Display) {
     if JSON.load(Ordering::Relaxed) {
         tracing::error!(target: "cx_proxy::cli", "{message}");
     } else {
+        flush();
         eprintln!("{message}");
     }
 }
@@ -54,6 +243,7 @@ pub fn warn(message: impl Display) {
     if JSON.load(Ordering::Relaxed) {
         tracing::warn!(target: "cx_proxy::cli", "{message}");
     } else {
+        flush();
         eprintln!("warning: {message}");
     }
 }
@@ -64,6 +254,7 @@ pub fn note(message: impl Display) {
     if JSON.load(Ordering::Relaxed) {
         tracing::info!(target: "cx_proxy::cli", "{message}");
     } else {
+        flush();
         eprintln!("{message}");
     }
 }

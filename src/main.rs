@@ -3,5 +3,8 @@
 use clap::Parser;
 
 fn main() -> std::process::ExitCode {
-    cx_proxy::cli::main(cx_proxy::cli::Cli::parse())
+    let code = cx_proxy::cli::main(cx_proxy::cli::Cli::parse());
+    // Log lines still in their threads' buffers go out before the process ends.
+    cx_proxy::logging::flush();
+    code
 }

@@ -393,11 +393,8 @@ impl Proxy {
         // The access log's fields are only gathered when it is on.
         let logged =
             tracing::enabled!(target: "cx_proxy::access", tracing::Level::INFO).then(|| {
-                let agent = req
-                    .headers()
-                    .get(http::header::USER_AGENT)
-                    .and_then(|v| v.to_str().ok())
-                    .map(|v| v.chars().take(200).collect::<String>());
+                // A shared handle on the header's bytes, cut to 200 characters when logged.
+                let agent = req.headers().get(http::header::USER_AGENT).cloned();
                 (req.uri().clone(), req.version(), agent)
             });
         let mut access = Access::default();
@@ -431,23 +428,30 @@ impl Proxy {
                 .get(CONTENT_LENGTH)
                 .and_then(|v| v.to_str().ok())
                 .and_then(|v| v.parse::<u64>().ok());
-            tracing::info!(
-                target: "cx_proxy::access",
-                request_id = request_id.to_str().unwrap_or("-"),
-                peer = %peer,
-                client = client.unwrap_or("-"),
-                app = access.app.map_or("-", |i| self.config.apps[i].name.as_str()),
-                method = %method,
-                path = %Redacted::new(uri.path(), uri.query(), &self.token_param),
-                protocol = ?version,
-                user_agent = agent.as_deref().unwrap_or("-"),
+            let path = Redacted::new(uri.path(), uri.query(), &self.token_param);
+            crate::logging::access(&crate::logging::AccessLine {
+                request_id: request_id.to_str().unwrap_or("-"),
+                peer: peer.addr,
+                client: client.unwrap_or("-"),
+                app: access
+                    .app
+                    .map_or("-", |i| self.config.apps[i].name.as_str()),
+                method: method.as_str(),
+                path: &path,
+                protocol: version,
+                user_agent: agent
+                    .as_ref()
+                    .and_then(|v| v.to_str().ok())
+                    .map_or("-", |v| {
+                        v.char_indices().nth(200).map_or(v, |(at, _)| &v[..at])
+                    }),
                 status,
                 bytes,
-                total_ms = total.as_secs_f64() * 1000.0,
-                upstream_ms = access.upstream.map(|d| d.as_secs_f64() * 1000.0),
-                error = refused.as_ref().map(|e| e.kind.name()),
-                cause = refused.as_ref().map(|e| &*e.message),
-            );
+                total,
+                upstream: access.upstream,
+                error: refused.as_ref().map(|e| e.kind.name()),
+                cause: refused.as_ref().map(|e| &*e.message),
+            });
         }
         resp
     }

@@ -507,6 +507,56 @@ async fn debug_logs_never_carry_the_secret_or_a_token_and_sigterm_drains() {
 }
 
 #[tokio::test]
+async fn every_access_line_reaches_stderr_by_sigterm_in_order_and_whole() {
+    // Lines wait in per-thread buffers (logging.rs): none may be lost or cut at the stop.
+    let dir = tempfile::tempdir().unwrap();
+    let sandbox = sandbox(dir.path(), SandboxOptions::default()).await;
+    let secret_var = "CX_TEST_LOG_SECRET";
+    let app = format!(
+        "[[app]]\nname = \"default\"\napp_key = \"{APP_KEY}\"\ncorp_id = {CORP_ID}\ncorp_secret_env = \"{secret_var}\"\nprefix = \"/\"\n"
+    );
+    let path = dir.path().join("proxy.toml");
+    std::fs::write(&path, config_text(&sandbox, dir.path(), &app)).unwrap();
+    let mut p = Proc::spawn(
+        Command::new(bin())
+            .args(["--log-format", "json", "run", "-c"])
+            .arg(&path)
+            .env(secret_var, SECRET),
+    );
+    let addr = p.wait_for("the listening line", listening).await;
+    let base = format!("http://{addr}");
+    const CALLS: usize = 400;
+    let c = client(false);
+    for i in 0..CALLS {
+        let req = http::Request::builder()
+            .uri(format!("{base}/api/burst?n={i}"))
+            .body(http_body_util::Full::new(bytes::Bytes::new()))
+            .unwrap();
+        assert_eq!(send(&c, req).await.status, 200);
+    }
+    // At once: the lines are still in their buffers (flushed every 100 ms).
+    p.sigterm();
+    assert_eq!(p.wait().await.code(), Some(0));
+    let logs = p.stderr.lock().unwrap().clone();
+    let lines: Vec<serde_json::Value> = logs
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not a whole line ({e}): {l}")))
+        .collect();
+    let seen: Vec<usize> = lines
+        .iter()
+        .filter(|v| v["target"] == "cx_proxy::access")
+        .map(|v| {
+            assert_eq!(v["status"], 200, "{v}");
+            let path = v["path"].as_str().unwrap();
+            path.strip_prefix("/api/burst?n=").unwrap().parse().unwrap()
+        })
+        .collect();
+    assert_eq!(seen, (0..CALLS).collect::<Vec<_>>(), "{logs}");
+    // The last line is the stop, after every access line.
+    assert_eq!(lines.last().unwrap()["message"], "stopped", "{logs}");
+}
+
+#[tokio::test]
 async fn demo_prints_curl_lines_that_all_work_on_documented_paths() {
     let dir = tempfile::tempdir().unwrap();
     // A corporate proxy in the user's environment (here one that is not there): the demo's

@@ -212,13 +212,23 @@ pub fn normalize_path(path: &str) -> Cow<'_, str> {
 /// parameter, or a (percent-decoded) name holding `token`, `secret`, `pass`, `code`, `sign`
 /// or `auth` (`corp_authorization`).
 fn sensitive_key(raw: &str, extra: &str) -> bool {
+    const WORDS: [&str; 6] = ["token", "secret", "pass", "code", "sign", "auth"];
+    if key_is(raw, extra) {
+        return true;
+    }
+    // The usual key is plain: judged where it is, without a decoded copy (every access-log
+    // line goes through here).
+    if !raw.contains('%') {
+        return WORDS.iter().any(|w| {
+            raw.as_bytes()
+                .windows(w.len())
+                .any(|at| at.eq_ignore_ascii_case(w.as_bytes()))
+        });
+    }
     let key = percent_decode_str(raw)
         .decode_utf8_lossy()
         .to_ascii_lowercase();
-    key_is(raw, extra)
-        || ["token", "secret", "pass", "code", "sign", "auth"]
-            .iter()
-            .any(|s| key.contains(s))
+    WORDS.iter().any(|s| key.contains(s))
 }
 
 /// Whether a query value holds `name=` for a sensitive name (behind `,`, `|` or any other
