@@ -71,6 +71,59 @@ async fn concurrent_calls_open_no_more_than_max_connections() {
     );
 }
 
+#[tokio::test]
+async fn a_slow_upstream_gets_the_connections_its_latency_needs_and_no_more() {
+    let env = EnvBuilder::new().sandbox(h1_sandbox()).start().await;
+    assert_eq!(get(&env.url("/api/warm")).await.status, 200);
+    // 24 calls at once to an upstream that takes 300 ms each: one connection would take
+    // 7.2 s; the pool grows (waiting 20 ms before each step, doubling) to serve them in a
+    // few rounds.
+    env.sandbox.set_api_delay(Duration::from_millis(300));
+    let started = std::time::Instant::now();
+    for a in get_concurrently(&env.url("/api/x"), 24).await {
+        assert_eq!(a.status, 200, "{}", a.text());
+    }
+    let took = started.elapsed();
+    let opened = env.sandbox.connections_accepted();
+    assert!(
+        took < Duration::from_millis(2500),
+        "24 calls of 300 ms took {took:?} on {opened} connections"
+    );
+    // Never more connections than calls in flight (the warm-up's one included).
+    assert!((4..=25).contains(&opened), "{opened} connections");
+}
+
+#[tokio::test]
+async fn a_fast_upstream_is_served_by_fewer_connections_than_clients() {
+    let env = EnvBuilder::new().sandbox(h1_sandbox()).start().await;
+    assert_eq!(get(&env.url("/api/warm")).await.status, 200);
+    // 64 clients at once, five times over, to an upstream that answers at once: a call
+    // waits for a busy connection rather than opening one of its own (the pool used to open
+    // one per call in flight).
+    for _ in 0..5 {
+        for a in get_concurrently(&env.url("/api/x"), 64).await {
+            assert_eq!(a.status, 200, "{}", a.text());
+        }
+    }
+    let opened = env.sandbox.connections_accepted();
+    assert!(opened < 64, "{opened} connections for 64 clients");
+}
+
+#[tokio::test]
+async fn an_h2_upstream_gets_a_second_connection_only_past_100_streams() {
+    let env = EnvBuilder::new().start().await;
+    assert_eq!(get(&env.url("/api/warm")).await.status, 200);
+    env.sandbox.set_api_delay(Duration::from_millis(300));
+    for a in get_concurrently(&env.url("/api/x"), 90).await {
+        assert_eq!(a.status, 200, "{}", a.text());
+    }
+    assert_eq!(env.sandbox.connections_accepted(), 1, "90 streams on one");
+    for a in get_concurrently(&env.url("/api/x"), 150).await {
+        assert_eq!(a.status, 200, "{}", a.text());
+    }
+    assert_eq!(env.sandbox.connections_accepted(), 2, "150 streams on two");
+}
+
 /// How the test upstream drops connections.
 #[derive(Clone, Copy)]
 enum Closing {
