@@ -411,16 +411,18 @@ pub async fn run(
             .enable_all()
             .build()
             .map_err(|e| StartupError::Other(format!("cannot start a worker's runtime: {e}")))?;
+        // Registered with the worker's runtime here, so a failure stops the start.
+        let listener = {
+            let _in = runtime.enter();
+            TcpListener::from_std(socket).map_err(|e| {
+                StartupError::Other(format!("a worker cannot serve its socket: {e}"))
+            })?
+        };
         let worker = std::thread::Builder::new()
             .name(format!("cx-proxy-worker-{}", i + 1))
             .spawn(move || {
                 crate::upstream::set_worker(i + 1);
-                runtime.block_on(async move {
-                    match TcpListener::from_std(socket) {
-                        Ok(listener) => serve::<_, _, Body>(listener, make, stop, serving).await,
-                        Err(e) => tracing::error!(error = %e, "a worker cannot serve its socket"),
-                    }
-                });
+                runtime.block_on(serve::<_, _, Body>(listener, make, stop, serving));
                 // Its last lines go out before the main thread logs the stop.
                 crate::logging::flush();
             })

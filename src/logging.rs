@@ -19,7 +19,7 @@
 use std::fmt::Display;
 use std::io::Write as _;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 use std::time::Duration;
 
 use tracing_subscriber::EnvFilter;
@@ -66,7 +66,8 @@ pub fn init(format: LogFormat, level: Option<&str>) -> Result<(), String> {
     // A panic's message goes straight to stderr: the lines logged before it go first.
     let report = std::panic::take_hook();
     std::panic::set_hook(Box::new(move |info| {
-        flush();
+        // Never waits: the panicking thread may hold a buffer's lock.
+        write_all_buffers(true);
         report(info);
     }));
     Ok(())
@@ -89,14 +90,25 @@ struct Pending {
 }
 
 impl Pending {
-    /// Writes what the buffer holds to stderr (`spare`: an empty buffer to leave in its place).
-    fn write_out(&self, spare: &mut Vec<u8>) {
-        let Ok(_turn) = self.writing.lock() else {
-            return;
+    /// Writes what the buffer holds to stderr (`spare`: an empty buffer to leave in its
+    /// place); with `busy_skips`, a buffer another thread (or this one) holds is left.
+    fn write_out(&self, spare: &mut Vec<u8>, busy_skips: bool) {
+        let _turn = match (busy_skips, self.writing.try_lock()) {
+            (_, Ok(turn)) => turn,
+            (_, Err(std::sync::TryLockError::Poisoned(p))) => p.into_inner(),
+            (true, Err(std::sync::TryLockError::WouldBlock)) => return,
+            (false, Err(std::sync::TryLockError::WouldBlock)) => {
+                self.writing.lock().unwrap_or_else(PoisonError::into_inner)
+            }
         };
         {
-            let Ok(mut lines) = self.lines.lock() else {
-                return;
+            let mut lines = match (busy_skips, self.lines.try_lock()) {
+                (_, Ok(lines)) => lines,
+                (_, Err(std::sync::TryLockError::Poisoned(p))) => p.into_inner(),
+                (true, Err(std::sync::TryLockError::WouldBlock)) => return,
+                (false, Err(std::sync::TryLockError::WouldBlock)) => {
+                    self.lines.lock().unwrap_or_else(PoisonError::into_inner)
+                }
             };
             if lines.is_empty() {
                 return;
@@ -126,28 +138,40 @@ static BUFFERS: Buffers = Buffers {
 thread_local! {
     static PENDING: Arc<Pending> = {
         let pending = Arc::<Pending>::default();
-        if let Ok(mut all) = BUFFERS.all.lock() {
-            all.push(pending.clone());
-        }
+        BUFFERS
+            .all
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .push(pending.clone());
         pending
     };
 }
 
 /// Writes every thread's buffered log lines to stderr now.
 pub fn flush() {
-    let all: Vec<Arc<Pending>> = match BUFFERS.all.lock() {
-        Ok(mut all) => {
-            let snapshot = all.clone();
-            // Held by the list and the snapshot only: its thread has ended. Its lines are
-            // written below, one last time.
-            all.retain(|p| Arc::strong_count(p) > 2);
-            snapshot
-        }
-        Err(_) => return,
+    write_all_buffers(false);
+}
+
+/// [`flush`]; with `busy_skips`, buffers whose locks are held are left (the panic hook).
+fn write_all_buffers(busy_skips: bool) {
+    let all: Vec<Arc<Pending>> = {
+        let mut all = match (busy_skips, BUFFERS.all.try_lock()) {
+            (_, Ok(all)) => all,
+            (_, Err(std::sync::TryLockError::Poisoned(p))) => p.into_inner(),
+            (true, Err(std::sync::TryLockError::WouldBlock)) => return,
+            (false, Err(std::sync::TryLockError::WouldBlock)) => {
+                BUFFERS.all.lock().unwrap_or_else(PoisonError::into_inner)
+            }
+        };
+        let snapshot = all.clone();
+        // Held by the list and the snapshot only: its thread has ended. Its lines are
+        // written below, one last time.
+        all.retain(|p| Arc::strong_count(p) > 2);
+        snapshot
     };
     let mut spare = Vec::new();
     for pending in all {
-        pending.write_out(&mut spare);
+        pending.write_out(&mut spare, busy_skips);
     }
 }
 
@@ -180,7 +204,23 @@ pub fn access(line: &AccessLine<'_>) {
         return line.event();
     }
     let json = JSON.load(Ordering::Relaxed);
-    append(|out| line.write(json, out));
+    // Formatted before the buffer's lock is taken: nothing that could panic runs under it.
+    let formatted = SCRATCH.try_with(|scratch| {
+        let mut scratch = scratch.borrow_mut();
+        scratch.clear();
+        line.write(json, &mut scratch);
+        append(|out| out.extend_from_slice(&scratch));
+    });
+    if formatted.is_err() {
+        let mut own = Vec::new();
+        line.write(json, &mut own);
+        append(|out| out.extend_from_slice(&own));
+    }
+}
+
+thread_local! {
+    /// Where a thread formats its access lines.
+    static SCRATCH: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
 /// Lets `write` append to the calling thread's buffer, then has it written out if it is
@@ -189,17 +229,15 @@ fn append(write: impl FnOnce(&mut Vec<u8>)) {
     let mut write = Some(write);
     // A thread logging while it ends, after its buffer is gone, writes directly.
     let buffered = PENDING.try_with(|pending| {
-        let held = match pending.lines.lock() {
-            Ok(mut lines) => {
-                if let Some(write) = write.take() {
-                    write(&mut lines);
-                }
-                lines.len()
+        let held = {
+            let mut lines = pending.lines.lock().unwrap_or_else(PoisonError::into_inner);
+            if let Some(write) = write.take() {
+                write(&mut lines);
             }
-            Err(_) => return,
+            lines.len()
         };
         if held >= BACKLOG || BUFFERS.flusher.get().is_none() {
-            pending.write_out(&mut Vec::new());
+            pending.write_out(&mut Vec::new(), false);
         } else if held >= FLUSH_AT && !BUFFERS.woken.swap(true, Ordering::Relaxed) {
             if let Some(flusher) = BUFFERS.flusher.get() {
                 flusher.unpark();

@@ -210,10 +210,8 @@ impl Proxy {
         let upstream = if config.upstream == old.config.upstream {
             old.upstream.clone()
         } else {
-            Arc::new(Upstream::new(
-                &config.upstream,
-                config.server.worker_threads(),
-            )?)
+            // One pool per worker thread running (a new count needs a restart).
+            Arc::new(Upstream::new(&config.upstream, old.upstream.workers())?)
         };
         let names: Vec<&str> = config.apps.iter().map(|a| a.name.as_str()).collect();
         // Kept for the same apps and the same presence of a token store (whose gauge is

@@ -85,9 +85,11 @@ const LISTEN_BACKLOG: i32 = 1024;
 /// Binds `n` listening sockets to one address and port, one per serving worker, each to be
 /// served by its own runtime.
 ///
-/// On Unix they share the port through `SO_REUSEPORT`, and the kernel spreads new
+/// On Linux they share the port through `SO_REUSEPORT`, and the kernel spreads new
 /// connections across them (nginx's `reuseport`), so no two workers wake for the same
-/// connection. Elsewhere one socket is cloned. A port already in use, by any process,
+/// connection; any process of the same user that sets `SO_REUSEPORT` could join the group
+/// (run the service as a user of its own). Elsewhere (macOS and the BSDs do not spread
+/// connections that way) one socket is cloned and every worker accepts from it. A port already in use, by any process,
 /// another cx-proxy included, is refused as a plain bind would refuse it: a plain socket is
 /// bound to it first and closed before the group is bound.
 ///
@@ -478,6 +480,7 @@ mod tests {
     use super::*;
 
     #[test]
+    #[cfg(any(target_os = "linux", target_os = "android"))]
     fn a_group_shares_one_port_and_every_socket_accepts() {
         let group = bind_group("127.0.0.1:0".parse().unwrap(), 3).unwrap();
         assert_eq!(group.len(), 3);

@@ -12,15 +12,15 @@
 //! needed. Here an HTTP/1 connection goes back to the pool from the response body itself,
 //! the moment its last byte is read ([`Lease`]).
 //!
-//! The pool sizes itself. An exchange that finds no idle HTTP/1 connection while others are
-//! busy queues for one (first come, first served: a connection that comes back goes to the
-//! longest waiting) and opens one more only after [`GROW_AFTER`] (20 ms, plus as much per 8
-//! connections open), and at most as many at once as are open, so a fast upstream is served
-//! by a few warm connections and a slow one gets as many as its latency needs (a wait for a
-//! busy connection there lasts a whole exchange). 20 ms is below what a new TLS connection
-//! to a platform on the internet costs (two round trips and more). Measured on the bench
-//! (256 clients, loopback, CPU-bound): a fixed 20 ms grew the pool to ~200 connections, a
-//! fixed 100 ms to 3 (and cost 30 % of throughput), the scaled wait to 60-80. Idle connections are
+//! The pool sizes itself. Up to [`OPEN_AT_ONCE`] (16) HTTP/1 connections are opened as
+//! exchanges find none idle. Past that, an exchange that finds every connection busy queues
+//! for one (first come, first served: a connection that comes back goes to the longest
+//! waiting) and opens one more only after [`GROW_AFTER`] (20 ms per 16 open), and at most as
+//! many at once as are open; so a fast upstream is served by a few warm connections and a
+//! slow one gets as many as its latency needs (a wait for a busy connection there lasts a
+//! whole exchange). Measured on the bench (loopback, CPU-bound): waiting before the first
+//! connections kept the pool at 2-3 and cost 45 % of throughput at 32 clients; a fixed
+//! 20 ms wait at any size grew it to ~200 at 256 clients, a fixed 100 ms kept it at 3. Idle connections are
 //! reused most recently used first and closed after [`IDLE_MAX`] unused, so the surplus of a
 //! burst goes away. `max_connections` is the ceiling, not the working size: a semaphore of
 //! exchanges in flight, and a connection is only opened by an exchange holding a permit.
@@ -76,8 +76,11 @@ const MAX_RESPONSE_HEAD_BYTES: usize = 400 * 1024;
 const TCP_KEEPALIVE: Duration = Duration::from_secs(60);
 /// HTTP/2 keep-alive pings on upstream connections.
 const H2_KEEPALIVE: Duration = Duration::from_secs(30);
+/// HTTP/1 connections a pool opens on demand, as many as exchanges find none idle; past
+/// this many, an exchange waits for a busy one first (see [`GROW_AFTER`]).
+pub const OPEN_AT_ONCE: usize = 16;
 /// How long an exchange that finds every HTTP/1 connection busy waits for one to come back
-/// before it opens another, with fewer than 8 open (see `Pool::grow_after`).
+/// before it opens another, per [`OPEN_AT_ONCE`] connections open.
 pub const GROW_AFTER: Duration = Duration::from_millis(20);
 /// Exchanges in flight on one h2 connection before another is opened: the least RFC 9113
 /// section 6.5.2 recommends a server allow (hyper does not say what the server's
@@ -196,32 +199,42 @@ impl Pool {
         None
     }
 
-    /// An idle connection, or, when some are busy or being opened, the first to come back
-    /// within [`GROW_AFTER`]; `None`: open another.
+    /// An idle connection; else, with fewer than [`OPEN_AT_ONCE`] open, `None` (open one
+    /// now); else the first busy one to come back within [`Pool::grow_after`], or `None`
+    /// once waited that long.
     async fn take_or_wait(&self) -> Option<http1::SendRequest<Body>> {
         if let Some(sender) = self.take() {
             return Some(sender);
         }
-        if self.open.load(Ordering::Relaxed) == 0 || self.h2_seen.load(Ordering::Relaxed) {
+        if self.open.load(Ordering::Relaxed) < OPEN_AT_ONCE || self.h2_seen.load(Ordering::Relaxed)
+        {
             return None;
         }
+        let (tx, mut rx) = oneshot::channel();
+        {
+            let mut waiting = self.waiting.lock().ok()?;
+            // One put back since the look above (a worker's pool is only used from its own
+            // thread, but pool 0 is shared).
+            if let Some(sender) = self.take() {
+                return Some(sender);
+            }
+            waiting.push_back(tx);
+        }
         loop {
-            let (tx, rx) = oneshot::channel();
-            self.waiting.lock().ok()?.push_back(tx);
-            match tokio::time::timeout(self.grow_after(), rx).await {
+            match tokio::time::timeout(self.grow_after(), &mut rx).await {
                 Ok(Ok(sender)) => return Some(sender),
                 // The pool is going away, or the upstream turned out to speak h2.
                 Ok(Err(_)) => return None,
                 // Waited long enough: one more connection, unless as many are being opened
                 // as are open already (the pool at most doubles per connect, so a burst
-                // of clients does not open one connection each). A connection sent just as
-                // the wait ended is dropped with `rx` and closed by hyper; rare, and safe
-                // (nothing was written on it).
+                // of clients does not open one connection each). Still in line otherwise.
                 Err(_) => {
                     let connecting = self.connecting.load(Ordering::Relaxed);
                     let open = self.open.load(Ordering::Relaxed).saturating_sub(connecting);
                     if connecting < open.max(1) {
-                        return None;
+                        // A connection handed over as the wait ended is kept, not lost.
+                        rx.close();
+                        return rx.try_recv().ok();
                     }
                 }
             }
@@ -229,12 +242,12 @@ impl Pool {
     }
 
     /// How long an exchange waits for a busy connection before it opens one more:
-    /// [`GROW_AFTER`], and as much again per 8 connections open. A fast upstream on a busy
+    /// [`GROW_AFTER`] per [`OPEN_AT_ONCE`] connections open. A fast upstream on a busy
     /// machine then settles on a few dozen connections instead of one per client (the
     /// wait there is the machine's queue, which more connections do not shorten).
     fn grow_after(&self) -> Duration {
-        let open = u32::try_from(self.open.load(Ordering::Relaxed)).unwrap_or(u32::MAX);
-        GROW_AFTER.saturating_mul(1 + open / 8)
+        let open = self.open.load(Ordering::Relaxed) / OPEN_AT_ONCE;
+        GROW_AFTER.saturating_mul(u32::try_from(open.max(1)).unwrap_or(u32::MAX))
     }
 
     /// Wakes every exchange waiting for an HTTP/1 connection (the upstream speaks h2).
@@ -250,6 +263,15 @@ impl Pool {
         h2.retain(|(s, _)| !s.is_closed());
         h2.iter()
             .find(|(_, streams)| streams.load(Ordering::Relaxed) < H2_STREAMS)
+            .map(|(s, streams)| (s.clone(), H2Stream::count(streams)))
+    }
+
+    /// The open h2 connection with the fewest exchanges in flight, however many, counted in.
+    fn least_loaded_h2(&self) -> Option<(http2::SendRequest<Body>, H2Stream)> {
+        let mut h2 = self.h2.lock().ok()?;
+        h2.retain(|(s, _)| !s.is_closed());
+        h2.iter()
+            .min_by_key(|(_, streams)| streams.load(Ordering::Relaxed))
             .map(|(s, streams)| (s.clone(), H2Stream::count(streams)))
     }
 
@@ -347,6 +369,11 @@ impl Upstream {
             slots: Arc::new(Semaphore::new(cfg.max_connections)),
             pools: (0..=workers).map(|_| Arc::default()).collect(),
         })
+    }
+
+    /// How many serving workers the pools were made for.
+    pub fn workers(&self) -> usize {
+        self.pools.len() - 1
     }
 
     /// The calling thread's pool.
@@ -478,7 +505,16 @@ impl Upstream {
         let _turn = self.pool().h2_connecting.lock().await;
         match self.pool().shared_h2() {
             Some((sender, stream)) => Ok((Conn::H2(sender, stream), true)),
-            None => Ok((self.connect().await?, false)),
+            None => match self.connect().await {
+                Ok(conn) => Ok((conn, false)),
+                // Another connection could not be had (the platform or a proxy limits
+                // them): the busiest open one still takes the exchange, and hyper queues it
+                // for a free stream.
+                Err(e) => match self.pool().least_loaded_h2() {
+                    Some((sender, stream)) => Ok((Conn::H2(sender, stream), true)),
+                    None => Err(e),
+                },
+            },
         }
     }
 
