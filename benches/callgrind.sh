@@ -7,6 +7,8 @@
 #   BENCH=/tmp/bench ./benches/callgrind.sh target/release/cx-proxy
 #
 # LOG_LEVEL=info measures with the access log on (default: warn, off). KEEP=FILE keeps the dump.
+# The config has no tuning keys (the defaults). With the bench's h2 upstream
+# (UPSTREAM_CONF=conf/upstream-nginx-h2.conf ./start.sh upstream) it measures the h2 path.
 # BENCH is a writable copy of ../shared/bench with its upstream started (`./start.sh upstream`).
 # Needs valgrind, wrk and curl. Stops only the proxy it started.
 set -euo pipefail
@@ -17,11 +19,9 @@ WORK=$(mktemp -d)
 cat >"$WORK/bench.toml" <<TOML
 [server]
 listen = "127.0.0.1:18090"
-workers = 1
 [upstream]
 url = "https://127.0.0.1:19443"
 ca_file = "$BENCH/certs/ca.crt"
-max_connections = 16
 [[app]]
 name = "bench"
 app_key = "ak"

@@ -129,7 +129,7 @@ pub struct ServerConfig {
     /// Requests in flight at once; more get 503 `overloaded`.
     pub max_concurrent_requests: usize,
     /// Threads serving the proxy port, each with its own runtime and listener: 0 = one per
-    /// core (see [`ServerConfig::worker_threads`]).
+    /// core (see [`ServerConfig::worker_threads`]); 1 by default.
     pub workers: usize,
 }
 

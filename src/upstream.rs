@@ -15,13 +15,14 @@
 //! The pool sizes itself. Up to [`OPEN_AT_ONCE`] (16) HTTP/1 connections are opened as
 //! exchanges find none idle. Past that, an exchange that finds every connection busy queues
 //! for one (first come, first served: a connection that comes back goes to the longest
-//! waiting) and opens one more only after [`GROW_AFTER`] (20 ms per 16 open), and at most as
+//! waiting) and opens one more only after [`GROW_AFTER`] (50 ms per 16 open), and at most as
 //! many at once as are open; so a fast upstream is served by a few warm connections and a
 //! slow one gets as many as its latency needs (a wait for a busy connection there lasts a
 //! whole exchange). Measured on the bench (loopback, CPU-bound): waiting before the first
 //! connections kept the pool at 2-3 and cost 45 % of throughput at 32 clients; a fixed
-//! 20 ms wait at any size grew it to ~200 at 256 clients, a fixed 100 ms kept it at 3. Idle connections are
-//! reused most recently used first and closed after [`IDLE_MAX`] unused, so the surplus of a
+//! 20 ms wait at any size grew it to ~200 at 256 clients, a fixed 100 ms kept it at 3; as
+//! built, 16-17 connections at 32 and at 256 clients. Idle connections are reused most
+//! recently used first and closed after [`IDLE_MAX`] unused, so the surplus of a
 //! burst goes away. `max_connections` is the ceiling, not the working size: a semaphore of
 //! exchanges in flight, and a connection is only opened by an exchange holding a permit.
 //!
@@ -81,7 +82,7 @@ const H2_KEEPALIVE: Duration = Duration::from_secs(30);
 pub const OPEN_AT_ONCE: usize = 16;
 /// How long an exchange that finds every HTTP/1 connection busy waits for one to come back
 /// before it opens another, per [`OPEN_AT_ONCE`] connections open.
-pub const GROW_AFTER: Duration = Duration::from_millis(20);
+pub const GROW_AFTER: Duration = Duration::from_millis(50);
 /// Exchanges in flight on one h2 connection before another is opened: the least RFC 9113
 /// section 6.5.2 recommends a server allow (hyper does not say what the server's
 /// `SETTINGS_MAX_CONCURRENT_STREAMS` is; past it, streams wait in hyper for a free one).
@@ -275,13 +276,21 @@ impl Pool {
             .map(|(s, streams)| (s.clone(), H2Stream::count(streams)))
     }
 
-    /// Adds a new h2 connection; returns its first exchange's count.
+    /// Adds a new h2 connection, unless another with room was added meanwhile (the first
+    /// exchanges after a start each open one before any knows the upstream speaks h2): that
+    /// one then carries this exchange only and closes after it. Returns the exchange's count.
     fn add_h2(&self, sender: &http2::SendRequest<Body>) -> H2Stream {
         self.h2_seen.store(true, Ordering::Relaxed);
         let streams = Arc::new(AtomicUsize::new(0));
         let stream = H2Stream::count(&streams);
         if let Ok(mut h2) = self.h2.lock() {
-            h2.push((sender.clone(), streams));
+            h2.retain(|(s, _)| !s.is_closed());
+            let room = h2
+                .iter()
+                .any(|(_, n)| n.load(Ordering::Relaxed) < H2_STREAMS);
+            if !room {
+                h2.push((sender.clone(), streams));
+            }
         }
         // Exchanges waiting for an HTTP/1 connection to come back take this one instead.
         self.release_waiting();

@@ -62,7 +62,7 @@ impl Default for Server {
             max_body_bytes: Int(10 * 1024 * 1024),
             shutdown_grace_s: Int(30),
             max_concurrent_requests: Int(10_000),
-            workers: Int(0),
+            workers: Int(1),
         }
     }
 }
