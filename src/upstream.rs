@@ -517,7 +517,7 @@ impl Upstream {
             None => match self.connect().await {
                 Ok(conn) => Ok((conn, false)),
                 // Another connection could not be had (the platform or a proxy limits
-                // them): the busiest open one still takes the exchange, and hyper queues it
+                // them): the least loaded open one takes the exchange, and hyper queues it
                 // for a free stream.
                 Err(e) => match self.pool().least_loaded_h2() {
                     Some((sender, stream)) => Ok((Conn::H2(sender, stream), true)),
