@@ -19,7 +19,10 @@ import subprocess
 import sys
 import time
 
-CONNS = int(os.environ.get("CONNS", "5000"))
+try:
+    CONNS = int(os.environ.get("CONNS", "5000"))
+except ValueError:
+    sys.exit("idle.py: CONNS must be a number")
 PATH_Q = os.environ.get("PATH_Q", "/api/apps/v1/robot/groups?group_id=1")
 WRK = os.environ.get("WRK", "wrk")
 
@@ -74,18 +77,31 @@ def one_request(host, port):
 def main():
     if len(sys.argv) < 3:
         sys.exit(__doc__)
-    url, pids = sys.argv[1].rstrip("/"), [int(p) for p in sys.argv[2:]]
+    url = sys.argv[1].rstrip("/")
+    if not all(p.isdigit() and os.path.exists(f"/proc/{p}/status") for p in sys.argv[2:]):
+        sys.exit("idle.py: every PID must be a running process's number")
+    pids = [int(p) for p in sys.argv[2:]]
+    if CONNS < 1:
+        sys.exit("idle.py: CONNS must be a positive number")
     m = re.fullmatch(r"http://(127\.0\.0\.1|localhost|\[::1\]):(\d+)", url)
-    if not m:
-        sys.exit("URL must be http://127.0.0.1:PORT (loopback only)")
+    if not m or not 0 < int(m.group(2)) < 65536:
+        sys.exit("idle.py: URL must be http://127.0.0.1:PORT (loopback only, port 1-65535)")
     host, port = m.group(1).strip("[]"), int(m.group(2))
-    one_request(host, port).close()
+    if subprocess.run(["sh", "-c", f"command -v {WRK}"], capture_output=True).returncode != 0:
+        print(f"idle.py: {WRK} not found; p99 figures will be '-'", file=sys.stderr)
+    try:
+        one_request(host, port).close()
+    except (OSError, RuntimeError) as e:
+        sys.exit(f"idle.py: {url}{PATH_Q} does not answer 200: {e}")
     time.sleep(1)
     rss0, p0 = rss_kb(pids), p99_ms(url)
     held = []
     try:
         for _ in range(CONNS):
-            held.append(one_request(host, port))
+            try:
+                held.append(one_request(host, port))
+            except (OSError, RuntimeError) as e:
+                sys.exit(f"idle.py: connection {len(held) + 1} failed: {e} (ulimit -n?)")
         time.sleep(2)
         rss1 = rss_kb(pids)
         p1 = p99_ms(url)

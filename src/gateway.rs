@@ -124,8 +124,11 @@ impl Gateway {
         if config.server.listen != old.config().server.listen {
             tracing::warn!("{file}: server.listen: a new address needs a restart; still listening on the old one");
         }
-        if config.server.workers != old.config().server.workers {
-            tracing::warn!("{file}: server.workers: another number of workers needs a restart");
+        if config.server.worker_threads() != old.config().server.worker_threads() {
+            tracing::warn!(
+                "{file}: server.workers: another number of workers needs a restart; still {}",
+                old.config().server.worker_threads()
+            );
         }
         if config.admin.as_ref().map(|a| a.listen) != old.config().admin.as_ref().map(|a| a.listen)
         {

@@ -439,7 +439,8 @@ impl Proxy {
                 protocol: version,
                 user_agent: agent
                     .as_ref()
-                    .and_then(|v| v.to_str().ok())
+                    // UTF-8 agents too (`to_str` takes visible ASCII only).
+                    .and_then(|v| std::str::from_utf8(v.as_bytes()).ok())
                     .map_or("-", |v| {
                         v.char_indices().nth(200).map_or(v, |(at, _)| &v[..at])
                     }),

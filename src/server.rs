@@ -106,6 +106,13 @@ pub fn bind_group(addr: SocketAddr, n: usize) -> std::io::Result<Vec<std::net::T
         Ok(s)
     };
     // The plain bind that refuses a port in use; with port 0 it also picks the port.
+    // Two instances started at the same moment could both pass it before either binds its
+    // group: the first to hold the port's lock wins (Linux).
+    #[cfg(any(target_os = "linux", target_os = "android"))]
+    let lock = match addr.port() {
+        0 => None,
+        _ => Some(port_lock(addr)?),
+    };
     let probe = socket()?;
     probe.bind(&addr.into())?;
     let addr = probe
@@ -123,14 +130,17 @@ pub fn bind_group(addr: SocketAddr, n: usize) -> std::io::Result<Vec<std::net::T
         not(any(target_os = "solaris", target_os = "illumos", target_os = "cygwin"))
     ))]
     {
-        (0..n)
+        let group = (0..n)
             .map(|_| {
                 let s = socket()?;
                 s.set_reuse_port(true)?;
                 s.bind(&addr.into())?;
                 listen(s)
             })
-            .collect()
+            .collect::<std::io::Result<Vec<_>>>()?;
+        // Held as long as the process lives: a later instance finds the port in use anyway.
+        std::mem::forget(lock);
+        Ok(group)
     }
     #[cfg(not(all(
         unix,
@@ -147,6 +157,19 @@ pub fn bind_group(addr: SocketAddr, n: usize) -> std::io::Result<Vec<std::net::T
         group.push(first);
         Ok(group)
     }
+}
+
+/// An abstract Unix socket named after `addr`, held by the one process serving it: a second
+/// cx-proxy binding the same address at the same moment gets `AddrInUse`.
+#[cfg(any(target_os = "linux", target_os = "android"))]
+fn port_lock(addr: SocketAddr) -> std::io::Result<std::os::unix::net::UnixListener> {
+    #[cfg(target_os = "android")]
+    use std::os::android::net::SocketAddrExt;
+    #[cfg(target_os = "linux")]
+    use std::os::linux::net::SocketAddrExt;
+    let name = format!("cx-proxy listen {addr}");
+    let at = std::os::unix::net::SocketAddr::from_abstract_name(name.as_bytes())?;
+    std::os::unix::net::UnixListener::bind_addr(&at)
 }
 
 /// Called with the reason (see [`parse_refusal`]) when hyper's parser refuses a request.
@@ -517,5 +540,16 @@ mod tests {
         let ours = bind_group("127.0.0.1:0".parse().unwrap(), 2).unwrap();
         let err = bind_group(ours[0].local_addr().unwrap(), 2).unwrap_err();
         assert_eq!(err.kind(), std::io::ErrorKind::AddrInUse);
+        // Two starting at the same moment: the port's lock refuses the second even before
+        // either has bound its group.
+        #[cfg(target_os = "linux")]
+        {
+            let free = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            let addr = free.local_addr().unwrap();
+            drop(free);
+            let _first = port_lock(addr).unwrap();
+            let err = bind_group(addr, 2).unwrap_err();
+            assert_eq!(err.kind(), std::io::ErrorKind::AddrInUse);
+        }
     }
 }
