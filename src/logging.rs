@@ -93,22 +93,12 @@ impl Pending {
     /// Writes what the buffer holds to stderr (`spare`: an empty buffer to leave in its
     /// place); with `busy_skips`, a buffer another thread (or this one) holds is left.
     fn write_out(&self, spare: &mut Vec<u8>, busy_skips: bool) {
-        let _turn = match (busy_skips, self.writing.try_lock()) {
-            (_, Ok(turn)) => turn,
-            (_, Err(std::sync::TryLockError::Poisoned(p))) => p.into_inner(),
-            (true, Err(std::sync::TryLockError::WouldBlock)) => return,
-            (false, Err(std::sync::TryLockError::WouldBlock)) => {
-                self.writing.lock().unwrap_or_else(PoisonError::into_inner)
-            }
+        let Some(_turn) = lock(&self.writing, busy_skips) else {
+            return;
         };
         {
-            let mut lines = match (busy_skips, self.lines.try_lock()) {
-                (_, Ok(lines)) => lines,
-                (_, Err(std::sync::TryLockError::Poisoned(p))) => p.into_inner(),
-                (true, Err(std::sync::TryLockError::WouldBlock)) => return,
-                (false, Err(std::sync::TryLockError::WouldBlock)) => {
-                    self.lines.lock().unwrap_or_else(PoisonError::into_inner)
-                }
+            let Some(mut lines) = lock(&self.lines, busy_skips) else {
+                return;
             };
             if lines.is_empty() {
                 return;
@@ -118,6 +108,19 @@ impl Pending {
         // Nowhere to report a failed write to stderr.
         let _ = std::io::stderr().lock().write_all(spare);
         spare.clear();
+    }
+}
+
+/// `mutex`'s guard, poisoned or not; with `busy_skips`, `None` rather than waiting for a
+/// holder (the panic hook: the holder may be the panicking thread itself).
+fn lock<T>(mutex: &Mutex<T>, busy_skips: bool) -> Option<std::sync::MutexGuard<'_, T>> {
+    match mutex.try_lock() {
+        Ok(guard) => Some(guard),
+        Err(std::sync::TryLockError::Poisoned(p)) => Some(p.into_inner()),
+        Err(std::sync::TryLockError::WouldBlock) if busy_skips => None,
+        Err(std::sync::TryLockError::WouldBlock) => {
+            Some(mutex.lock().unwrap_or_else(PoisonError::into_inner))
+        }
     }
 }
 
@@ -155,13 +158,8 @@ pub fn flush() {
 /// [`flush`]; with `busy_skips`, buffers whose locks are held are left (the panic hook).
 fn write_all_buffers(busy_skips: bool) {
     let all: Vec<Arc<Pending>> = {
-        let mut all = match (busy_skips, BUFFERS.all.try_lock()) {
-            (_, Ok(all)) => all,
-            (_, Err(std::sync::TryLockError::Poisoned(p))) => p.into_inner(),
-            (true, Err(std::sync::TryLockError::WouldBlock)) => return,
-            (false, Err(std::sync::TryLockError::WouldBlock)) => {
-                BUFFERS.all.lock().unwrap_or_else(PoisonError::into_inner)
-            }
+        let Some(mut all) = lock(&BUFFERS.all, busy_skips) else {
+            return;
         };
         let snapshot = all.clone();
         // Held by the list and the snapshot only: its thread has ended. Its lines are

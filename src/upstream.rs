@@ -259,30 +259,30 @@ impl Pool {
     }
 
     /// An h2 connection with room for one more exchange, counted in.
-    fn shared_h2(&self) -> Option<(http2::SendRequest<Body>, H2Stream)> {
+    fn shared_h2(&self) -> Option<(http2::SendRequest<Body>, Counted)> {
         let mut h2 = self.h2.lock().ok()?;
         h2.retain(|(s, _)| !s.is_closed());
         h2.iter()
             .find(|(_, streams)| streams.load(Ordering::Relaxed) < H2_STREAMS)
-            .map(|(s, streams)| (s.clone(), H2Stream::count(streams)))
+            .map(|(s, streams)| (s.clone(), Counted::count(streams)))
     }
 
     /// The open h2 connection with the fewest exchanges in flight, however many, counted in.
-    fn least_loaded_h2(&self) -> Option<(http2::SendRequest<Body>, H2Stream)> {
+    fn least_loaded_h2(&self) -> Option<(http2::SendRequest<Body>, Counted)> {
         let mut h2 = self.h2.lock().ok()?;
         h2.retain(|(s, _)| !s.is_closed());
         h2.iter()
             .min_by_key(|(_, streams)| streams.load(Ordering::Relaxed))
-            .map(|(s, streams)| (s.clone(), H2Stream::count(streams)))
+            .map(|(s, streams)| (s.clone(), Counted::count(streams)))
     }
 
     /// Adds a new h2 connection, unless another with room was added meanwhile (the first
     /// exchanges after a start each open one before any knows the upstream speaks h2): that
     /// one then carries this exchange only and closes after it. Returns the exchange's count.
-    fn add_h2(&self, sender: &http2::SendRequest<Body>) -> H2Stream {
+    fn add_h2(&self, sender: &http2::SendRequest<Body>) -> Counted {
         self.h2_seen.store(true, Ordering::Relaxed);
         let streams = Arc::new(AtomicUsize::new(0));
-        let stream = H2Stream::count(&streams);
+        let stream = Counted::count(&streams);
         if let Ok(mut h2) = self.h2.lock() {
             h2.retain(|(s, _)| !s.is_closed());
             let room = h2
@@ -298,24 +298,6 @@ impl Pool {
     }
 }
 
-/// One exchange in flight on an h2 connection, counted until dropped (with the response
-/// body, or the failed exchange).
-#[derive(Debug)]
-pub struct H2Stream(Arc<AtomicUsize>);
-
-impl H2Stream {
-    fn count(streams: &Arc<AtomicUsize>) -> Self {
-        streams.fetch_add(1, Ordering::Relaxed);
-        H2Stream(streams.clone())
-    }
-}
-
-impl Drop for H2Stream {
-    fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::Relaxed);
-    }
-}
-
 /// What an upstream response body holds until it is read to the end or dropped: the
 /// exchange's `max_connections` slot and, on HTTP/1, the connection, which goes back to the
 /// pool only if the body was read to its end (otherwise hyper closes it).
@@ -324,7 +306,7 @@ pub struct Lease {
     permit: Option<OwnedSemaphorePermit>,
     conn: Option<(http1::SendRequest<Body>, Arc<Pool>)>,
     /// The h2 stream's place in its connection's count.
-    stream: Option<H2Stream>,
+    stream: Option<Counted>,
 }
 
 impl Lease {
@@ -340,7 +322,7 @@ impl Lease {
 
 enum Conn {
     H1(http1::SendRequest<Body>),
-    H2(http2::SendRequest<Body>, H2Stream),
+    H2(http2::SendRequest<Body>, Counted),
 }
 
 impl Upstream {
@@ -452,7 +434,7 @@ impl Upstream {
                         Ok(resp) => {
                             let mut lease = Lease {
                                 permit,
-                                conn: Some((sender, self.pool().clone())),
+                                conn: Some((sender, pool.clone())),
                                 stream: None,
                             };
                             // No body to read (HEAD, 204, 304, length 0): nobody will poll
@@ -691,7 +673,9 @@ fn drive(
     });
 }
 
-/// One in a count (a pool's connections open or being opened) until dropped.
+/// One in a count until dropped: a pool's connections open or being opened, an h2
+/// connection's exchanges in flight (dropped with the response body or the failed exchange).
+#[derive(Debug)]
 struct Counted(Arc<AtomicUsize>);
 
 impl Counted {

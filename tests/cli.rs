@@ -107,6 +107,13 @@ impl Drop for Proc {
     }
 }
 
+/// [`default_app`] with its secret read from the environment variable `secret_var`.
+fn env_secret_app(secret_var: &str) -> String {
+    format!(
+        "[[app]]\nname = \"default\"\napp_key = \"{APP_KEY}\"\ncorp_id = {CORP_ID}\ncorp_secret_env = \"{secret_var}\"\nprefix = \"/\"\n"
+    )
+}
+
 /// The address in the JSON log line `cx-proxy listening`.
 fn listening(_out: &str, err: &str) -> Option<String> {
     err.lines()
@@ -410,9 +417,7 @@ async fn debug_logs_never_carry_the_secret_or_a_token_and_sigterm_drains() {
     let dir = tempfile::tempdir().unwrap();
     let sandbox = sandbox(dir.path(), SandboxOptions::default()).await;
     let secret_var = "CX_TEST_LOG_SECRET";
-    let app = format!(
-        "[[app]]\nname = \"default\"\napp_key = \"{APP_KEY}\"\ncorp_id = {CORP_ID}\ncorp_secret_env = \"{secret_var}\"\nprefix = \"/\"\n"
-    );
+    let app = env_secret_app(secret_var);
     let path = dir.path().join("proxy.toml");
     std::fs::write(
         &path,
@@ -512,9 +517,7 @@ async fn every_access_line_reaches_stderr_by_sigterm_whole() {
     let dir = tempfile::tempdir().unwrap();
     let sandbox = sandbox(dir.path(), SandboxOptions::default()).await;
     let secret_var = "CX_TEST_LOG_SECRET";
-    let app = format!(
-        "[[app]]\nname = \"default\"\napp_key = \"{APP_KEY}\"\ncorp_id = {CORP_ID}\ncorp_secret_env = \"{secret_var}\"\nprefix = \"/\"\n"
-    );
+    let app = env_secret_app(secret_var);
     let path = dir.path().join("proxy.toml");
     std::fs::write(&path, config_text(&sandbox, dir.path(), &app)).unwrap();
     let mut p = Proc::spawn(
