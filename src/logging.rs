@@ -25,6 +25,7 @@ use std::time::Duration;
 use tracing_subscriber::EnvFilter;
 
 mod access;
+mod civil;
 
 pub use access::AccessLine;
 
