@@ -16,7 +16,11 @@ fn bench(c: &mut Criterion) {
         n: u32::MAX,
         per: Duration::from_secs(3600),
     };
-    let window = Mutex::new(Window::new(rate, Instant::now()));
+    let window = Mutex::new(Window::new(
+        rate,
+        Duration::from_millis(100),
+        Instant::now(),
+    ));
     c.bench_function("window_try_acquire_with_room", |b| {
         b.iter(|| {
             let now = Instant::now();
@@ -29,6 +33,7 @@ fn bench(c: &mut Criterion) {
             n: 0,
             per: Duration::from_secs(1),
         },
+        Duration::from_millis(100),
         Instant::now(),
     ));
     c.bench_function("window_try_acquire_full", |b| {

@@ -69,6 +69,12 @@ pub struct LimitsConfig {
     /// How long a call may wait for a free slot before it gets 429.
     #[serde(rename = "max_wait_ms", serialize_with = "millis")]
     pub max_wait: Duration,
+    /// How much longer than its rule's period a counted call holds its place: the
+    /// platform counts calls as they arrive (PLATFORM.md section 3 does not say how), and a
+    /// call admitted while a connection was being opened may arrive after one admitted
+    /// later. 0 counts exactly the period.
+    #[serde(rename = "margin_ms", serialize_with = "millis")]
+    pub margin: Duration,
     /// `[[limits.rule]]`: rules added to the built-in table, or replacing the built-in rule
     /// with the same method and path pattern.
     #[serde(rename = "rule", skip_serializing_if = "Vec::is_empty")]

@@ -40,7 +40,11 @@ const RING: usize = SLOTS as usize + 1;
 #[derive(Debug, Clone)]
 pub struct Window {
     n: u32,
+    /// The rule's period plus the transit margin: how long a counted call holds its place.
     per: Duration,
+    /// `limits.margin_ms` (whole milliseconds, as configured), kept to tell a changed
+    /// margin on reload.
+    margin_ms: u32,
     slot: Duration,
     /// Calls per slot; slot number `s` lives at `s % RING`.
     counts: [u32; RING],
@@ -53,15 +57,22 @@ pub struct Window {
 }
 
 impl Window {
-    /// An empty window for `rate`, its slots counted from `origin`.
-    pub fn new(rate: Rate, origin: Instant) -> Self {
-        let per = rate.per.max(Duration::from_millis(SLOTS.into()));
+    /// An empty window for `rate`, its slots counted from `origin`. Each call counted holds
+    /// its place for `rate.per` plus `margin` (`limits.margin_ms`): the platform counts a
+    /// call when it arrives, and one admitted here while a connection was still being
+    /// opened can arrive later than one admitted after it.
+    pub fn new(rate: Rate, margin: Duration, origin: Instant) -> Self {
+        let per = rate
+            .per
+            .saturating_add(margin)
+            .max(Duration::from_millis(SLOTS.into()));
         // Rounded up, so that SLOTS slots span at least `per`.
         let nanos = per.as_nanos().div_ceil(u128::from(SLOTS));
         let slot = Duration::from_nanos(u64::try_from(nanos).unwrap_or(u64::MAX));
         Window {
             n: rate.n,
             per,
+            margin_ms: u32::try_from(margin.as_millis()).unwrap_or(u32::MAX),
             slot,
             counts: [0; RING],
             latest: [0; RING],
@@ -79,6 +90,29 @@ impl Window {
     /// counted stay counted.
     pub fn set_limit(&mut self, n: u32) {
         self.n = n;
+    }
+
+    /// The same window under another margin (a reload changed `margin_ms`): a new ring,
+    /// with every call the old one still counts placed at `now` under the latest of their
+    /// times. That holds them at least as long as before; it may admit fewer, never more.
+    pub fn remargin(&self, rate: Rate, margin: Duration, now: Instant) -> Window {
+        let mut old = self.clone();
+        let at = old.nanos_of(now);
+        let s = old.slot_of(now).max(old.head);
+        old.advance(s);
+        let per = u64::try_from(old.per.as_nanos()).unwrap_or(u64::MAX);
+        let live = |i: usize| old.counts[i] > 0 && at.saturating_sub(old.latest[i]) < per;
+        let count: u32 = (0..RING).filter(|&i| live(i)).map(|i| old.counts[i]).sum();
+        let latest = (0..RING).filter(|&i| live(i)).map(|i| old.latest[i]).max();
+        let since = latest.map_or(now, |l| old.origin + Duration::from_nanos(l));
+        let mut w = Window::new(rate, margin, since.min(now));
+        w.counts[0] = count;
+        w
+    }
+
+    /// The margin the window was made with.
+    pub fn margin(&self) -> Duration {
+        Duration::from_millis(self.margin_ms.into())
     }
 
     /// The length of one slot (`per / SLOTS`, rounded up).
@@ -206,6 +240,8 @@ impl Rule {
 pub struct Limiter {
     enabled: bool,
     max_wait: Duration,
+    /// `limits.margin_ms`, also allowed on top of a non-zero `max_wait`.
+    margin: Duration,
     rules: Vec<Rule>,
     /// By path segment count, then method: the rules that could match. A call matching no
     /// rule costs one split of its path, an index and a short scan; no hashing, no
@@ -316,8 +352,10 @@ impl Limiter {
                     .iter()
                     .map(|rule| {
                         previous
-                            .and_then(|p| p.window_of(key, rule))
-                            .unwrap_or_else(|| Arc::new(Mutex::new(Window::new(rule.rate, now))))
+                            .and_then(|p| p.window_of(key, rule, config.margin, now))
+                            .unwrap_or_else(|| {
+                                Arc::new(Mutex::new(Window::new(rule.rate, config.margin, now)))
+                            })
                     })
                     .collect()
             })
@@ -353,6 +391,7 @@ impl Limiter {
         Limiter {
             enabled: config.enabled,
             max_wait: config.max_wait,
+            margin: config.margin,
             rules,
             index,
             segments,
@@ -365,8 +404,15 @@ impl Limiter {
 
     /// The window this generation keeps for app `key` and the same rule over the same
     /// period (a changed count applies to the calls already counted; a changed period
-    /// needs other slots, and starts a new window).
-    fn window_of(&self, key: &str, rule: &Rule) -> Option<Arc<Mutex<Window>>> {
+    /// needs other slots, and starts a new window; a changed margin moves the calls
+    /// counted into a new ring, see [`Window::remargin`]).
+    fn window_of(
+        &self,
+        key: &str,
+        rule: &Rule,
+        margin: Duration,
+        now: Instant,
+    ) -> Option<Arc<Mutex<Window>>> {
         let app = self.app_keys.iter().position(|k| k == key)?;
         let r = self.rules.iter().position(|o| {
             o.method == rule.method
@@ -374,7 +420,12 @@ impl Limiter {
                 && platform::same_pattern(&o.pattern, &rule.pattern)
         })?;
         let window = self.windows[app][r].clone();
-        lock(&window).set_limit(rule.rate.n);
+        let mut w = lock(&window);
+        if w.margin() != margin {
+            *w = w.remargin(rule.rate, margin, now);
+        }
+        w.set_limit(rule.rate.n);
+        drop(w);
         Some(window)
     }
 
@@ -491,7 +542,14 @@ impl Limiter {
         let Some(window) = self.windows.get(app).and_then(|w| w.get(rule)) else {
             return Ok(());
         };
-        let deadline = Instant::now() + self.max_wait;
+        // The margin is the platform's allowance, not the client's wait: a call that would
+        // find room within `max_wait_ms` without it still waits for room with it (at `5/s`
+        // a burst of ten still passes, its second five 1.1 s later). `0` stays "never wait".
+        let allowed = match self.max_wait.is_zero() {
+            true => Duration::ZERO,
+            false => self.max_wait.saturating_add(self.margin),
+        };
+        let deadline = Instant::now() + allowed;
         loop {
             // One `now` for the reservation and the deadline: a call told to wait exactly
             // what is left of `max_wait_ms` waits.
@@ -622,7 +680,7 @@ mod tests {
     #[test]
     fn n_calls_pass_then_the_next_waits_for_the_oldest_slot() {
         let t0 = Instant::now();
-        let mut w = Window::new(rate(3, 60_000), t0);
+        let mut w = Window::new(rate(3, 60_000), Duration::ZERO, t0);
         for i in 0..3 {
             assert_eq!(w.try_acquire(t0 + Duration::from_secs(i)), Ok(()));
         }
@@ -640,7 +698,7 @@ mod tests {
     #[test]
     fn a_burst_frees_exactly_one_window_later() {
         let t0 = Instant::now() + Duration::from_millis(37);
-        let mut w = Window::new(rate(5, 1000), Instant::now());
+        let mut w = Window::new(rate(5, 1000), Duration::ZERO, Instant::now());
         for _ in 0..5 {
             assert!(w.try_acquire(t0).is_ok());
         }
@@ -650,9 +708,50 @@ mod tests {
     }
 
     #[test]
+    fn a_call_holds_its_place_for_the_period_and_the_margin() {
+        let t0 = Instant::now();
+        let mut w = Window::new(rate(5, 1000), Duration::from_millis(100), t0);
+        for _ in 0..5 {
+            assert!(w.try_acquire(t0).is_ok());
+        }
+        // The platform may have counted the burst up to 100 ms late.
+        assert_eq!(
+            w.try_acquire(t0 + Duration::from_millis(1000)),
+            Err(Duration::from_millis(100))
+        );
+        assert!(w.try_acquire(t0 + Duration::from_millis(1100)).is_ok());
+    }
+
+    #[test]
+    fn a_changed_margin_keeps_the_calls_counted() {
+        let t0 = Instant::now();
+        let mut w = Window::new(rate(3, 60_000), Duration::ZERO, t0);
+        for i in 0..3 {
+            assert!(w.try_acquire(t0 + Duration::from_secs(i)).is_ok());
+        }
+        let now = t0 + Duration::from_secs(10);
+        let mut moved = w.remargin(rate(3, 60_000), Duration::from_secs(1), now);
+        assert_eq!(moved.used(now), 3);
+        // Held from the latest call (2 s) for the period and the new margin: 63 s.
+        assert_eq!(
+            moved.try_acquire(now),
+            Err(Duration::from_secs(53)),
+            "full until 63 s"
+        );
+        assert!(moved.try_acquire(t0 + Duration::from_secs(63)).is_ok());
+        // Calls that have left are not carried over.
+        let later = t0 + Duration::from_secs(70);
+        assert_eq!(
+            w.remargin(rate(3, 60_000), Duration::ZERO, later)
+                .used(later),
+            0
+        );
+    }
+
+    #[test]
     fn a_reserved_call_taken_back_frees_its_place() {
         let t0 = Instant::now();
-        let mut w = Window::new(rate(1, 1000), t0);
+        let mut w = Window::new(rate(1, 1000), Duration::ZERO, t0);
         let slot = w.reserve(t0).unwrap();
         assert!(w.try_acquire(t0).is_err());
         w.release(slot);
@@ -748,11 +847,11 @@ mod tests {
     #[test]
     fn memory_does_not_grow_with_the_limit() {
         let t0 = Instant::now();
-        let mut w = Window::new(rate(100_000, 3_600_000), t0);
+        let mut w = Window::new(rate(100_000, 3_600_000), Duration::ZERO, t0);
         for i in 0..100_000u64 {
             assert!(w.try_acquire(t0 + Duration::from_micros(i * 10)).is_ok());
         }
         assert!(w.try_acquire(t0 + Duration::from_secs(2)).is_err());
-        assert!(std::mem::size_of::<Window>() < 320);
+        assert!(std::mem::size_of::<Window>() <= 320);
     }
 }

@@ -173,6 +173,7 @@ pub(super) struct Client {
 pub(super) struct Limits {
     pub enabled: bool,
     pub max_wait_ms: Int<0, 600_000>,
+    pub margin_ms: Int<0, 60_000>,
     pub rule: Vec<LimitRule>,
 }
 
@@ -181,6 +182,7 @@ impl Default for Limits {
         Limits {
             enabled: true,
             max_wait_ms: Int(1000),
+            margin_ms: Int(100),
             rule: Vec::new(),
         }
     }

@@ -1020,6 +1020,7 @@ impl<'a> Check<'a> {
         LimitsConfig {
             enabled: l.enabled,
             max_wait: Duration::from_millis(l.max_wait_ms.get()),
+            margin: Duration::from_millis(l.margin_ms.get()),
             rules,
         }
     }
