@@ -656,9 +656,13 @@ impl Proxy {
         let mut resendable = matches!(parts.method, Method::GET | Method::HEAD | Method::OPTIONS);
         loop {
             let out = body.next();
-            // The last attempt may take the headers; an earlier one sends a copy.
+            // The last attempt takes the headers; an earlier one sends them and keeps a copy
+            // for the replay. (The map sent is the one hyper reuses to parse the answer, and
+            // the answer's goes on to the client: a copy's exact capacity would make both
+            // grow, a reallocation each.)
             let headers = if body.replayable() && attempt == Attempt::First {
-                parts.headers.clone()
+                let copy = parts.headers.clone();
+                std::mem::replace(&mut parts.headers, copy)
             } else {
                 std::mem::take(&mut parts.headers)
             };

@@ -63,9 +63,15 @@ fn strip(headers: &mut HeaderMap, drop: impl Fn(&HeaderName) -> bool) {
             .iter()
             .filter_map(|v| v.to_str().ok())
         {
+            // `keep-alive` and `close`, nearly every Connection header's whole value, name
+            // nothing the scan above has not already taken (`keep-alive` is hop-by-hop).
             spill.extend(
                 v.split(',')
-                    .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok()),
+                    .map(str::trim)
+                    .filter(|n| {
+                        !n.eq_ignore_ascii_case("keep-alive") && !n.eq_ignore_ascii_case("close")
+                    })
+                    .filter_map(|n| HeaderName::from_bytes(n.as_bytes()).ok()),
             );
         }
     }
@@ -219,16 +225,26 @@ fn sensitive_key(raw: &str, extra: &str) -> bool {
     // The usual key is plain: judged where it is, without a decoded copy (every access-log
     // line goes through here).
     if !raw.contains('%') {
-        return WORDS.iter().any(|w| {
-            raw.as_bytes()
-                .windows(w.len())
-                .any(|at| at.eq_ignore_ascii_case(w.as_bytes()))
-        });
+        return holds_word(raw.as_bytes(), &WORDS);
     }
     let key = percent_decode_str(raw)
         .decode_utf8_lossy()
         .to_ascii_lowercase();
     WORDS.iter().any(|s| key.contains(s))
+}
+
+/// Whether `key` holds one of `words` (lower case), in any letter case: one pass that looks
+/// closer only where a word's first letter stands.
+fn holds_word(key: &[u8], words: &[&str]) -> bool {
+    (0..key.len()).any(|i| {
+        let first = key[i].to_ascii_lowercase();
+        words.iter().any(|w| {
+            w.as_bytes()[0] == first
+                && key[i..]
+                    .get(..w.len())
+                    .is_some_and(|at| at.eq_ignore_ascii_case(w.as_bytes()))
+        })
+    })
 }
 
 /// Whether a query value holds `name=` for a sensitive name (behind `,`, `|` or any other
@@ -521,6 +537,33 @@ mod tests {
         );
         for secret in ["S1", "EVIL", "E2"] {
             assert!(!shown.contains(secret), "{shown}");
+        }
+    }
+
+    #[test]
+    fn sensitive_words_are_found_anywhere_in_any_case() {
+        for k in [
+            "x_TOKEN",
+            "Secret",
+            "passwd",
+            "zipcode",
+            "SIGNATURE",
+            "myAuth",
+            "tokentoken",
+        ] {
+            assert!(sensitive_key(k, "access_token"), "{k}");
+        }
+        for k in [
+            "",
+            "tok",
+            "group_id",
+            "toke",
+            "secre",
+            "cod",
+            "id",
+            "page_count",
+        ] {
+            assert!(!sensitive_key(k, "access_token"), "{k}");
         }
     }
 
