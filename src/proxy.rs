@@ -380,8 +380,15 @@ impl Proxy {
         let method = req.method().clone();
         // The request id (SPEC section 3): the client's, else a new one; sent upstream, sent
         // back, and on the access-log line.
-        let request_id = match req.headers().get(&X_REQUEST_ID) {
-            Some(id) if usable_request_id(id) => id.clone(),
+        // Marked never-indexed (RFC 7541 section 7.1.3) both ways: a value used once would
+        // only churn an h2 connection's HPACK table, and every later header's lookup then
+        // walked a chain of stale ids (~5k instructions a request on the shared upstream
+        // connection).
+        let request_id = match req.headers_mut().get_mut(&X_REQUEST_ID) {
+            Some(id) if usable_request_id(id) => {
+                id.set_sensitive(true);
+                id.clone()
+            }
             _ => {
                 let id = new_request_id();
                 req.headers_mut().insert(X_REQUEST_ID.clone(), id.clone());
@@ -1081,5 +1088,26 @@ fn new_request_id() -> HeaderValue {
         *slot = HEX[((id >> (60 - 4 * i)) & 15) as usize];
     }
     // 16 hex digits are always a valid header value.
-    HeaderValue::from_bytes(&text).unwrap_or_else(|_| HeaderValue::from_static("-"))
+    let mut value =
+        HeaderValue::from_bytes(&text).unwrap_or_else(|_| HeaderValue::from_static("-"));
+    // Never indexed by HPACK, as in `Proxy::handle`.
+    value.set_sensitive(true);
+    value
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn new_request_ids_are_distinct_hex_and_never_indexed() {
+        let (a, b) = (new_request_id(), new_request_id());
+        assert_ne!(a, b);
+        for id in [&a, &b] {
+            assert_eq!(id.len(), 16);
+            assert!(id.as_bytes().iter().all(u8::is_ascii_hexdigit), "{id:?}");
+            // HPACK must not index a value used once (see `Proxy::handle`).
+            assert!(id.is_sensitive());
+        }
+    }
 }

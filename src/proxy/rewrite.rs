@@ -236,15 +236,25 @@ fn sensitive_key(raw: &str, extra: &str) -> bool {
 /// Whether `key` holds one of `words` (lower case), in any letter case: one pass that looks
 /// closer only where a word's first letter stands.
 fn holds_word(key: &[u8], words: &[&str]) -> bool {
+    let firsts = words
+        .iter()
+        .fold(0u32, |m, w| m | letter_bit(w.as_bytes()[0]));
     (0..key.len()).any(|i| {
-        let first = key[i].to_ascii_lowercase();
-        words.iter().any(|w| {
-            w.as_bytes()[0] == first
-                && key[i..]
+        firsts & letter_bit(key[i]) != 0
+            && words.iter().any(|w| {
+                key[i..]
                     .get(..w.len())
                     .is_some_and(|at| at.eq_ignore_ascii_case(w.as_bytes()))
-        })
+            })
     })
+}
+
+/// A bit for an ASCII letter in either case (0 for any other byte).
+fn letter_bit(b: u8) -> u32 {
+    match b.to_ascii_lowercase() {
+        l @ b'a'..=b'z' => 1 << (l - b'a'),
+        _ => 0,
+    }
 }
 
 /// Whether a query value holds `name=` for a sensitive name (behind `,`, `|` or any other
@@ -326,10 +336,14 @@ impl<'a> Redacted<'a> {
 
 impl Redacted<'_> {
     /// Writes `text` split at `seps` (kept), each piece through [`Redacted::piece`].
-    fn pieces(&self, f: &mut fmt::Formatter<'_>, text: &str, seps: &[char]) -> fmt::Result {
+    fn pieces(&self, f: &mut fmt::Formatter<'_>, text: &str, seps: &[u8]) -> fmt::Result {
         let mut rest = text;
         loop {
-            let end = rest.find(seps).unwrap_or(rest.len());
+            // Separators are ASCII, so `end` is a character boundary.
+            let end = rest
+                .bytes()
+                .position(|b| seps.contains(&b))
+                .unwrap_or(rest.len());
             self.piece(f, &rest[..end])?;
             if end == rest.len() {
                 return Ok(());
@@ -380,7 +394,7 @@ impl fmt::Display for Redacted<'_> {
                     match part.split_once(';') {
                         Some((name, params)) => {
                             write!(f, "{name};")?;
-                            self.pieces(f, params, &[';'])?;
+                            self.pieces(f, params, b";")?;
                         }
                         None => f.write_str(part)?,
                     }
@@ -392,7 +406,7 @@ impl fmt::Display for Redacted<'_> {
         };
         f.write_str("?")?;
         // `;` separates too: some servers split on it, so a secret behind one is a secret.
-        self.pieces(f, query, &['&', ';'])
+        self.pieces(f, query, b"&;")
     }
 }
 
