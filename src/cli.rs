@@ -419,6 +419,10 @@ fn check(path: &Path) -> ExitCode {
         return ExitCode::FAILURE;
     }
     print!("{}", loaded.config.render());
+    // The limit of the shell `check` runs in, which a service manager may set otherwise.
+    if let Some(w) = crate::server::raise_open_files_limit(loaded.config.open_files_needed()) {
+        crate::logging::warn(format_args!("{}: {w}", loaded.config.source));
+    }
     crate::logging::note(format_args!("{}: ok", loaded.config.source));
     ExitCode::SUCCESS
 }

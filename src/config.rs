@@ -150,6 +150,20 @@ impl ServerConfig {
     }
 }
 
+impl Config {
+    /// About how many file descriptors serving this config takes before its first client:
+    /// per worker a listening socket and its runtime's epoll and wake-up descriptors, the
+    /// upstream pool's ceiling (`upstream.max_connections`, shared by the workers), and 256
+    /// for the admin and callback ports, Redis, the queue, the log and the first clients.
+    pub fn open_files_needed(&self) -> u64 {
+        let workers = self.server.worker_threads() as u64;
+        workers
+            .saturating_mul(3)
+            .saturating_add(self.upstream.max_connections as u64)
+            .saturating_add(256)
+    }
+}
+
 /// Inbound TLS material.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct TlsFiles {

@@ -265,6 +265,9 @@ impl Listeners {
     /// the proxy port's sockets on a thread of its own with a single-threaded runtime (nginx's
     /// worker model), and the rest on the calling runtime.
     pub async fn bind_per_core(config: &Config) -> Result<Self, StartupError> {
+        if let Some(warning) = crate::server::raise_open_files_limit(config.open_files_needed()) {
+            tracing::warn!("{warning}");
+        }
         let addr = config.server.listen;
         let per_core = crate::server::bind_group(addr, config.server.worker_threads())
             .map_err(|source| StartupError::Bind { addr, source })?;

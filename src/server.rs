@@ -82,6 +82,44 @@ const ACCEPT_BACKOFF: (Duration, Duration) = (Duration::from_millis(10), Duratio
 /// Pending connections a listening socket may queue (tokio's own default).
 const LISTEN_BACKLOG: i32 = 1024;
 
+/// Raises this process's soft limit of open files to its hard limit (nginx's
+/// `worker_rlimit_nofile`, and what Go's runtime does at start: the soft default is often
+/// 1024, the hard one far higher), and returns a warning when even that is below `need`
+/// descriptors, or when the limit cannot be read. Unix only; elsewhere `None`.
+pub fn raise_open_files_limit(need: u64) -> Option<String> {
+    #[cfg(unix)]
+    {
+        use rustix::process::{getrlimit, setrlimit, Resource};
+        let mut limit = getrlimit(Resource::Nofile);
+        if limit.current.is_some() && limit.current != limit.maximum {
+            let raised = rustix::process::Rlimit {
+                current: limit.maximum,
+                maximum: limit.maximum,
+            };
+            // Refused (macOS caps the soft limit below an unlimited hard one): kept as is.
+            if setrlimit(Resource::Nofile, raised).is_ok() {
+                let before = limit.current;
+                limit = getrlimit(Resource::Nofile);
+                tracing::debug!(?before, now = ?limit.current, "open-files limit raised");
+            }
+        }
+        match limit.current {
+            Some(have) if have < need => Some(format!(
+                "the open-files limit is {have}, below the ~{need} descriptors this config may \
+                 use (its workers, upstream.max_connections and server.max_concurrent_requests); \
+                 past it new connections fail with \"Too many open files\": raise it \
+                 (LimitNOFILE= in a systemd unit, ulimit -n in a shell)"
+            )),
+            _ => None,
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = need;
+        None
+    }
+}
+
 /// Binds `n` listening sockets to one address and port, one per serving worker, each to be
 /// served by its own runtime.
 ///

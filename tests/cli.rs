@@ -196,6 +196,55 @@ fn check_prints_the_effective_config_with_secrets_masked() {
     );
 }
 
+#[cfg(unix)]
+#[test]
+fn check_raises_the_open_files_limit_and_warns_when_the_hard_one_is_too_low() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("proxy.toml");
+    let check = |workers: u32, ulimit: &str| {
+        std::fs::write(
+            &path,
+            format!(
+                "[server]\nworkers = {workers}\n[[app]]\nname = \"default\"\napp_key = \"ak\"\n\
+                 corp_id = 1\ncorp_secret = \"s\"\nprefix = \"/\"\n"
+            ),
+        )
+        .unwrap();
+        let out = Command::new("sh")
+            .arg("-c")
+            .arg(format!("ulimit {ulimit} && exec \"$0\" check -c \"$1\""))
+            .arg(bin())
+            .arg(&path)
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+        assert_eq!(out.status.code(), Some(0), "{stderr}");
+        stderr
+    };
+    // 500 workers take ~1,500 descriptors of their own: a hard limit of 1024 is too low.
+    let low = check(500, "-n 1024");
+    assert!(
+        low.contains("the open-files limit is 1024") && low.contains("LimitNOFILE="),
+        "{low}"
+    );
+    // One worker fits; and a low soft limit under a high hard one is raised, not warned.
+    assert!(!check(1, "-n 1024").contains("open-files"));
+    let hard: u64 = String::from_utf8(
+        Command::new("sh")
+            .args(["-c", "ulimit -Hn"])
+            .output()
+            .unwrap()
+            .stdout,
+    )
+    .unwrap()
+    .trim()
+    .parse()
+    .unwrap_or(u64::MAX);
+    if hard >= 4096 {
+        assert!(!check(500, "-Sn 512").contains("open-files"));
+    }
+}
+
 #[test]
 fn version_completions_man_page_and_where_config_flags_go() {
     let run = |args: &[&str]| {
