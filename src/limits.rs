@@ -587,13 +587,26 @@ impl Limiter {
     ) -> Option<Result<(), Duration>> {
         let store = self.store.as_deref().filter(|s| s.up())?;
         let key = self.shared_keys.get(app)?.get(rule)?;
-        let (n, per, slot) = {
-            let w = lock(window);
-            (w.limit(), w.period(), w.slot_length())
-        };
-        let taken = store.take_slot(key, n, per, slot, SLOTS).await.ok()?;
+        let n = lock(window).limit();
+        let (per, layout) = shared_layout(self.rules[rule].rate.per, self.margin);
+        let taken = store.take_slot(key, n, per, layout).await.ok()?;
         Some(taken.map(drop))
     }
+}
+
+/// A shared window's layout for a rule of period `per` under `margin`: how long a call
+/// counts (`per + margin`), and (slot length, slots read, slots kept). The slots are
+/// numbered by the period alone, so instances with other margins, and a reload that
+/// changes one, count in the same slots; counts are kept for at least two periods, so an
+/// instance with a margin up to the period still finds the slots another has passed.
+fn shared_layout(per: Duration, margin: Duration) -> (Duration, (Duration, u32, u32)) {
+    let base = per.max(Duration::from_millis(SLOTS.into()));
+    let nanos = base.as_nanos().div_ceil(u128::from(SLOTS));
+    let slot = Duration::from_nanos(u64::try_from(nanos).unwrap_or(u64::MAX))
+        .max(Duration::from_micros(1));
+    let live = base.saturating_add(margin);
+    let slots = u32::try_from(live.as_nanos().div_ceil(slot.as_nanos())).unwrap_or(u32::MAX);
+    (live, (slot, slots, slots.max(2 * SLOTS)))
 }
 
 /// Bytes that make a path spelling one [`lenient`] would change: `%`, `;`, `A`-`Z`.

@@ -384,10 +384,13 @@ impl Proxy {
         // only churn an h2 connection's HPACK table, and every later header's lookup then
         // walked a chain of stale ids (~5k instructions a request on the shared upstream
         // connection).
-        let request_id = match req.headers_mut().get_mut(&X_REQUEST_ID) {
+        let request_id = match req.headers().get(&X_REQUEST_ID) {
             Some(id) if usable_request_id(id) => {
+                let mut id = id.clone();
                 id.set_sensitive(true);
-                id.clone()
+                // One id everywhere: a second `X-Request-Id` of the client's is not sent on.
+                req.headers_mut().insert(X_REQUEST_ID.clone(), id.clone());
+                id
             }
             _ => {
                 let id = new_request_id();

@@ -250,6 +250,16 @@ async fn a_request_id_goes_upstream_and_back_the_clients_or_a_new_one() {
     assert_eq!(a.headers["x-request-id"], "legacy-42");
     let seen = env.sandbox.recorded().pop().unwrap();
     assert_eq!(seen.headers["x-request-id"], "legacy-42");
+    // Two: the first, usable, is the one id both ways; the second is not sent on.
+    let a = get_with(
+        &env.url("/api/apps/v1/robot/chats"),
+        &[("x-request-id", "first-1"), ("x-request-id", "has space")],
+    )
+    .await;
+    assert_eq!(a.headers["x-request-id"], "first-1");
+    let seen = env.sandbox.recorded().pop().unwrap();
+    let sent: Vec<_> = seen.headers.get_all("x-request-id").iter().collect();
+    assert_eq!(sent, ["first-1"]);
     // None, or one that is no usable id (too long): a new one, the same both ways.
     for sent in [None, Some("x".repeat(300))] {
         let headers: Vec<(&str, &str)> =

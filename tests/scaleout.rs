@@ -117,17 +117,27 @@ async fn cluster(
     .await;
     // Slow enough that the instances' start-up fetches overlap.
     sandbox.set_token_delay(Duration::from_millis(300));
-    let extra = format!(
-        "[admin]\nlisten = \"127.0.0.1:0\"\n[token.store]\nredis_url = \"{}\"\n{store_extra}\n{}",
-        redis.url(),
-        default_app(dir.path())
-    );
-    let text = config_text(&sandbox, dir.path(), &extra);
+    let text = cluster_text(redis, &sandbox, dir.path(), store_extra);
     let mut proxies = Vec::new();
     for _ in 0..n {
         proxies.push(ProxyHandle::start(config(&text)).await.unwrap());
     }
     (sandbox, proxies, dir)
+}
+
+/// The config of a cluster's instance: the store at `redis`, `store_extra` after it.
+fn cluster_text(
+    redis: &Redis,
+    sandbox: &Sandbox,
+    dir: &std::path::Path,
+    store_extra: &str,
+) -> String {
+    let extra = format!(
+        "[admin]\nlisten = \"127.0.0.1:0\"\n[token.store]\nredis_url = \"{}\"\n{store_extra}\n{}",
+        redis.url(),
+        default_app(dir)
+    );
+    config_text(sandbox, dir, &extra)
 }
 
 /// Sends `total` GETs spread over the proxies, all at once; returns the answers.
@@ -376,6 +386,43 @@ async fn instances_share_callback_nonces_so_a_retry_elsewhere_is_not_kept_twice(
         receiver.received().len(),
         1,
         "delivered once, by the instance that kept it"
+    );
+}
+
+#[tokio::test]
+async fn the_shared_window_holds_across_instances_with_other_margins_and_a_reload() {
+    let Some(redis) = Redis::start() else { return };
+    let rules = |margin: u32| {
+        format!(
+            "[limits]\nmax_wait_ms = 0\nmargin_ms = {margin}\n[[limits.rule]]\nmethod = \"GET\"\n\
+             path = \"/api/apps/v1/margin\"\nrate = \"5/s\"\n"
+        )
+    };
+    let (sandbox, proxies, dir) = cluster(&redis, 2, &rules(0), SandboxOptions::default()).await;
+    all_ok(&spread(&proxies, 2, "/api/warm").await);
+    all_ok(&spread(&proxies[..1], 5, "/api/apps/v1/margin").await);
+    // The second instance now counts with a margin of its own (slots were numbered by the
+    // margin before: it saw an empty window and passed five more, and the platform said 49001).
+    proxies[1]
+        .gateway
+        .apply(config(&cluster_text(
+            &redis,
+            &sandbox,
+            dir.path(),
+            &rules(1000),
+        )))
+        .await
+        .unwrap();
+    for a in spread(&proxies[1..], 5, "/api/apps/v1/margin").await {
+        assert_proxy_error(&a, 429, "rate_limited");
+    }
+    assert_eq!(
+        sandbox
+            .recorded()
+            .iter()
+            .filter(|r| r.path == "/api/apps/v1/margin")
+            .count(),
+        5
     );
 }
 

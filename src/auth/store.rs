@@ -74,6 +74,7 @@ local n = tonumber(ARGV[1])
 local per = tonumber(ARGV[2])
 local slot = tonumber(ARGV[3])
 local slots = tonumber(ARGV[4])
+local keep = tonumber(ARGV[5])
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
 local s = math.floor(now / slot)
@@ -99,9 +100,9 @@ if total < n then
   redis.call('HSET', KEYS[1], fields[2 * slots + 2], string.format('%.0f', now))
   if fresh then
     for _, k in ipairs(redis.call('HKEYS', KEYS[1])) do
-      if tonumber(string.sub(k, 3)) < s - slots then redis.call('HDEL', KEYS[1], k) end
+      if tonumber(string.sub(k, 3)) < s - keep then redis.call('HDEL', KEYS[1], k) end
     end
-    redis.call('PEXPIRE', KEYS[1], math.ceil(slot * (slots + 1) / 1000))
+    redis.call('PEXPIRE', KEYS[1], math.ceil(slot * (keep + 1) / 1000))
   end
   return {1, 0, total + 1}
 end
@@ -423,15 +424,15 @@ impl TokenStore {
     }
 
     /// Takes a slot in the shared window `key` of `n` calls per `per`, counted in `slots`
-    /// slots of `slot` (see `SLOT_SCRIPT`): `Ok(Ok(calls counted))` when admitted,
+    /// slots of `slot` (see `SLOT_SCRIPT`), the counts of the last `keep` slots kept for
+    /// instances that look further back: `Ok(Ok(calls counted))` when admitted,
     /// `Ok(Err(wait))` when the window is full for `wait`.
     pub async fn take_slot(
         &self,
         key: &str,
         n: u32,
         per: Duration,
-        slot: Duration,
-        slots: u32,
+        (slot, slots, keep): (Duration, u32, u32),
     ) -> Result<Result<u32, Duration>, StoreError> {
         let us = |d: Duration| u64::try_from(d.as_micros()).unwrap_or(u64::MAX).max(1);
         let (per_us, slot_us) = (us(per), us(slot));
@@ -444,6 +445,7 @@ impl TokenStore {
                     .arg(per_us)
                     .arg(slot_us)
                     .arg(slots)
+                    .arg(keep.max(slots))
                     .invoke_async(&mut c)
                     .await
             })
