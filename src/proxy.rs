@@ -382,7 +382,7 @@ impl Proxy {
         // back, and on the access-log line.
         // Marked never-indexed (RFC 7541 section 7.1.3) both ways: a value used once would
         // only churn an h2 connection's HPACK table, and every later header's lookup then
-        // walked a chain of stale ids (~5k instructions a request on the shared upstream
+        // walked a chain of stale ids (~4k instructions a request on the shared upstream
         // connection).
         let request_id = match req.headers().get(&X_REQUEST_ID) {
             Some(id) if usable_request_id(id) => {

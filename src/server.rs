@@ -85,7 +85,7 @@ const LISTEN_BACKLOG: i32 = 1024;
 /// Raises this process's soft limit of open files to its hard limit (nginx's
 /// `worker_rlimit_nofile`, and what Go's runtime does at start: the soft default is often
 /// 1024, the hard one far higher), and returns a warning when even that is below `need`
-/// descriptors, or when the limit cannot be read. Unix only; elsewhere `None`.
+/// descriptors. Unix only; elsewhere `None`.
 pub fn raise_open_files_limit(need: u64) -> Option<String> {
     #[cfg(unix)]
     {
@@ -106,7 +106,7 @@ pub fn raise_open_files_limit(need: u64) -> Option<String> {
         match limit.current {
             Some(have) if have < need => Some(format!(
                 "the open-files limit is {have}, below the ~{need} descriptors this config may \
-                 use (its workers, upstream.max_connections and server.max_concurrent_requests); \
+                 use (its workers and upstream.max_connections, and room for clients); \
                  past it new connections fail with \"Too many open files\": raise it \
                  (LimitNOFILE= in a systemd unit, ulimit -n in a shell)"
             )),

@@ -238,7 +238,7 @@ fn sensitive_key(raw: &str, extra: &str) -> bool {
 fn holds_word(key: &[u8], words: &[&str]) -> bool {
     let firsts = words
         .iter()
-        .fold(0u32, |m, w| m | letter_bit(w.as_bytes()[0]));
+        .fold(0u32, |m, w| m | w.bytes().next().map_or(0, letter_bit));
     (0..key.len()).any(|i| {
         firsts & letter_bit(key[i]) != 0
             && words.iter().any(|w| {
