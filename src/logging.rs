@@ -6,20 +6,22 @@
 //! +2.6 to 7.7 µs of CPU per request). Instead each thread appends its lines to a buffer of
 //! its own, and a flusher thread writes the buffers out, in order, every
 //! [`FLUSH_EVERY`] or as soon as one holds [`FLUSH_AT`] bytes, so a request never waits for
-//! stderr. A thread whose buffer reaches [`BACKLOG`] (stderr is stuck: a full pipe, a
-//! stalled journald) writes it itself and so waits, rather than lose lines or grow without
-//! bound. [`flush`] writes everything now; the binary calls it before it exits, and the
-//! commands' own messages call it first, so nothing is lost or reordered on SIGTERM. A
+//! stderr. Only the flusher writes. When stderr is stuck (a full pipe nobody reads, a
+//! stalled journald) the flusher waits, a thread's buffer stops at [`BACKLOG`], and lines
+//! past it are dropped and counted (`cx_proxy_log_lines_dropped_total`, and a warning once
+//! stderr takes lines again): requests go on, memory stays bounded. [`flush`] has the
+//! flusher write everything now and waits for it, at most [`FLUSH_WAIT`]; the binary calls
+//! it before it exits, and the commands' own messages call it first, so nothing is lost or
+//! reordered on SIGTERM while stderr takes lines, and a stuck one cannot hold the exit. A
 //! process killed with SIGKILL loses at most the last [`FLUSH_EVERY`] of lines.
 //!
 //! Hand-written rather than `tracing-appender`'s non-blocking writer: that one allocates a
-//! `Vec` per line and wakes its writer thread through a channel for each, and when its
-//! queue is full it drops lines by default.
+//! `Vec` per line and wakes its writer thread through a channel for each.
 
 use std::fmt::Display;
 use std::io::Write as _;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, OnceLock, PoisonError};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex, OnceLock, PoisonError};
 use std::time::Duration;
 
 use tracing_subscriber::EnvFilter;
@@ -78,8 +80,10 @@ pub fn init(format: LogFormat, level: Option<&str>) -> Result<(), String> {
 pub const FLUSH_EVERY: Duration = Duration::from_millis(100);
 /// A buffer holding this many bytes is written out at once (by the flusher).
 pub const FLUSH_AT: usize = 32 * 1024;
-/// A buffer holding this many bytes is written by its own thread, which waits for stderr.
+/// A thread's buffer holds at most this many bytes; lines past it are dropped and counted.
 pub const BACKLOG: usize = 1024 * 1024;
+/// Longest [`flush`] waits for the flusher (stderr may be stuck).
+pub const FLUSH_WAIT: Duration = Duration::from_secs(5);
 
 /// One thread's lines not yet written.
 #[derive(Default)]
@@ -131,13 +135,34 @@ struct Buffers {
     flusher: OnceLock<std::thread::Thread>,
     /// A buffer reached [`FLUSH_AT`] and the flusher has been woken for it.
     woken: AtomicBool,
+    /// Flushes asked for ([`flush`]), and the last asked for that the flusher has done.
+    asked: AtomicU64,
+    done: Mutex<u64>,
+    done_cv: Condvar,
+    /// Lines dropped since the start (a full buffer), and how many of them were reported.
+    dropped: AtomicU64,
+    reported: AtomicU64,
+    /// A [`flush`] gave up waiting for the flusher, which has not finished a round since.
+    stuck: AtomicBool,
 }
 
 static BUFFERS: Buffers = Buffers {
     all: Mutex::new(Vec::new()),
     flusher: OnceLock::new(),
     woken: AtomicBool::new(false),
+    asked: AtomicU64::new(0),
+    done: Mutex::new(0),
+    done_cv: Condvar::new(),
+    dropped: AtomicU64::new(0),
+    reported: AtomicU64::new(0),
+    stuck: AtomicBool::new(false),
 };
+
+/// Log lines dropped since the start because stderr did not take them
+/// (`cx_proxy_log_lines_dropped_total`).
+pub fn dropped_lines() -> u64 {
+    BUFFERS.dropped.load(Ordering::Relaxed)
+}
 
 thread_local! {
     static PENDING: Arc<Pending> = {
@@ -151,9 +176,29 @@ thread_local! {
     };
 }
 
-/// Writes every thread's buffered log lines to stderr now.
+/// Has every thread's buffered log lines written to stderr now, and waits for that (at
+/// most [`FLUSH_WAIT`]: a stuck stderr holds the flusher, not the caller).
 pub fn flush() {
-    write_all_buffers(false);
+    let flusher = match BUFFERS.flusher.get() {
+        Some(f) if f.id() != std::thread::current().id() => f,
+        _ => return write_all_buffers(false),
+    };
+    let ticket = BUFFERS.asked.fetch_add(1, Ordering::AcqRel) + 1;
+    flusher.unpark();
+    // A flusher that kept the last caller waiting is still stuck: nobody waits again until
+    // it finishes a round.
+    if BUFFERS.stuck.load(Ordering::Relaxed) {
+        return;
+    }
+    let done = BUFFERS.done.lock().unwrap_or_else(PoisonError::into_inner);
+    let (done, waited) = BUFFERS
+        .done_cv
+        .wait_timeout_while(done, FLUSH_WAIT, |done| *done < ticket)
+        .unwrap_or_else(PoisonError::into_inner);
+    drop(done);
+    if waited.timed_out() {
+        BUFFERS.stuck.store(true, Ordering::Relaxed);
+    }
 }
 
 /// [`flush`]; with `busy_skips`, buffers whose locks are held are left (the panic hook).
@@ -184,7 +229,12 @@ fn start_flusher() {
         .spawn(|| loop {
             std::thread::park_timeout(FLUSH_EVERY);
             BUFFERS.woken.store(false, Ordering::Relaxed);
-            flush();
+            let asked = BUFFERS.asked.load(Ordering::Acquire);
+            write_all_buffers(false);
+            report_dropped();
+            *BUFFERS.done.lock().unwrap_or_else(PoisonError::into_inner) = asked;
+            BUFFERS.stuck.store(false, Ordering::Relaxed);
+            BUFFERS.done_cv.notify_all();
         });
     match spawned {
         Ok(handle) => {
@@ -192,6 +242,20 @@ fn start_flusher() {
         }
         // Lines still go out: each thread writes its own at BACKLOG, and at exit.
         Err(e) => eprintln!("cx-proxy: cannot start the log writer thread: {e}"),
+    }
+}
+
+/// Once stderr takes lines again after some were dropped: a warning that says how many
+/// (into the flusher's own buffer, written on its next round).
+fn report_dropped() {
+    let dropped = BUFFERS.dropped.load(Ordering::Relaxed);
+    let reported = BUFFERS.reported.swap(dropped, Ordering::Relaxed);
+    if dropped > reported {
+        tracing::warn!(
+            dropped = dropped - reported,
+            "log lines dropped: stderr did not take them as fast as they came \
+             (cx_proxy_log_lines_dropped_total counts them all)"
+        );
     }
 }
 
@@ -228,14 +292,20 @@ fn append(write: impl FnOnce(&mut Vec<u8>)) {
     let mut write = Some(write);
     // A thread logging while it ends, after its buffer is gone, writes directly.
     let buffered = PENDING.try_with(|pending| {
+        let flusher = BUFFERS.flusher.get().is_some();
         let held = {
             let mut lines = pending.lines.lock().unwrap_or_else(PoisonError::into_inner);
-            if let Some(write) = write.take() {
-                write(&mut lines);
+            match write.take() {
+                // Full: stderr is not keeping up; the line is dropped, not waited for.
+                Some(_) if flusher && lines.len() >= BACKLOG => {
+                    BUFFERS.dropped.fetch_add(1, Ordering::Relaxed);
+                }
+                Some(write) => write(&mut lines),
+                None => {}
             }
             lines.len()
         };
-        if held >= BACKLOG || BUFFERS.flusher.get().is_none() {
+        if !flusher {
             pending.write_out(&mut Vec::new(), false);
         } else if held >= FLUSH_AT && !BUFFERS.woken.swap(true, Ordering::Relaxed) {
             if let Some(flusher) = BUFFERS.flusher.get() {

@@ -81,6 +81,7 @@ pub struct Metrics {
     traffic: crate::status::Traffic,
     rate_limited: IntCounterVec,
     window_calls: prometheus::IntGaugeVec,
+    log_dropped: prometheus::IntCounter,
 }
 
 impl Metrics {
@@ -193,6 +194,14 @@ impl Metrics {
             "Requests by identified client",
             &["client"],
         );
+        let log_dropped = add(
+            &registry,
+            prometheus::IntCounter::new(
+                "log_lines_dropped_total",
+                "Log lines dropped because stderr did not take them as fast as they came \
+                 (a stuck pipe or journald); since the start",
+            ),
+        );
         // cx_proxy_build_info{version,commit} 1: which build answers (build.rs stamps it).
         let build_info = add(
             &registry,
@@ -237,6 +246,7 @@ impl Metrics {
             traffic: crate::status::Traffic::new(apps.len()),
             rate_limited,
             window_calls,
+            log_dropped,
         }
     }
 
@@ -381,6 +391,11 @@ impl Metrics {
 
     /// The Prometheus text exposition.
     pub fn render(&self) -> String {
+        // The count lives in the logger (process-wide, across reloads); caught up here.
+        let dropped = crate::logging::dropped_lines();
+        if let Some(new) = dropped.checked_sub(self.log_dropped.get()) {
+            self.log_dropped.inc_by(new);
+        }
         let mut families = self.registry.gather();
         families.extend(self.process.gather());
         TextEncoder::new()

@@ -611,6 +611,102 @@ async fn every_access_line_reaches_stderr_by_sigterm_whole() {
 }
 
 #[tokio::test]
+async fn a_stderr_nobody_reads_holds_no_request_and_no_stop() {
+    // A service whose stderr pipe is never read (a wedged log shipper): the access lines
+    // fill the pipe, then the thread's 1 MiB buffer; past that they are dropped and
+    // counted, and requests and the stop go on. (Before, a request waited on stderr.)
+    let dir = tempfile::tempdir().unwrap();
+    let sandbox = sandbox(dir.path(), SandboxOptions::default()).await;
+    let free = || {
+        std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port()
+    };
+    let (port, admin) = (free(), free());
+    let secret_var = "CX_TEST_STUCK_SECRET";
+    let text = config_text(
+        &sandbox,
+        dir.path(),
+        &format!(
+            "[admin]\nlisten = \"127.0.0.1:{admin}\"\n{}",
+            env_secret_app(secret_var)
+        ),
+    );
+    let path = dir.path().join("proxy.toml");
+    std::fs::write(
+        &path,
+        set(&text, "server.listen", format!("127.0.0.1:{port}")),
+    )
+    .unwrap();
+    let mut child = Command::new(bin())
+        .args(["--log-level", "debug", "run", "-c"])
+        .arg(&path)
+        .env(secret_var, SECRET)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Held open and never read.
+    let _stderr = child.stderr.take();
+    let base = format!("http://127.0.0.1:{port}");
+    let c = client(false);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while tokio::time::timeout(
+        Duration::from_secs(1),
+        c.get(format!("{base}/api/x").parse().unwrap()),
+    )
+    .await
+    .map_or(true, |r| r.is_err())
+    {
+        assert!(Instant::now() < deadline, "the proxy did not start");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // Debug lines and access lines: several MiB, far past the pipe and the buffer.
+    const CALLS: usize = 2000;
+    for i in 0..CALLS {
+        let req = http::Request::builder()
+            .uri(format!("{base}/api/stuck?n={i}"))
+            .body(http_body_util::Full::new(bytes::Bytes::new()))
+            .unwrap();
+        let a = tokio::time::timeout(Duration::from_secs(5), send(&c, req))
+            .await
+            .unwrap_or_else(|_| panic!("request {i} waited on stderr"));
+        assert_eq!(a.status, 200);
+    }
+    let metrics = get(&format!("http://127.0.0.1:{admin}/metrics"))
+        .await
+        .text();
+    let dropped: u64 = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("cx_proxy_log_lines_dropped_total "))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no drop count:\n{metrics}"));
+    assert!(dropped > 0, "{dropped}");
+    // The stop is not held by the stuck pipe either.
+    let stopping = Instant::now();
+    assert!(Command::new("kill")
+        .arg(child.id().to_string())
+        .status()
+        .unwrap()
+        .success());
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            assert_eq!(status.code(), Some(0));
+            break;
+        }
+        if stopping.elapsed() > Duration::from_secs(30) {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("the stop waited on stderr");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test]
 async fn demo_prints_curl_lines_that_all_work_on_documented_paths() {
     let dir = tempfile::tempdir().unwrap();
     // A corporate proxy in the user's environment (here one that is not there): the demo's
