@@ -9,7 +9,8 @@
 //! stderr. Only the flusher writes. When stderr is stuck (a full pipe nobody reads, a
 //! stalled journald) the flusher waits, a thread's buffer stops at [`BACKLOG`], and lines
 //! past it are dropped and counted (`cx_proxy_log_lines_dropped_total`, and a warning once
-//! stderr takes lines again): requests go on, memory stays bounded. [`flush`] has the
+//! stderr takes lines again): requests go on, memory stays bounded. Lines a write refused
+//! (the reader gone, a full disk) are counted the same way. [`flush`] has the
 //! flusher write everything now and waits for it, at most [`FLUSH_WAIT`]; the binary calls
 //! it before it exits, and the commands' own messages call it first, so nothing is lost or
 //! reordered on SIGTERM while stderr takes lines, and a stuck one cannot hold the exit. A
@@ -110,8 +111,14 @@ impl Pending {
             }
             std::mem::swap(&mut *lines, spare);
         }
-        // Nowhere to report a failed write to stderr.
-        let _ = std::io::stderr().lock().write_all(spare);
+        // A refused write (the reader gone, a full disk) loses the lines: counted, and
+        // reported once stderr takes lines again (there is nowhere else to report it).
+        let failed = std::io::stderr().lock().write_all(spare).is_err();
+        if failed {
+            let lines = memchr::memchr_iter(b'\n', spare).count().max(1);
+            BUFFERS.dropped.fetch_add(lines as u64, Ordering::Relaxed);
+        }
+        BUFFERS.refusing.store(failed, Ordering::Relaxed);
         spare.clear();
     }
 }
@@ -144,6 +151,8 @@ struct Buffers {
     reported: AtomicU64,
     /// A [`flush`] gave up waiting for the flusher, which has not finished a round since.
     stuck: AtomicBool,
+    /// The last write to stderr failed.
+    refusing: AtomicBool,
 }
 
 static BUFFERS: Buffers = Buffers {
@@ -156,10 +165,11 @@ static BUFFERS: Buffers = Buffers {
     dropped: AtomicU64::new(0),
     reported: AtomicU64::new(0),
     stuck: AtomicBool::new(false),
+    refusing: AtomicBool::new(false),
 };
 
-/// Log lines dropped since the start because stderr did not take them
-/// (`cx_proxy_log_lines_dropped_total`).
+/// Log lines dropped since the start because stderr did not take them: stuck, closed or
+/// full (`cx_proxy_log_lines_dropped_total`).
 pub fn dropped_lines() -> u64 {
     BUFFERS.dropped.load(Ordering::Relaxed)
 }
@@ -248,6 +258,10 @@ fn start_flusher() {
 /// Once stderr takes lines again after some were dropped: a warning that says how many
 /// (into the flusher's own buffer, written on its next round).
 fn report_dropped() {
+    // While writes fail, the report would only be lost (and counted) in turn.
+    if BUFFERS.refusing.load(Ordering::Relaxed) {
+        return;
+    }
     let dropped = BUFFERS.dropped.load(Ordering::Relaxed);
     let reported = BUFFERS.reported.swap(dropped, Ordering::Relaxed);
     if dropped > reported {

@@ -198,8 +198,8 @@ impl Metrics {
             &registry,
             prometheus::IntCounter::new(
                 "log_lines_dropped_total",
-                "Log lines dropped because stderr did not take them as fast as they came \
-                 (a stuck pipe or journald); since the start",
+                "Log lines dropped because stderr did not take them: too slow (a stuck pipe or \
+                 journald), closed or full; since the start",
             ),
         );
         // cx_proxy_build_info{version,commit} 1: which build answers (build.rs stamps it).

@@ -610,13 +610,15 @@ async fn every_access_line_reaches_stderr_by_sigterm_whole() {
     assert_eq!(lines.last().unwrap()["message"], "stopped", "{logs}");
 }
 
-#[tokio::test]
-async fn a_stderr_nobody_reads_holds_no_request_and_no_stop() {
-    // A service whose stderr pipe is never read (a wedged log shipper): the access lines
-    // fill the pipe, then the thread's 1 MiB buffer; past that they are dropped and
-    // counted, and requests and the stop go on. (Before, a request waited on stderr.)
-    let dir = tempfile::tempdir().unwrap();
-    let sandbox = sandbox(dir.path(), SandboxOptions::default()).await;
+/// A proxy started with its stderr set to `stderr` (so its listening line cannot be read):
+/// on ports chosen here, the admin port beside it. Returns the child, the proxy's base URL
+/// and the admin port, once the proxy answers.
+async fn start_with_stderr(
+    dir: &std::path::Path,
+    sandbox: &cx_proxy::sandbox::Sandbox,
+    level: &str,
+    stderr: Stdio,
+) -> (Child, String, u16) {
     let free = || {
         std::net::TcpListener::bind("127.0.0.1:0")
             .unwrap()
@@ -627,30 +629,28 @@ async fn a_stderr_nobody_reads_holds_no_request_and_no_stop() {
     let (port, admin) = (free(), free());
     let secret_var = "CX_TEST_STUCK_SECRET";
     let text = config_text(
-        &sandbox,
-        dir.path(),
+        sandbox,
+        dir,
         &format!(
             "[admin]\nlisten = \"127.0.0.1:{admin}\"\n{}",
             env_secret_app(secret_var)
         ),
     );
-    let path = dir.path().join("proxy.toml");
+    let path = dir.join("proxy.toml");
     std::fs::write(
         &path,
         set(&text, "server.listen", format!("127.0.0.1:{port}")),
     )
     .unwrap();
-    let mut child = Command::new(bin())
-        .args(["--log-level", "debug", "run", "-c"])
+    let child = Command::new(bin())
+        .args(["--log-level", level, "run", "-c"])
         .arg(&path)
         .env(secret_var, SECRET)
         .stdin(Stdio::null())
         .stdout(Stdio::null())
-        .stderr(Stdio::piped())
+        .stderr(stderr)
         .spawn()
         .unwrap();
-    // Held open and never read.
-    let _stderr = child.stderr.take();
     let base = format!("http://127.0.0.1:{port}");
     let c = client(false);
     let deadline = Instant::now() + Duration::from_secs(20);
@@ -664,11 +664,28 @@ async fn a_stderr_nobody_reads_holds_no_request_and_no_stop() {
         assert!(Instant::now() < deadline, "the proxy did not start");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    // Debug lines and access lines: several MiB, far past the pipe and the buffer.
-    const CALLS: usize = 2000;
-    for i in 0..CALLS {
+    (child, base, admin)
+}
+
+/// `cx_proxy_log_lines_dropped_total` on the admin port.
+async fn dropped_lines(admin: u16) -> u64 {
+    let metrics = get(&format!("http://127.0.0.1:{admin}/metrics"))
+        .await
+        .text();
+    metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("cx_proxy_log_lines_dropped_total "))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no drop count:\n{metrics}"))
+}
+
+/// GETs `{base}/api/{what}?n=…` `calls` times in a row; each must be answered (200) within
+/// 5 s.
+async fn hammer(base: &str, what: &str, calls: usize) {
+    let c = client(false);
+    for i in 0..calls {
         let req = http::Request::builder()
-            .uri(format!("{base}/api/stuck?n={i}"))
+            .uri(format!("{base}/api/{what}?n={i}"))
             .body(http_body_util::Full::new(bytes::Bytes::new()))
             .unwrap();
         let a = tokio::time::timeout(Duration::from_secs(5), send(&c, req))
@@ -676,14 +693,22 @@ async fn a_stderr_nobody_reads_holds_no_request_and_no_stop() {
             .unwrap_or_else(|_| panic!("request {i} waited on stderr"));
         assert_eq!(a.status, 200);
     }
-    let metrics = get(&format!("http://127.0.0.1:{admin}/metrics"))
-        .await
-        .text();
-    let dropped: u64 = metrics
-        .lines()
-        .find_map(|l| l.strip_prefix("cx_proxy_log_lines_dropped_total "))
-        .and_then(|v| v.trim().parse().ok())
-        .unwrap_or_else(|| panic!("no drop count:\n{metrics}"));
+}
+
+#[tokio::test]
+async fn a_stderr_nobody_reads_holds_no_request_and_no_stop() {
+    // A service whose stderr pipe is never read (a wedged log shipper): the access lines
+    // fill the pipe, then the thread's 1 MiB buffer; past that they are dropped and
+    // counted, and requests and the stop go on. (Before, a request waited on stderr.)
+    let dir = tempfile::tempdir().unwrap();
+    let sandbox = sandbox(dir.path(), SandboxOptions::default()).await;
+    let (mut child, base, admin) =
+        start_with_stderr(dir.path(), &sandbox, "debug", Stdio::piped()).await;
+    // Held open and never read.
+    let _stderr = child.stderr.take();
+    // Debug lines and access lines: several MiB, far past the pipe and the buffer.
+    hammer(&base, "stuck", 2000).await;
+    let dropped = dropped_lines(admin).await;
     assert!(dropped > 0, "{dropped}");
     // The stop is not held by the stuck pipe either.
     let stopping = Instant::now();
@@ -704,6 +729,34 @@ async fn a_stderr_nobody_reads_holds_no_request_and_no_stop() {
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+}
+
+#[cfg(target_os = "linux")]
+#[tokio::test]
+async fn lines_a_full_disk_refuses_are_counted_as_dropped() {
+    // /dev/full refuses every write (ENOSPC), as a full log disk does.
+    let dir = tempfile::tempdir().unwrap();
+    let sandbox = sandbox(dir.path(), SandboxOptions::default()).await;
+    let full = std::fs::OpenOptions::new()
+        .write(true)
+        .open("/dev/full")
+        .unwrap();
+    let (mut child, base, admin) =
+        start_with_stderr(dir.path(), &sandbox, "info", Stdio::from(full)).await;
+    hammer(&base, "full", 50).await;
+    // Written out (and refused) within the flusher's 100 ms round.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut dropped = 0;
+    while dropped < 50 {
+        assert!(
+            Instant::now() < deadline,
+            "{dropped} of 50 access lines counted"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        dropped = dropped_lines(admin).await;
+    }
+    let _ = child.kill();
+    let _ = child.wait();
 }
 
 #[tokio::test]
