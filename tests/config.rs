@@ -88,6 +88,32 @@ fn syntax_errors_give_a_line() {
 }
 
 #[test]
+fn a_number_too_large_names_its_key_and_the_limit() {
+    // The parser refuses these before any key is read; the key comes from the line.
+    let err = load(&format!(
+        "{MINIMAL}\n[limits]   # the call limits\nmargin_ms = 99999999999999999999\n"
+    ))
+    .unwrap_err();
+    let problem = &err.problems[0];
+    assert!(
+        problem.starts_with("proxy.toml: limits.margin_ms: line ")
+            && problem.ends_with("the number is too large (at most 9223372036854775807)"),
+        "{err}"
+    );
+    let err = load(&format!(
+        "{MINIMAL}\n[[app]]\nname = \"b\"\napp_key = \"k2\"\ncorp_id = 9223372036854775808\n"
+    ))
+    .unwrap_err();
+    assert!(
+        err.problems[0].starts_with("proxy.toml: app[1].corp_id: line "),
+        "{err}"
+    );
+    // A line of a multi-line string is not taken for a key (it may be a secret's).
+    let err = load("[[app]]\ncorp_secret = \"\"\"\nab12=cd\\q\n\"\"\"\n").unwrap_err();
+    assert!(!err.problems[0].contains("ab12"), "{err}");
+}
+
+#[test]
 fn render_never_shows_secrets() {
     let c = load(MINIMAL).unwrap().config;
     let text = c.render();

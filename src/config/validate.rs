@@ -112,24 +112,88 @@ pub(super) fn upstream_only(
     }
 }
 
-/// The file as a TOML table, or its syntax error with line and column.
+/// The file as a TOML table, or its syntax error as `file: key: line L, column C: what`
+/// (the key when the error is on a `key = value` line, else `file: line L, column C: what`).
 fn parse_table(text: &str, name: &str) -> Result<Table, ConfigError> {
     text.parse().map_err(|e: toml::de::Error| {
-        let at = e.span().map_or_else(
-            || "syntax".into(),
-            |s| {
+        let message = without_values(e.message().trim());
+        // The parser's words for an integer past 64 bits name Rust types, not the problem.
+        let message = if message.contains("as i128") || message.contains("value was too large") {
+            format!("the number is too large (at most {})", i64::MAX)
+        } else {
+            message
+        };
+        let problem = match e.span() {
+            None => format!("{name}: syntax: {message}"),
+            Some(s) => {
                 let before = &text[..s.start.min(text.len())];
                 let line = before.matches('\n').count() + 1;
                 let col = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
-                format!("line {line}, column {col}")
-            },
-        );
+                let at = format!("line {line}, column {col}");
+                match key_at(text, line) {
+                    Some(key) => format!("{name}: {key}: {at}: {message}"),
+                    None => format!("{name}: {at}: {message}"),
+                }
+            }
+        };
         ConfigError {
-            problems: vec![format!(
-                "{name}: {at}: {}",
-                without_values(e.message().trim())
-            )],
+            problems: vec![problem],
         }
+    })
+}
+
+/// The key a `key = value` line (1-based `line`) sets, with its table as the problems of a
+/// well-formed file name it (`limits.margin_ms`, `app[1].corp_id`); `None` for any other
+/// line. Read from the raw lines: the file did not parse.
+fn key_at(text: &str, line: usize) -> Option<String> {
+    let bare = |k: &str| {
+        let k = k.trim();
+        (!k.is_empty()
+            && k.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.')))
+        .then(|| k.to_owned())
+    };
+    let lines: Vec<&str> = text.lines().collect();
+    // A line inside a multi-line string is no key line (and may hold a secret).
+    let above = lines.get(..line.checked_sub(1)?)?;
+    let odd = |quotes: &str| {
+        above
+            .iter()
+            .map(|l| l.matches(quotes).count())
+            .sum::<usize>()
+            % 2
+            == 1
+    };
+    if odd("\"\"\"") || odd("'''") {
+        return None;
+    }
+    let (key, _) = lines.get(line - 1)?.split_once('=')?;
+    let key = bare(key)?;
+    let mut table = None;
+    let mut arrays: Vec<(String, usize)> = Vec::new();
+    for l in above {
+        // A header's name holds no `#`: what follows one is a comment.
+        let l = l.split('#').next().unwrap_or_default().trim();
+        if let Some(name) = l.strip_prefix("[[").and_then(|r| r.strip_suffix("]]")) {
+            let name = bare(name)?;
+            let n = match arrays.iter_mut().find(|(a, _)| *a == name) {
+                Some((_, n)) => {
+                    *n += 1;
+                    *n
+                }
+                None => {
+                    arrays.push((name.clone(), 0));
+                    0
+                }
+            };
+            table = Some(format!("{name}[{n}]"));
+        } else if let Some(name) = l.strip_prefix('[').and_then(|r| r.strip_suffix(']')) {
+            table = Some(bare(name)?);
+        }
+    }
+    Some(match table {
+        Some(t) => format!("{t}.{key}"),
+        None => key,
     })
 }
 
