@@ -610,6 +610,31 @@ async fn every_access_line_reaches_stderr_by_sigterm_whole() {
     assert_eq!(lines.last().unwrap()["message"], "stopped", "{logs}");
 }
 
+/// A child process stopped (SIGKILL) when dropped, so a failed assertion leaves none behind.
+struct KillOnDrop(Child);
+
+impl std::ops::Deref for KillOnDrop {
+    type Target = Child;
+    fn deref(&self) -> &Child {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for KillOnDrop {
+    fn deref_mut(&mut self) -> &mut Child {
+        &mut self.0
+    }
+}
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        if let Ok(None) = self.0.try_wait() {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+}
+
 /// A proxy started with its stderr set to `stderr` (so its listening line cannot be read):
 /// on ports chosen here, the admin port beside it. Returns the child, the proxy's base URL
 /// and the admin port, once the proxy answers.
@@ -618,7 +643,7 @@ async fn start_with_stderr(
     sandbox: &cx_proxy::sandbox::Sandbox,
     level: &str,
     stderr: Stdio,
-) -> (Child, String, u16) {
+) -> (KillOnDrop, String, u16) {
     let free = || {
         std::net::TcpListener::bind("127.0.0.1:0")
             .unwrap()
@@ -642,15 +667,17 @@ async fn start_with_stderr(
         set(&text, "server.listen", format!("127.0.0.1:{port}")),
     )
     .unwrap();
-    let child = Command::new(bin())
-        .args(["--log-level", level, "run", "-c"])
-        .arg(&path)
-        .env(secret_var, SECRET)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(stderr)
-        .spawn()
-        .unwrap();
+    let child = KillOnDrop(
+        Command::new(bin())
+            .args(["--log-level", level, "run", "-c"])
+            .arg(&path)
+            .env(secret_var, SECRET)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(stderr)
+            .spawn()
+            .unwrap(),
+    );
     let base = format!("http://127.0.0.1:{port}");
     let c = client(false);
     let deadline = Instant::now() + Duration::from_secs(20);
@@ -722,11 +749,10 @@ async fn a_stderr_nobody_reads_holds_no_request_and_no_stop() {
             assert_eq!(status.code(), Some(0));
             break;
         }
-        if stopping.elapsed() > Duration::from_secs(30) {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!("the stop waited on stderr");
-        }
+        assert!(
+            stopping.elapsed() < Duration::from_secs(30),
+            "the stop waited on stderr"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
@@ -741,7 +767,7 @@ async fn lines_a_full_disk_refuses_are_counted_as_dropped() {
         .write(true)
         .open("/dev/full")
         .unwrap();
-    let (mut child, base, admin) =
+    let (child, base, admin) =
         start_with_stderr(dir.path(), &sandbox, "info", Stdio::from(full)).await;
     hammer(&base, "full", 50).await;
     // Written out (and refused) within the flusher's 100 ms round.
@@ -755,8 +781,7 @@ async fn lines_a_full_disk_refuses_are_counted_as_dropped() {
         tokio::time::sleep(Duration::from_millis(100)).await;
         dropped = dropped_lines(admin).await;
     }
-    let _ = child.kill();
-    let _ = child.wait();
+    drop(child);
 }
 
 #[tokio::test]
