@@ -115,16 +115,6 @@ impl Window {
         Duration::from_millis(self.margin_ms.into())
     }
 
-    /// The length of one slot (`per / SLOTS`, rounded up).
-    pub fn slot_length(&self) -> Duration {
-        self.slot
-    }
-
-    /// The window's length.
-    pub fn period(&self) -> Duration {
-        self.per
-    }
-
     fn nanos_of(&self, t: Instant) -> u64 {
         u64::try_from(t.saturating_duration_since(self.origin).as_nanos()).unwrap_or(u64::MAX)
     }

@@ -384,20 +384,14 @@ impl Proxy {
         // only churn an h2 connection's HPACK table, and every later header's lookup then
         // walked a chain of stale ids (~4k instructions a request on the shared upstream
         // connection).
-        let request_id = match req.headers().get(&X_REQUEST_ID) {
-            Some(id) if usable_request_id(id) => {
-                let mut id = id.clone();
-                id.set_sensitive(true);
-                // One id everywhere: a second `X-Request-Id` of the client's is not sent on.
-                req.headers_mut().insert(X_REQUEST_ID.clone(), id.clone());
-                id
-            }
-            _ => {
-                let id = new_request_id();
-                req.headers_mut().insert(X_REQUEST_ID.clone(), id.clone());
-                id
-            }
+        let mut request_id = match req.headers().get(&X_REQUEST_ID) {
+            Some(id) if usable_request_id(id) => id.clone(),
+            _ => new_request_id(),
         };
+        request_id.set_sensitive(true);
+        // One id everywhere: it replaces any the client sent (a second one is not sent on).
+        req.headers_mut()
+            .insert(X_REQUEST_ID.clone(), request_id.clone());
         // The access log's fields are only gathered when it is on.
         let logged =
             tracing::enabled!(target: "cx_proxy::access", tracing::Level::INFO).then(|| {

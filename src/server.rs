@@ -127,9 +127,10 @@ pub fn raise_open_files_limit(need: u64) -> Option<String> {
 /// connections across them (nginx's `reuseport`), so no two workers wake for the same
 /// connection; any process of the same user that sets `SO_REUSEPORT` could join the group
 /// (run the service as a user of its own). Elsewhere (macOS and the BSDs do not spread
-/// connections that way) one socket is cloned and every worker accepts from it. A port already in use, by any process,
-/// another cx-proxy included, is refused as a plain bind would refuse it: a plain socket is
-/// bound to it first and closed before the group is bound.
+/// connections that way) one socket is cloned and every worker accepts from it. A port
+/// already in use, by any process, another cx-proxy included, is refused as a plain bind
+/// would refuse it: a plain socket is bound to it first and closed before the group is
+/// bound.
 ///
 /// The sockets are non-blocking, ready for `tokio::net::TcpListener::from_std` on the
 /// runtime that serves each.

@@ -260,20 +260,19 @@ impl Pool {
 
     /// An h2 connection with room for one more exchange, counted in.
     fn shared_h2(&self) -> Option<(http2::SendRequest<Body>, Counted)> {
-        let mut h2 = self.h2.lock().ok()?;
-        h2.retain(|(s, _)| !s.is_closed());
-        h2.iter()
-            .find(|(_, streams)| streams.load(Ordering::Relaxed) < H2_STREAMS)
-            .map(|(s, streams)| (s.clone(), Counted::count(streams)))
+        self.least_loaded_h2(H2_STREAMS)
     }
 
-    /// The open h2 connection with the fewest exchanges in flight, however many, counted in.
-    fn least_loaded_h2(&self) -> Option<(http2::SendRequest<Body>, Counted)> {
+    /// The open h2 connection with the fewest exchanges in flight, counted in, if those are
+    /// fewer than `below`.
+    fn least_loaded_h2(&self, below: usize) -> Option<(http2::SendRequest<Body>, Counted)> {
         let mut h2 = self.h2.lock().ok()?;
         h2.retain(|(s, _)| !s.is_closed());
         h2.iter()
-            .min_by_key(|(_, streams)| streams.load(Ordering::Relaxed))
-            .map(|(s, streams)| (s.clone(), Counted::count(streams)))
+            .map(|(s, streams)| (s, streams, streams.load(Ordering::Relaxed)))
+            .filter(|&(_, _, n)| n < below)
+            .min_by_key(|&(_, _, n)| n)
+            .map(|(s, streams, _)| (s.clone(), Counted::count(streams)))
     }
 
     /// Adds a new h2 connection, unless another with room was added meanwhile (the first
@@ -501,7 +500,7 @@ impl Upstream {
                 // Another connection could not be had (the platform or a proxy limits
                 // them): the least loaded open one takes the exchange, and hyper queues it
                 // for a free stream.
-                Err(e) => match self.pool().least_loaded_h2() {
+                Err(e) => match self.pool().least_loaded_h2(usize::MAX) {
                     Some((sender, stream)) => Ok((Conn::H2(sender, stream), true)),
                     None => Err(e),
                 },
