@@ -10,9 +10,34 @@ use std::time::{Duration, Instant};
 use cx_proxy::sandbox::SandboxOptions;
 use support::*;
 
+/// A child process stopped (SIGKILL) when dropped, so a failed assertion leaves none behind.
+struct KillOnDrop(Child);
+
+impl std::ops::Deref for KillOnDrop {
+    type Target = Child;
+    fn deref(&self) -> &Child {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for KillOnDrop {
+    fn deref_mut(&mut self) -> &mut Child {
+        &mut self.0
+    }
+}
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        if let Ok(None) = self.0.try_wait() {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+}
+
 /// A child process whose output is collected as it arrives.
 struct Proc {
-    child: Child,
+    child: KillOnDrop,
     stdout: Arc<Mutex<String>>,
     stderr: Arc<Mutex<String>>,
 }
@@ -41,7 +66,7 @@ impl Proc {
         let stdout = collect(child.stdout.take().unwrap());
         let stderr = collect(child.stderr.take().unwrap());
         Proc {
-            child,
+            child: KillOnDrop(child),
             stdout,
             stderr,
         }
@@ -94,15 +119,6 @@ impl Proc {
                 );
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        if let Ok(None) = self.child.try_wait() {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
         }
     }
 }
@@ -227,22 +243,10 @@ fn check_raises_the_open_files_limit_and_warns_when_the_hard_one_is_too_low() {
         low.contains("the open-files limit is 1024") && low.contains("LimitNOFILE="),
         "{low}"
     );
-    // One worker fits; and a low soft limit under a high hard one is raised, not warned.
+    // One worker fits; and a low soft limit under a higher hard one is raised, not warned
+    // (one worker needs ~515: a soft limit of 256 would warn if it were kept).
     assert!(!check(1, "-n 1024").contains("open-files"));
-    let hard: u64 = String::from_utf8(
-        Command::new("sh")
-            .args(["-c", "ulimit -Hn"])
-            .output()
-            .unwrap()
-            .stdout,
-    )
-    .unwrap()
-    .trim()
-    .parse()
-    .unwrap_or(u64::MAX);
-    if hard >= 4096 {
-        assert!(!check(500, "-Sn 512").contains("open-files"));
-    }
+    assert!(!check(1, "-Sn 256").contains("open-files"));
 }
 
 #[test]
@@ -578,14 +582,7 @@ async fn every_access_line_reaches_stderr_by_sigterm_whole() {
     let addr = p.wait_for("the listening line", listening).await;
     let base = format!("http://{addr}");
     const CALLS: usize = 400;
-    let c = client(false);
-    for i in 0..CALLS {
-        let req = http::Request::builder()
-            .uri(format!("{base}/api/burst?n={i}"))
-            .body(http_body_util::Full::new(bytes::Bytes::new()))
-            .unwrap();
-        assert_eq!(send(&c, req).await.status, 200);
-    }
+    hammer(&base, "burst", CALLS).await;
     // At once: the lines are still in their buffers (flushed every 100 ms).
     p.sigterm();
     assert_eq!(p.wait().await.code(), Some(0));
@@ -608,31 +605,6 @@ async fn every_access_line_reaches_stderr_by_sigterm_whole() {
     assert_eq!(seen, (0..CALLS).collect::<Vec<_>>(), "{logs}");
     // The last line is the stop, after every access line.
     assert_eq!(lines.last().unwrap()["message"], "stopped", "{logs}");
-}
-
-/// A child process stopped (SIGKILL) when dropped, so a failed assertion leaves none behind.
-struct KillOnDrop(Child);
-
-impl std::ops::Deref for KillOnDrop {
-    type Target = Child;
-    fn deref(&self) -> &Child {
-        &self.0
-    }
-}
-
-impl std::ops::DerefMut for KillOnDrop {
-    fn deref_mut(&mut self) -> &mut Child {
-        &mut self.0
-    }
-}
-
-impl Drop for KillOnDrop {
-    fn drop(&mut self) {
-        if let Ok(None) = self.0.try_wait() {
-            let _ = self.0.kill();
-            let _ = self.0.wait();
-        }
-    }
 }
 
 /// A proxy started with its stderr set to `stderr` (so its listening line cannot be read):

@@ -18,6 +18,13 @@ use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use support::*;
+
+/// Asserts every answer is 200.
+fn all_ok(answers: &[Answer]) {
+    for a in answers {
+        assert_eq!(a.status, 200, "{}", a.text());
+    }
+}
 use tokio::net::TcpListener;
 use tokio_rustls::TlsAcceptor;
 
@@ -61,9 +68,7 @@ async fn concurrent_calls_open_no_more_than_max_connections() {
         .await;
     assert_eq!(get(&env.url("/api/warm")).await.status, 200);
     env.sandbox.set_api_delay(Duration::from_millis(50));
-    for a in get_concurrently(&env.url("/api/x"), 40).await {
-        assert_eq!(a.status, 200, "{}", a.text());
-    }
+    all_ok(&get_concurrently(&env.url("/api/x"), 40).await);
     let opened = env.sandbox.connections_accepted();
     assert!(
         (1..=3).contains(&opened),
@@ -80,9 +85,7 @@ async fn a_slow_upstream_gets_the_connections_its_latency_needs_and_no_more() {
     // few rounds.
     env.sandbox.set_api_delay(Duration::from_millis(300));
     let started = std::time::Instant::now();
-    for a in get_concurrently(&env.url("/api/x"), 24).await {
-        assert_eq!(a.status, 200, "{}", a.text());
-    }
+    all_ok(&get_concurrently(&env.url("/api/x"), 24).await);
     let took = started.elapsed();
     let opened = env.sandbox.connections_accepted();
     assert!(
@@ -101,9 +104,7 @@ async fn a_fast_upstream_is_served_by_fewer_connections_than_clients() {
     // waits for a busy connection rather than opening one of its own (the pool used to open
     // one per call in flight).
     for _ in 0..5 {
-        for a in get_concurrently(&env.url("/api/x"), 64).await {
-            assert_eq!(a.status, 200, "{}", a.text());
-        }
+        all_ok(&get_concurrently(&env.url("/api/x"), 64).await);
     }
     let opened = env.sandbox.connections_accepted();
     assert!(opened < 64, "{opened} connections for 64 clients");
@@ -114,13 +115,9 @@ async fn an_h2_upstream_gets_a_second_connection_only_past_100_streams() {
     let env = EnvBuilder::new().start().await;
     assert_eq!(get(&env.url("/api/warm")).await.status, 200);
     env.sandbox.set_api_delay(Duration::from_millis(300));
-    for a in get_concurrently(&env.url("/api/x"), 90).await {
-        assert_eq!(a.status, 200, "{}", a.text());
-    }
+    all_ok(&get_concurrently(&env.url("/api/x"), 90).await);
     assert_eq!(env.sandbox.connections_accepted(), 1, "90 streams on one");
-    for a in get_concurrently(&env.url("/api/x"), 150).await {
-        assert_eq!(a.status, 200, "{}", a.text());
-    }
+    all_ok(&get_concurrently(&env.url("/api/x"), 150).await);
     assert_eq!(env.sandbox.connections_accepted(), 2, "150 streams on two");
 }
 
@@ -222,9 +219,7 @@ async fn when_an_h2_upstream_drops_its_connection_one_reconnect_serves_a_burst()
     // The upstream has cut that connection; 30 calls arrive at once.
     tokio::time::sleep(Duration::from_millis(500)).await;
     let before = accepted.load(Ordering::SeqCst);
-    for a in get_concurrently(&url, 30).await {
-        assert_eq!(a.status, 200, "{}", a.text());
-    }
+    all_ok(&get_concurrently(&url, 30).await);
     assert_eq!(
         accepted.load(Ordering::SeqCst) - before,
         1,
@@ -257,9 +252,7 @@ async fn an_h2_upstream_carries_concurrent_calls_on_one_connection() {
     let env = EnvBuilder::new().start().await;
     assert_eq!(get(&env.url("/api/warm")).await.status, 200);
     env.sandbox.set_api_delay(Duration::from_millis(50));
-    for a in get_concurrently(&env.url("/api/x"), 40).await {
-        assert_eq!(a.status, 200, "{}", a.text());
-    }
+    all_ok(&get_concurrently(&env.url("/api/x"), 40).await);
     // The sandbox speaks h2: the token fetch and 40 overlapping calls share one connection.
     assert_eq!(env.sandbox.connections_accepted(), 1);
 }
